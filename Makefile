@@ -1,0 +1,38 @@
+# Two entry points for a fresh machine (see README.md):
+#   make demo   set up the virtualenv, build the extension, run the main job
+#   make test   set up the virtualenv, build the extension, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.14.1
+# The nvcc on PATH may be a wrapper outside the toolkit; CUDA's standard folder is the better guess.
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+
+.PHONY: setup build demo test bench clean
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" ninja numpy pytest expecttest pillow tqdm onnx onnxruntime
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.built
+build: $(VENV)/.built
+
+demo: setup
+	$(PY) -m dabnet_kernels.demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) -m bench.run
+
+clean:
+	rm -rf build dabnet_kernels/*.so *.egg-info $(VENV)/.built

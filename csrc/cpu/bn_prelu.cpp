@@ -1,0 +1,171 @@
+// bn_prelu on CPU: BatchNorm2d (batch or running statistics) then PReLU, and its backward, which
+// recomputes the BN output from x instead of saving it.
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../checks.h"
+#include "kernels.h"
+#include "loops.h"
+
+namespace dabnet {
+namespace cpu {
+
+namespace {
+
+// Batch mean and biased variance per channel, two passes in double.
+template <typename scalar_t>
+void batch_stats(const scalar_t* x, const Geo& g, std::vector<double>& mean,
+                 std::vector<double>& var) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const double M = double(g.N) * g.H * g.W;
+  mean.assign(g.C, 0.0);
+  var.assign(g.C, 0.0);
+  channel_reduce<1, acc_t>(
+      g, [&](int64_t i, int64_t) { return std::array<acc_t, 1>{acc_t(x[i])}; }, mean.data());
+  for (auto& m : mean) m /= M;
+  std::vector<acc_t> m_acc(mean.begin(), mean.end());
+  channel_reduce<1, acc_t>(
+      g,
+      [&](int64_t i, int64_t c) {
+        const acc_t v = acc_t(x[i]) - m_acc[c];
+        return std::array<acc_t, 1>{v * v};
+      },
+      var.data());
+  for (auto& v : var) v /= M;
+}
+
+std::vector<double> to_double(const at::Tensor& v, int64_t C) { return to_vec<double>(v, C); }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_prelu(
+    const at::Tensor& x_, const at::Tensor& weight, const at::Tensor& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    const at::Tensor& prelu_weight, bool training, double eps) {
+  check_input(x_);
+  check_bn_prelu(x_, weight, bias, prelu_weight);
+  check_stats(running_mean, running_var, x_, training);
+  bool cl;
+  const at::Tensor x = canonical(x_, cl);
+  const Geo g(x, cl);
+  const int64_t C = g.C;
+  at::Tensor out = empty_as(x, cl);
+  const auto sopt = x.options().dtype(stat_type(x));
+  std::vector<double> mean, var;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_prelu_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    if (training) {
+      if (x.numel() > 0) {
+        batch_stats(xp, g, mean, var);
+      } else {  // empty batch: statistics are undefined, as in ATen
+        mean.assign(C, NAN);
+        var.assign(C, NAN);
+      }
+    } else {
+      mean = to_double(*running_mean, C);
+      var = to_double(*running_var, C);
+    }
+    const auto w = to_double(weight, C), b = to_double(bias, C);
+    std::vector<acc_t> scale(C), shift(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const double s = w[c] / std::sqrt(var[c] + eps);
+      scale[c] = acc_t(s);
+      shift[c] = acc_t(b[c] - mean[c] * s);
+    }
+    const auto slope = to_vec<acc_t>(prelu_weight, C);
+    scalar_t* op = out.data_ptr<scalar_t>();
+    channel_map(g, [&](int64_t i, int64_t c) {
+      const acc_t y = acc_t(xp[i]) * scale[c] + shift[c];
+      op[i] = scalar_t(y > acc_t(0) ? y : slope[c] * y);
+    });
+  });
+  auto m = at::empty({C}, sopt.dtype(at::kDouble)), v = at::empty({C}, sopt.dtype(at::kDouble));
+  std::copy(mean.begin(), mean.end(), m.data_ptr<double>());
+  std::copy(var.begin(), var.end(), v.data_ptr<double>());
+  return {out, m.to(stat_type(x)), v.to(stat_type(x))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_prelu_backward(
+    const at::Tensor& grad_out, const at::Tensor& x_, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& prelu_weight, const at::Tensor& mean_,
+    const at::Tensor& var_, bool training, double eps, std::array<bool, 4> mask) {
+  check_input(x_);
+  check_input(grad_out, "grad_out");
+  check_like(grad_out, x_, "grad_out");
+  TORCH_CHECK(grad_out.sizes() == x_.sizes(), "dabnet: grad_out has shape ", grad_out.sizes(),
+              " but the input has shape ", x_.sizes());
+  check_bn_prelu(x_, weight, bias, prelu_weight);
+  check_vec(mean_, x_, "mean");
+  check_vec(var_, x_, "var");
+  bool cl;
+  const at::Tensor x = canonical(x_, cl);
+  const at::Tensor gout = grad_out.contiguous(fmt(cl));
+  const Geo g(x, cl);
+  const int64_t C = g.C;
+  const double M = double(g.N) * g.H * g.W;
+  at::Tensor gx = mask[0] ? empty_as(x, cl) : at::Tensor();
+  std::vector<double> sums(3 * C, 0.0);  // [sum gy | sum gy*xhat | sum g*y over y <= 0]
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_prelu_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gp = gout.data_ptr<scalar_t>();
+    const auto w = to_double(weight, C), b = to_double(bias, C), mu = to_double(mean_, C),
+               vr = to_double(var_, C);
+    std::vector<acc_t> scale(C), shift(C), mean(C), invstd(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const double is = 1.0 / std::sqrt(vr[c] + eps);
+      invstd[c] = acc_t(is);
+      mean[c] = acc_t(mu[c]);
+      scale[c] = acc_t(w[c] * is);
+      shift[c] = acc_t(b[c] - mu[c] * w[c] * is);
+    }
+    const auto slope = to_vec<acc_t>(prelu_weight, C);
+    if (x.numel() > 0 && (training || mask[1] || mask[2] || mask[3])) {
+      channel_reduce<3, acc_t>(
+          g,
+          [&](int64_t i, int64_t c) {
+            const acc_t xv = acc_t(xp[i]), gv = acc_t(gp[i]);
+            const acc_t y = xv * scale[c] + shift[c];
+            const bool pos = y > acc_t(0);
+            const acc_t gy = pos ? gv : slope[c] * gv;
+            return std::array<acc_t, 3>{gy, gy * (xv - mean[c]) * invstd[c], pos ? acc_t(0) : gv * y};
+          },
+          sums.data());
+    }
+    if (mask[0] && x.numel() > 0) {
+      std::vector<acc_t> k1(C), k2(C);  // grad_x = scale * (gy - k1 - xhat * k2)
+      for (int64_t c = 0; c < C; ++c) {
+        k1[c] = training ? acc_t(sums[c] / M) : acc_t(0);
+        k2[c] = training ? acc_t(sums[C + c] / M) : acc_t(0);
+      }
+      scalar_t* gxp = gx.data_ptr<scalar_t>();
+      channel_map(g, [&](int64_t i, int64_t c) {
+        const acc_t xv = acc_t(xp[i]), gv = acc_t(gp[i]);
+        const acc_t y = xv * scale[c] + shift[c];
+        const acc_t gy = y > acc_t(0) ? gv : slope[c] * gv;
+        const acc_t xhat = (xv - mean[c]) * invstd[c];
+        gxp[i] = scalar_t(scale[c] * (gy - k1[c] - xhat * k2[c]));
+      });
+    }
+  });
+  auto vec = [&](int k, const at::Tensor& like) {
+    auto t = at::empty({C}, x.options().dtype(at::kDouble));
+    std::copy(sums.begin() + k * C, sums.begin() + (k + 1) * C, t.data_ptr<double>());
+    if (like.numel() == 1) t = t.sum({0}, /*keepdim=*/true);
+    return t.to(like.scalar_type());
+  };
+  at::Tensor gw = mask[1] ? vec(1, weight) : at::Tensor();
+  at::Tensor gb = mask[2] ? vec(0, bias) : at::Tensor();
+  at::Tensor ga = mask[3] ? vec(2, prelu_weight) : at::Tensor();
+  return {gx, gw, gb, ga};
+}
+
+}  // namespace cpu
+}  // namespace dabnet
+
+TORCH_LIBRARY_IMPL(dabnet, CPU, m) {
+  m.impl("bn_prelu", &dabnet::cpu::bn_prelu);
+  m.impl("bn_prelu_backward", &dabnet::cpu::bn_prelu_backward);
+}

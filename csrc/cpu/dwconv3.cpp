@@ -1,0 +1,121 @@
+// dwconv3 on CPU: forward, grad_input (the same kernel with the taps reversed) and grad_weight.
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "kernels.h"
+#include "loops.h"
+
+namespace dabnet {
+namespace cpu {
+
+at::Tensor dwconv3(const at::Tensor& x_, const at::Tensor& weight, int64_t dilation) {
+  check_input(x_);
+  const int axis = check_dw_weight(weight, x_, dilation);
+  bool cl;
+  const at::Tensor x = canonical(x_, cl);
+  at::Tensor out = empty_as(x, cl);
+  if (x.numel() == 0) return out;
+  const Geo g(x, cl);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv3_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto prm = tap_params<acc_t>(weight, g.C);
+    run_tap3<false>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g, axis, dilation,
+                    prm.data());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> dwconv3_backward(const at::Tensor& grad_out,
+                                                    const at::Tensor& x_, const at::Tensor& weight,
+                                                    int64_t dilation, std::array<bool, 2> mask) {
+  check_input(x_);
+  check_input(grad_out, "grad_out");
+  check_like(grad_out, x_, "grad_out");
+  TORCH_CHECK(grad_out.sizes() == x_.sizes(), "dabnet: grad_out has shape ", grad_out.sizes(),
+              " but the input has shape ", x_.sizes());
+  const int axis = check_dw_weight(weight, x_, dilation);
+  bool cl;
+  const at::Tensor x = canonical(x_, cl);
+  const at::Tensor g = grad_out.contiguous(fmt(cl));
+  const Geo geo(x, cl);
+  const int64_t C = geo.C;
+  at::Tensor grad_x = mask[0] ? empty_as(x, cl) : at::Tensor();
+  at::Tensor grad_w;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv3_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    if (mask[0] && x.numel() > 0) {
+      // d/dx of sum_k w_k x[i + (k-1)d] is the same stencil with w reversed.
+      const auto prm = tap_params<acc_t>(weight, C, /*flip=*/true);
+      run_tap3<false>(gp, grad_x.data_ptr<scalar_t>(), geo, axis, dilation, prm.data());
+    }
+    if (mask[1]) {
+      // grad_w[c][k] = sum over (n, h, w) of g * x shifted by (k-1)d: three dot products per run.
+      std::vector<double> acc(3 * C, 0.0);
+      if (x.numel() > 0 && !cl) {
+        at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+          std::vector<scalar_t> pad(geo.W + 2 * std::min(dilation, geo.W), scalar_t(0)),
+              zero(geo.W, scalar_t(0));
+          for (int64_t c = begin; c < end; ++c)
+            for (int64_t n = 0; n < geo.N; ++n)
+              plane_runs(xp, geo, axis, dilation, n * C + c, pad.data(), zero.data(),
+                         [&](int64_t off, const scalar_t* a, const scalar_t* b, const scalar_t* cc,
+                             int64_t len) {
+                           acc_t s0 = 0, s1 = 0, s2 = 0;
+                           const scalar_t* gr = gp + off;
+                           for (int64_t i = 0; i < len; ++i) {
+                             s0 += acc_t(gr[i]) * acc_t(a[i]);
+                             s1 += acc_t(gr[i]) * acc_t(b[i]);
+                             s2 += acc_t(gr[i]) * acc_t(cc[i]);
+                           }
+                           acc[c] += s0;
+                           acc[C + c] += s1;
+                           acc[2 * C + c] += s2;
+                         });
+        });
+      } else if (x.numel() > 0) {
+        // Rows are split into a fixed number of chunks, summed in order: deterministic.
+        const int64_t R = geo.N * geo.H, nchunk = std::min<int64_t>(R, 64);
+        std::vector<double> part(nchunk * 3 * C, 0.0);
+        at::parallel_for(0, nchunk, 1, [&](int64_t begin, int64_t end) {
+          std::vector<scalar_t> zero(C, scalar_t(0));
+          std::vector<acc_t> s(3 * C);
+          for (int64_t ch = begin; ch < end; ++ch) {
+            double* P = part.data() + ch * 3 * C;
+            for (int64_t r = ch * R / nchunk; r < (ch + 1) * R / nchunk; ++r) {
+              std::fill(s.begin(), s.end(), acc_t(0));
+              row_runs(xp, geo, axis, dilation, r, zero.data(),
+                       [&](int64_t off, const scalar_t* a, const scalar_t* b, const scalar_t* cc,
+                           int64_t len) {
+                         const scalar_t* gr = gp + off;
+                         for (int64_t i = 0; i < len; ++i) {
+                           s[i] += acc_t(gr[i]) * acc_t(a[i]);
+                           s[C + i] += acc_t(gr[i]) * acc_t(b[i]);
+                           s[2 * C + i] += acc_t(gr[i]) * acc_t(cc[i]);
+                         }
+                       });
+              for (int64_t i = 0; i < 3 * C; ++i) P[i] += s[i];
+            }
+          }
+        });
+        for (int64_t ch = 0; ch < nchunk; ++ch)
+          for (int64_t i = 0; i < 3 * C; ++i) acc[i] += part[ch * 3 * C + i];
+      }
+      auto gw = at::empty({C, 3}, x.options().dtype(at::kDouble));
+      double* q = gw.data_ptr<double>();
+      for (int64_t c = 0; c < C; ++c)
+        for (int k = 0; k < 3; ++k) q[c * 3 + k] = acc[k * C + c];
+      grad_w = gw.to(weight.scalar_type()).reshape(weight.sizes()).contiguous();
+    }
+  });
+  return {grad_x, grad_w};
+}
+
+}  // namespace cpu
+}  // namespace dabnet
+
+TORCH_LIBRARY_IMPL(dabnet, CPU, m) {
+  m.impl("dwconv3", &dabnet::cpu::dwconv3);
+  m.impl("dwconv3_backward", &dabnet::cpu::dwconv3_backward);
+}

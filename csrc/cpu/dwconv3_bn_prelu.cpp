@@ -1,0 +1,52 @@
+// dwconv3_bn_prelu on CPU. Eval: BatchNorm folded into the taps, PReLU in the epilogue, one pass.
+// Training: the batch statistics of the conv output are needed before anything can be normalized,
+// so it is dwconv3 followed by bn_prelu.
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../checks.h"
+#include "kernels.h"
+#include "loops.h"
+
+namespace dabnet {
+namespace cpu {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv3_bn_prelu(
+    const at::Tensor& x_, const at::Tensor& conv_weight, int64_t dilation, const at::Tensor& weight,
+    const at::Tensor& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, const at::Tensor& prelu_weight, bool training,
+    double eps) {
+  check_input(x_);
+  const int axis = check_dw_weight(conv_weight, x_, dilation, "conv_weight");
+  check_bn_prelu(x_, weight, bias, prelu_weight);
+  check_stats(running_mean, running_var, x_, training);
+  if (training) return bn_prelu(dwconv3(x_, conv_weight, dilation), weight, bias, running_mean,
+                                running_var, prelu_weight, training, eps);
+  bool cl;
+  const at::Tensor x = canonical(x_, cl);
+  const Geo g(x, cl);
+  const int64_t C = g.C;
+  at::Tensor out = empty_as(x, cl);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv3_bn_prelu_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto w = to_vec<double>(weight, C), b = to_vec<double>(bias, C),
+               mu = to_vec<double>(*running_mean, C), var = to_vec<double>(*running_var, C);
+    std::vector<double> scale(C), shift(C);
+    for (int64_t c = 0; c < C; ++c) {
+      scale[c] = w[c] / std::sqrt(var[c] + eps);
+      shift[c] = b[c] - mu[c] * scale[c];
+    }
+    const auto slope = to_vec<acc_t>(prelu_weight, C);
+    const auto prm = tap_params<acc_t>(conv_weight, C, false, scale.data(), shift.data(), slope.data());
+    if (x.numel() > 0)
+      run_tap3<true>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g, axis, dilation, prm.data());
+  });
+  const auto sopt = x.options().dtype(stat_type(x));
+  return {out, running_mean->to(sopt, false, /*copy=*/true), running_var->to(sopt, false, true)};
+}
+
+}  // namespace cpu
+}  // namespace dabnet
+
+TORCH_LIBRARY_IMPL(dabnet, CPU, m) { m.impl("dwconv3_bn_prelu", &dabnet::cpu::dwconv3_bn_prelu); }

@@ -1,0 +1,233 @@
+// Building blocks of the CPU kernels. Tensors arrive in one of two dense layouts:
+//   NCHW  : a "run" is one image row of W elements, all of one channel (per-run scalar params);
+//   NHWC  : a "run" is the C channels of one pixel (params indexed by position in the run).
+// Every inner loop walks a contiguous run, so the compiler vectorizes it in both layouts.
+#pragma once
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+namespace dabnet {
+namespace cpu {
+
+struct Geo {
+  int64_t N, C, H, W;
+  bool cl;  // channels_last
+  explicit Geo(const at::Tensor& x, bool cl_)
+      : N(x.size(0)), C(x.size(1)), H(x.size(2)), W(x.size(3)), cl(cl_) {}
+};
+
+inline at::MemoryFormat fmt(bool cl) {
+  return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// x as NCHW-contiguous or channels_last-contiguous; copies only when it is neither (and then
+// to NCHW). The Python fake kernels (dabnet_kernels/ops.py, _out_format) mirror this rule.
+inline at::Tensor canonical(const at::Tensor& x, bool& cl) {
+  cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return cl ? x : x.contiguous();
+}
+
+inline at::Tensor empty_as(const at::Tensor& x, bool cl) {
+  return at::empty(x.sizes(), x.options().memory_format(fmt(cl)));
+}
+
+// Statistics dtype: float64 for float64 input, float32 otherwise (as ATen's batch_norm).
+inline at::ScalarType stat_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Per-channel parameters as a contiguous vector of the accumulation type.
+template <typename acc_t>
+std::vector<acc_t> to_vec(const at::Tensor& v, int64_t C) {
+  auto t = v.detach().to(at::CPU(c10::CppTypeToScalarType<acc_t>::value)).contiguous();
+  const acc_t* p = t.template data_ptr<acc_t>();
+  std::vector<acc_t> out(C);
+  for (int64_t c = 0; c < C; ++c) out[c] = p[t.numel() == 1 ? 0 : c];
+  return out;
+}
+
+// Tap parameters [w0 | w1 | w2 | bias | slope] (see tap3_run) from a depthwise (C,1,3,1)/(C,1,1,3)
+// weight. flip reverses the taps (the adjoint, for grad_input). scale/shift fold an eval-mode
+// BatchNorm into the taps; slope is the PReLU slope (length C).
+template <typename acc_t>
+std::vector<acc_t> tap_params(const at::Tensor& w, int64_t C, bool flip = false,
+                              const double* scale = nullptr, const double* shift = nullptr,
+                              const acc_t* slope = nullptr) {
+  auto t = w.detach().reshape({C, 3}).to(at::kDouble).contiguous();
+  const double* p = t.data_ptr<double>();
+  std::vector<acc_t> prm(5 * C, acc_t(0));
+  for (int64_t c = 0; c < C; ++c) {
+    for (int k = 0; k < 3; ++k)
+      prm[k * C + c] = acc_t(p[c * 3 + (flip ? 2 - k : k)] * (scale ? scale[c] : 1.0));
+    prm[3 * C + c] = acc_t(shift ? shift[c] : 0.0);
+    prm[4 * C + c] = slope ? slope[c] : acc_t(0);
+  }
+  return prm;
+}
+
+// The 3-tap kernel with its epilogue on one run of n elements:
+//   out[i] = act(bias + w0*a[i] + w1*b[i] + w2*c[i]),  act = PReLU(slope) when ACT.
+// prm is laid out [w0 | w1 | w2 | bias | slope], each block C long. VEC: index the blocks by
+// position (NHWC run over channels); otherwise prm already points at the run's channel.
+template <bool ACT, bool VEC, typename out_t, typename in_t, typename acc_t>
+inline void tap3_run(out_t* __restrict__ out, const in_t* __restrict__ a,
+                     const in_t* __restrict__ b, const in_t* __restrict__ c,
+                     const acc_t* __restrict__ prm, int64_t C, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t j = VEC ? i : 0;
+    acc_t s = prm[3 * C + j] + prm[j] * acc_t(a[i]) + prm[C + j] * acc_t(b[i]) +
+              prm[2 * C + j] * acc_t(c[i]);
+    if (ACT) s = s > acc_t(0) ? s : prm[4 * C + j] * s;
+    out[i] = out_t(s);
+  }
+}
+
+// Visits the runs of NCHW plane p (= n*C + c) for 3 taps along axis (0: H, 1: W) with dilation d:
+//   f(offset, a, b, c, n) with a/b/c the input run shifted by -d, 0, +d (or a zero run past the
+//   border). pad: scratch of W + 2*min(d, W); zero: W zeros.
+template <typename T, typename F>
+inline void plane_runs(const T* x, const Geo& g, int axis, int64_t d, int64_t p, T* pad,
+                       const T* zero, F&& f) {
+  const int64_t H = g.H, W = g.W, base = p * H * W;
+  const T* xp = x + base;
+  const int64_t dd = std::min(d, W);  // a shift of W or more reads nothing but padding
+  for (int64_t h = 0; h < H; ++h) {
+    const T* row = xp + h * W;
+    if (axis == 0) {
+      f(base + h * W, h - d >= 0 ? row - d * W : zero, row, h + d < H ? row + d * W : zero, W);
+    } else if (d >= W) {
+      f(base + h * W, zero, row, zero, W);
+    } else {
+      std::copy(row, row + W, pad + dd);  // pad[0, dd) and pad[dd + W, W + 2dd) stay zero
+      f(base + h * W, pad, pad + dd, pad + 2 * dd, W);
+    }
+  }
+}
+
+// Visits the pixels of NHWC row r (= n*H + h); each run is the C channels of one pixel.
+template <typename T, typename F>
+inline void row_runs(const T* x, const Geo& g, int axis, int64_t d, int64_t r, const T* zero,
+                     F&& f) {
+  const int64_t H = g.H, W = g.W, C = g.C, h = r % H;
+  const T* xr = x + r * W * C;
+  for (int64_t w = 0; w < W; ++w) {
+    const T* b = xr + w * C;
+    const T *a, *c;
+    if (axis == 0) {
+      a = h - d >= 0 ? b - d * W * C : zero;
+      c = h + d < H ? b + d * W * C : zero;
+    } else {
+      a = w - d >= 0 ? b - d * C : zero;
+      c = w + d < W ? b + d * C : zero;
+    }
+    f(r * W * C + w * C, a, b, c, C);
+  }
+}
+
+// out = tap3 (with optional BN-fold bias and PReLU) of x along axis, whole tensor, in parallel.
+template <bool ACT, typename T, typename out_t, typename acc_t>
+void run_tap3(const T* x, out_t* out, const Geo& g, int axis, int64_t d, const acc_t* prm) {
+  const int64_t C = g.C;
+  if (!g.cl) {
+    at::parallel_for(0, g.N * C, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> pad(g.W + 2 * std::min(d, g.W), T(0)), zero(g.W, T(0));
+      for (int64_t p = begin; p < end; ++p) {
+        const acc_t* pc = prm + p % C;
+        plane_runs(x, g, axis, d, p, pad.data(), zero.data(),
+                   [&](int64_t off, const T* a, const T* b, const T* c, int64_t n) {
+                     tap3_run<ACT, false>(out + off, a, b, c, pc, C, n);
+                   });
+      }
+    });
+  } else {
+    at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> zero(C, T(0));
+      for (int64_t r = begin; r < end; ++r)
+        row_runs(x, g, axis, d, r, zero.data(),
+                 [&](int64_t off, const T* a, const T* b, const T* c, int64_t n) {
+                   tap3_run<ACT, true>(out + off, a, b, c, prm, C, n);
+                 });
+    });
+  }
+}
+
+constexpr int64_t kBlock = 512;  // elements summed in acc_t before spilling into double
+
+// Sums K per-channel quantities over (N, H, W): f(offset, channel) -> std::array<acc_t, K>.
+// out is [K][C] doubles. The order of summation is fixed (independent of the thread count), so
+// results are deterministic.
+template <int K, typename acc_t, typename F>
+void channel_reduce(const Geo& g, F f, double* out) {
+  const int64_t C = g.C, HW = g.H * g.W;
+  if (!g.cl) {
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        std::array<double, K> tot{};
+        for (int64_t n = 0; n < g.N; ++n) {
+          const int64_t base = (n * C + c) * HW;
+          for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
+            std::array<acc_t, K> s{};
+            const int64_t i1 = std::min(HW, i0 + kBlock);
+            for (int64_t i = i0; i < i1; ++i) {
+              const auto v = f(base + i, c);
+              for (int k = 0; k < K; ++k) s[k] += v[k];
+            }
+            for (int k = 0; k < K; ++k) tot[k] += s[k];
+          }
+        }
+        for (int k = 0; k < K; ++k) out[k * C + c] = tot[k];
+      }
+    });
+    return;
+  }
+  const int64_t M = g.N * HW, nchunk = std::min<int64_t>(M, 64);
+  std::vector<double> part(nchunk * K * C, 0.0);
+  at::parallel_for(0, nchunk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> s(K * C);
+    for (int64_t ch = begin; ch < end; ++ch) {
+      double* P = part.data() + ch * K * C;
+      const int64_t q0 = ch * M / nchunk, q1 = (ch + 1) * M / nchunk;
+      for (int64_t b0 = q0; b0 < q1; b0 += kBlock / 8) {
+        std::fill(s.begin(), s.end(), acc_t(0));
+        for (int64_t q = b0; q < std::min(q1, b0 + kBlock / 8); ++q)
+          for (int64_t c = 0; c < C; ++c) {
+            const auto v = f(q * C + c, c);
+            for (int k = 0; k < K; ++k) s[k * C + c] += v[k];
+          }
+        for (int64_t i = 0; i < K * C; ++i) P[i] += s[i];
+      }
+    }
+  });
+  std::fill(out, out + K * C, 0.0);
+  for (int64_t ch = 0; ch < nchunk; ++ch)
+    for (int64_t i = 0; i < K * C; ++i) out[i] += part[ch * K * C + i];
+}
+
+// Applies f(offset, channel) to every element, in parallel.
+template <typename F>
+void channel_map(const Geo& g, F f) {
+  const int64_t C = g.C, HW = g.H * g.W;
+  if (!g.cl) {
+    at::parallel_for(0, g.N * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t c = p % C, base = p * HW;
+        for (int64_t i = 0; i < HW; ++i) f(base + i, c);
+      }
+    });
+  } else {
+    at::parallel_for(0, g.N * HW, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q)
+        for (int64_t c = 0; c < C; ++c) f(q * C + c, c);
+    });
+  }
+}
+
+}  // namespace cpu
+}  // namespace dabnet

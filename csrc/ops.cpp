@@ -1,0 +1,41 @@
+// Every dabnet:: schema, defined once. Per-device kernels live in cpu/<op>.cpp and cuda/<op>.cu;
+// autograd and fake (meta) kernels are registered from Python (dabnet_kernels/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+// A Python module named _C that does nothing but load this library (and with it the registrations).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(dabnet, m) {
+  // Depthwise 3-tap conv, "same" zero padding, stride 1, no bias. weight (C,1,3,1) runs along H,
+  // (C,1,1,3) along W.
+  m.def("dwconv3(Tensor x, Tensor weight, int dilation) -> Tensor");
+  m.def(
+      "dwconv3_backward(Tensor grad_out, Tensor x, Tensor weight, int dilation, bool[2] output_mask)"
+      " -> (Tensor grad_x, Tensor grad_weight)");
+  // BatchNorm2d + PReLU. Returns (out, mean, var): in training the batch mean and biased variance
+  // (the caller updates running statistics from them), in eval copies of the running statistics.
+  // Statistics are float32 (float64 for float64 input).
+  m.def(
+      "bn_prelu(Tensor x, Tensor weight, Tensor bias, Tensor? running_mean, Tensor? running_var,"
+      " Tensor prelu_weight, bool training, float eps) -> (Tensor out, Tensor mean, Tensor var)");
+  // Recomputes the BN output from x: nothing but the statistics is saved in forward.
+  m.def(
+      "bn_prelu_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor prelu_weight,"
+      " Tensor mean, Tensor var, bool training, float eps, bool[4] output_mask)"
+      " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_prelu)");
+  // dwconv3 then bn_prelu. Eval mode: one pass over memory.
+  m.def(
+      "dwconv3_bn_prelu(Tensor x, Tensor conv_weight, int dilation, Tensor weight, Tensor bias,"
+      " Tensor? running_mean, Tensor? running_var, Tensor prelu_weight, bool training, float eps)"
+      " -> (Tensor out, Tensor mean, Tensor var)");
+  // Eval-mode DAB neck on BN-folded parameters:
+  //   weight (4,C,3), bias (4,C), slope (4,C) for [3x1, 1x3, dilated 3x1, dilated 1x3],
+  //   out_scale/out_shift/out_slope (C) for the final BN-PReLU of the branch sum.
+  m.def(
+      "dab_neck(Tensor x, Tensor weight, Tensor bias, Tensor slope, Tensor out_scale,"
+      " Tensor out_shift, Tensor out_slope, int dilation) -> Tensor");
+}

@@ -1,0 +1,6 @@
+"""dabnet-kernels: fused CPU/CUDA/Triton kernels for DABNet's depthwise asymmetric bottleneck."""
+from . import ops, reference  # noqa: F401
+from ._lib import has_cuda_kernels  # noqa: F401
+from .ops import BNPReLUParams, bn_prelu, dab_neck, dwconv3, dwconv3_bn_prelu  # noqa: F401
+
+__version__ = "0.1.0"

@@ -1,0 +1,19 @@
+"""Loads the compiled extension (dabnet_kernels._C), whose static initializers register the
+dabnet:: schemas and the CPU/CUDA kernels with PyTorch's dispatcher."""
+import torch  # noqa: F401  (the extension links against libtorch: load it first)
+
+try:
+    from . import _C  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        "dabnet_kernels._C is not built or does not match this PyTorch "
+        f"({torch.__version__}): {e}. Build it with `pip install --no-build-isolation -e .` "
+        "(see README.md)."
+    ) from e
+
+_ext_path = _C.__file__
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the built extension holds the CUDA kernels (true even with no GPU visible)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("dabnet::dwconv3", "CUDA")

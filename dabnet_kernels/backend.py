@@ -1,0 +1,97 @@
+"""Which implementation runs an op: ``set_backend``, ``use_backend`` and ``DABNET_BACKEND``.
+
+Backends: "cuda" (the compiled CUDA kernels), "triton" (dabnet_kernels.triton), "cpu" (the
+compiled C++ kernels), "reference" (pure PyTorch, dabnet_kernels.reference) and "auto", the
+default: the CUDA kernels for CUDA tensors when built, else Triton, else the reference; the C++
+kernels for CPU tensors. Triton runs CPU tensors only under the interpreter (TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
+_state = {"name": None}
+
+
+def _check(name):
+    if name not in BACKENDS:
+        raise ValueError(f"unknown dabnet backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend in force: set_backend's, else $DABNET_BACKEND, else "auto"."""
+    if _state["name"] is not None:
+        return _state["name"]
+    return _check(os.environ.get("DABNET_BACKEND", "auto") or "auto")
+
+
+def set_backend(name: str) -> None:
+    """Selects the backend for all later calls ("auto" restores the default)."""
+    _state["name"] = _check(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager: the backend `name` inside the block, the previous one after it."""
+    prev = _state["name"]
+    _state["name"] = _check(name)
+    try:
+        yield
+    finally:
+        _state["name"] = prev
+
+
+def triton_available() -> bool:
+    try:
+        from . import triton as _t  # noqa: F401
+    except Exception:  # triton missing, or the package has no Triton kernels
+        return False
+    return _t.AVAILABLE
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve(x: torch.Tensor) -> str:
+    """The concrete backend ("cuda", "triton", "cpu" or "reference") for a tensor on x's device."""
+    from ._lib import has_cuda_kernels
+
+    name = get_backend()
+    dev = x.device.type
+    if name == "auto":
+        if dev == "cpu":
+            return "cpu"
+        if dev == "cuda":
+            if has_cuda_kernels():
+                return "cuda"
+            return "triton" if triton_available() else "reference"
+        return "reference"
+    if name == "cuda" and (dev != "cuda" or not has_cuda_kernels()):
+        why = "this build has no CUDA kernels" if dev == "cuda" else f"x is on {x.device}"
+        raise RuntimeError(f"dabnet backend 'cuda' is not available: {why}")
+    if name == "cpu" and dev != "cpu":
+        raise RuntimeError(f"dabnet backend 'cpu' is not available: x is on {x.device}")
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("dabnet backend 'triton' is not available: triton is not installed")
+        if dev == "cpu" and not _triton_interpreted():
+            raise RuntimeError("dabnet backend 'triton' runs CPU tensors only under the Triton "
+                               "interpreter (set TRITON_INTERPRET=1 before importing triton)")
+        if dev not in ("cpu", "cuda"):
+            raise RuntimeError(f"dabnet backend 'triton' is not available for {x.device} tensors")
+    return name
+
+
+def ops_for(x: torch.Tensor):
+    """The op namespace that implements the dabnet ops for x, or None for the reference."""
+    name = resolve(x)
+    if name == "reference":
+        return None
+    if name == "triton":
+        return torch.ops.dabnet_triton
+    return torch.ops.dabnet

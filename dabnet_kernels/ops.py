@@ -1,0 +1,369 @@
+"""The dabnet ops: public functions, fake (meta) kernels and autograd formulas.
+
+Schemas live in csrc/ops.cpp (``torch.ops.dabnet.*``); the C++/CUDA kernels register per device.
+Every public function validates its arguments first, so bad input is a ValueError that names the
+problem rather than an error from deep inside a kernel.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _lib  # noqa: F401  (loads the compiled kernels and their registrations)
+from . import reference as _ref
+from .backend import ops_for
+from .reference import BNPReLUParams
+
+__all__ = ["dwconv3", "bn_prelu", "dwconv3_bn_prelu", "dab_neck", "fold_dab_neck", "BNPReLUParams"]
+
+_ops = torch.ops.dabnet
+
+
+# ----------------------------------------------------------------------------------- validation
+def _check_x(x, name="x"):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (N, C, H, W), got {x.dim()}-D shape {tuple(x.shape)}")
+
+
+def _check_same(t, x, name):
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _check_dw_weight(w, x, dilation, name="weight"):
+    _check_same(w, x, name)
+    if w.dtype != x.dtype:
+        raise ValueError(f"{name} has dtype {w.dtype} but x has dtype {x.dtype}")
+    C = x.shape[1]
+    if tuple(w.shape) not in ((C, 1, 3, 1), (C, 1, 1, 3)):
+        raise ValueError(f"{name} must have shape ({C}, 1, 3, 1) or ({C}, 1, 1, 3) for an input "
+                         f"with {C} channels, got {tuple(w.shape)}")
+    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
+
+
+def _check_vec(v, x, name, allow_single=False):
+    _check_same(v, x, name)
+    if not v.is_floating_point():
+        raise ValueError(f"{name} must be floating-point, got dtype {v.dtype}")
+    C = x.shape[1]
+    if v.dim() != 1 or (v.shape[0] != C and not (allow_single and v.shape[0] == 1)):
+        want = f"({C},)" + (" or (1,)" if allow_single else "")
+        raise ValueError(f"{name} must have shape {want}, got {tuple(v.shape)}")
+
+
+def _bn_args(x, weight, bias, running_mean, running_var, prelu_weight, training):
+    """Validates one BN-PReLU's parameters; fills in a missing affine weight/bias."""
+    C = x.shape[1]
+    weight = torch.ones(C, dtype=x.dtype, device=x.device) if weight is None else weight
+    bias = torch.zeros(C, dtype=x.dtype, device=x.device) if bias is None else bias
+    _check_vec(weight, x, "weight")
+    _check_vec(bias, x, "bias")
+    if prelu_weight is None:
+        raise ValueError("prelu_weight is required")
+    _check_vec(prelu_weight, x, "prelu_weight", allow_single=True)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+    if running_mean is not None:
+        _check_vec(running_mean, x, "running_mean")
+        _check_vec(running_var, x, "running_var")
+    use_batch = bool(training) or running_mean is None
+    if use_batch and x.numel() > 0 and x.numel() // C <= 1:
+        raise ValueError(f"training-mode BatchNorm needs more than 1 value per channel, got input "
+                         f"of shape {tuple(x.shape)}")
+    return weight, bias, use_batch
+
+
+@torch.no_grad()
+def _update_running(running_mean, running_var, mean, var, n, momentum, num_batches_tracked):
+    """nn.BatchNorm2d's running-statistics update, in place, from the batch mean and biased var."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        factor = 1.0 / num_batches_tracked.to(mean.dtype)
+    else:
+        factor = momentum
+    unbiased = var * (n / (n - 1))
+    running_mean.mul_(1 - factor).add_((factor * mean).to(running_mean.dtype))
+    running_var.mul_(1 - factor).add_((factor * unbiased).to(running_var.dtype))
+
+
+# ------------------------------------------------------------------------------- public API
+def dwconv3(x: Tensor, weight: Tensor, dilation: int = 1) -> Tensor:
+    """Depthwise 3-tap convolution with "same" zero padding (= dilation), stride 1, no bias.
+
+    weight is nn.Conv2d's depthwise weight: (C,1,3,1) convolves along H, (C,1,1,3) along W.
+    """
+    _check_x(x)
+    _check_dw_weight(weight, x, dilation)
+    ns = ops_for(x)
+    if ns is None:
+        return _ref.dwconv3(x, weight, dilation)
+    return ns.dwconv3(x, weight, dilation)
+
+
+def bn_prelu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+             running_mean: Optional[Tensor], running_var: Optional[Tensor], prelu_weight: Tensor,
+             training: bool, momentum: Optional[float] = 0.1, eps: float = 1e-3,
+             num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+    """BatchNorm2d then PReLU, with nn.BatchNorm2d's semantics.
+
+    Training: batch statistics; running_mean/var (if given) updated in place with the unbiased
+    variance; momentum=None is a cumulative average over num_batches_tracked (incremented in place).
+    Eval: running statistics (batch statistics if there are none).
+    """
+    _check_x(x)
+    weight, bias, use_batch = _bn_args(x, weight, bias, running_mean, running_var, prelu_weight,
+                                       training)
+    ns = ops_for(x)
+    if ns is None:
+        return _ref.bn_prelu(x, weight, bias, running_mean, running_var, prelu_weight, training,
+                             momentum, eps, num_batches_tracked)
+    out, mean, var = ns.bn_prelu(x, weight, bias, None if use_batch else running_mean,
+                                   None if use_batch else running_var, prelu_weight, use_batch, eps)
+    if training and running_mean is not None and x.numel() > 0:
+        _update_running(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum,
+                        num_batches_tracked)
+    return out
+
+
+def dwconv3_bn_prelu(x: Tensor, conv_weight: Tensor, dilation: int, weight: Optional[Tensor],
+                     bias: Optional[Tensor], running_mean: Optional[Tensor],
+                     running_var: Optional[Tensor], prelu_weight: Tensor, training: bool,
+                     momentum: Optional[float] = 0.1, eps: float = 1e-3,
+                     num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+    """dwconv3 followed by bn_prelu (the DAB module's depthwise Conv with bn_acti=True)."""
+    _check_x(x)
+    _check_dw_weight(conv_weight, x, dilation, "conv_weight")
+    weight, bias, use_batch = _bn_args(x, weight, bias, running_mean, running_var, prelu_weight,
+                                       training)
+    ns = ops_for(x)
+    if ns is None:
+        return _ref.dwconv3_bn_prelu(x, conv_weight, dilation, weight, bias, running_mean,
+                                     running_var, prelu_weight, training, momentum, eps,
+                                     num_batches_tracked)
+    out, mean, var = ns.dwconv3_bn_prelu(x, conv_weight, dilation, weight, bias,
+                                           None if use_batch else running_mean,
+                                           None if use_batch else running_var, prelu_weight,
+                                           use_batch, eps)
+    if training and running_mean is not None and x.numel() > 0:
+        _update_running(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum,
+                        num_batches_tracked)
+    return out
+
+
+def _bn_tuple(p, k):
+    if not isinstance(p, (tuple, list)) or len(p) not in (5, 6):
+        raise ValueError(f"bn_prelus[{k}] must be (weight, bias, running_mean, running_var, "
+                         f"prelu_weight[, num_batches_tracked]), got {type(p).__name__}")
+    return BNPReLUParams(*p)
+
+
+def fold_dab_neck(weights: Sequence[Tensor], bn_prelus: Sequence[BNPReLUParams], eps: float,
+                  dtype: torch.dtype):
+    """Folds the neck's eval-mode BatchNorms into (weight (4,C,3), bias (4,C), slope (4,C),
+    out_scale, out_shift, out_slope (C)): the arguments of torch.ops.dabnet.dab_neck."""
+    C = weights[0].shape[0]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def scale_shift(p):
+        w = p.weight.double() if p.weight is not None else 1.0
+        b = p.bias.double() if p.bias is not None else 0.0
+        s = w * torch.rsqrt(p.running_var.double() + eps)
+        return s, b - p.running_mean.double() * s
+
+    def slope(p):
+        return p.prelu_weight.to(acc).expand(C)
+
+    ws, bs, ss = [], [], []
+    for k in range(4):
+        s, t = scale_shift(bn_prelus[k])
+        ws.append(weights[k].double().reshape(C, 3) * s.reshape(C, 1))
+        bs.append(t)
+        ss.append(slope(bn_prelus[k]))
+    fs, ft = scale_shift(bn_prelus[4])
+    return (torch.stack(ws).to(acc), torch.stack(bs).to(acc), torch.stack(ss).contiguous(),
+            fs.to(acc), ft.to(acc), slope(bn_prelus[4]).contiguous())
+
+
+def dab_neck(x: Tensor, weights: Sequence[Tensor], bn_prelus: Sequence[BNPReLUParams],
+             dilation: int, training: bool = False, momentum: Optional[float] = 0.1,
+             eps: float = 1e-3) -> Tensor:
+    """The DAB module's neck: (3x1 -> BN-PReLU -> 1x3 -> BN-PReLU) plus the same dilated by
+    `dilation`, summed, then BN-PReLU.
+
+    weights: [3x1, 1x3, dilated 3x1, dilated 1x3] depthwise weights. bn_prelus: 5 BNPReLUParams
+    (or tuples): after each conv, then the final one. In eval mode with no gradient needed this is
+    one fused kernel (one read of x, one write of the output); otherwise it composes
+    dwconv3_bn_prelu and bn_prelu, so autograd and running statistics are exact.
+    """
+    _check_x(x)
+    if len(weights) != 4:
+        raise ValueError(f"weights must hold 4 depthwise weights, got {len(weights)}")
+    if len(bn_prelus) != 5:
+        raise ValueError(f"bn_prelus must hold 5 BN-PReLU parameter sets, got {len(bn_prelus)}")
+    bn = [_bn_tuple(p, k) for k, p in enumerate(bn_prelus)]
+    shapes = ((3, 1), (1, 3), (3, 1), (1, 3))
+    for k, w in enumerate(weights):
+        _check_dw_weight(w, x, dilation, f"weights[{k}]")
+        if tuple(w.shape[2:]) != shapes[k]:
+            raise ValueError(f"weights[{k}] must be a {'x'.join(map(str, shapes[k]))} depthwise "
+                             f"weight, got shape {tuple(w.shape)}")
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or any(w.requires_grad for w in weights)
+        or any(t is not None and t.requires_grad for p in bn for t in p[:5]))
+    ns = ops_for(x)
+    fused = (ns is not None and not training and not needs_grad
+             and all(p.running_mean is not None for p in bn))
+    if not fused:
+        def cbp(t, k, d):
+            p = bn[k]
+            return dwconv3_bn_prelu(t, weights[k], d, p.weight, p.bias, p.running_mean,
+                                    p.running_var, p.prelu_weight, training, momentum, eps,
+                                    p.num_batches_tracked)
+
+        s = cbp(cbp(x, 0, 1), 1, 1) + cbp(cbp(x, 2, dilation), 3, dilation)
+        p = bn[4]
+        return bn_prelu(s, p.weight, p.bias, p.running_mean, p.running_var, p.prelu_weight,
+                        training, momentum, eps, p.num_batches_tracked)
+    for k, p in enumerate(bn):
+        _bn_args(x, p.weight, p.bias, p.running_mean, p.running_var, p.prelu_weight, False)
+    return ns.dab_neck(x, *fold_dab_neck(weights, bn, eps, x.dtype), dilation)
+
+
+# ---------------------------------------------------------------------- fake (meta) kernels
+# Fake kernels and autograd formulas are written once and registered for every namespace that
+# implements the dabnet schemas: "dabnet" (C++/CUDA) here, "dabnet_triton" by dabnet_kernels.triton.
+def _out_format(x):
+    """The memory format of the kernels' outputs (mirrors csrc/cpu/loops.h: canonical)."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _like(x):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x))
+
+
+def _stats(x):
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    C = x.shape[1]
+    return x.new_empty((C,), dtype=dt), x.new_empty((C,), dtype=dt)
+
+
+def _fake_dwconv3(x, weight, dilation):
+    return _like(x)
+
+
+def _fake_dwconv3_backward(grad_out, x, weight, dilation, output_mask):
+    return (_like(x) if output_mask[0] else None,
+            torch.empty_like(weight, memory_format=torch.contiguous_format)
+            if output_mask[1] else None)
+
+
+def _fake_bn_prelu(x, weight, bias, running_mean, running_var, prelu_weight, training, eps):
+    return (_like(x), *_stats(x))
+
+
+def _fake_bn_prelu_backward(grad_out, x, weight, bias, prelu_weight, mean, var, training, eps,
+                            output_mask):
+    makers = (lambda: _like(x), lambda: torch.empty_like(weight), lambda: torch.empty_like(bias),
+              lambda: torch.empty_like(prelu_weight))
+    return tuple(f() if m else None for m, f in zip(output_mask, makers))
+
+
+def _fake_dwconv3_bn_prelu(x, conv_weight, dilation, weight, bias, running_mean, running_var,
+                           prelu_weight, training, eps):
+    return (_like(x), *_stats(x))
+
+
+def _fake_dab_neck(x, weight, bias, slope, out_scale, out_shift, out_slope, dilation):
+    return _like(x)
+
+
+# --------------------------------------------------------------------------------- autograd
+def _autograd(ns):
+    """(setup_context, backward) pairs of the differentiable ops, calling the kernels of ns."""
+
+    def dwconv3_setup(ctx, inputs, output):
+        x, weight, dilation = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.dilation = dilation
+
+    def dwconv3_backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        gx, gw = ns.dwconv3_backward(grad, x, weight, ctx.dilation,
+                                     list(ctx.needs_input_grad[:2]))
+        return gx, gw, None
+
+    def bn_prelu_setup(ctx, inputs, output):
+        x, weight, bias, _rm, _rv, prelu_weight, training, eps = inputs
+        _, mean, var = output
+        ctx.save_for_backward(x, weight, bias, prelu_weight, mean, var)
+        ctx.training, ctx.eps = training, eps
+        ctx.mark_non_differentiable(mean, var)
+
+    def bn_prelu_backward(ctx, grad, _gmean, _gvar):
+        x, weight, bias, prelu_weight, mean, var = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        gx, gw, gb, ga = ns.bn_prelu_backward(grad, x, weight, bias, prelu_weight, mean, var,
+                                              ctx.training, ctx.eps, [n[0], n[1], n[2], n[5]])
+        return gx, gw, gb, None, None, ga, None, None
+
+    def dwconv3_bn_prelu_setup(ctx, inputs, output):
+        x, conv_weight, dilation, weight, bias, _rm, _rv, prelu_weight, training, eps = inputs
+        _, mean, var = output
+        # The conv output is recomputed in backward (one cheap pass) instead of being kept alive.
+        ctx.save_for_backward(x, conv_weight, weight, bias, prelu_weight, mean, var)
+        ctx.dilation, ctx.training, ctx.eps = dilation, training, eps
+        ctx.mark_non_differentiable(mean, var)
+
+    def dwconv3_bn_prelu_backward(ctx, grad, _gmean, _gvar):
+        x, conv_weight, weight, bias, prelu_weight, mean, var = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        y = ns.dwconv3(x, conv_weight, ctx.dilation)
+        need_conv = n[0] or n[1]
+        gy, gw, gb, ga = ns.bn_prelu_backward(grad, y, weight, bias, prelu_weight, mean, var,
+                                              ctx.training, ctx.eps, [need_conv, n[3], n[4], n[7]])
+        gx = gcw = None
+        if need_conv:
+            gx, gcw = ns.dwconv3_backward(gy, x, conv_weight, ctx.dilation, [n[0], n[1]])
+        return gx, gcw, None, gw, gb, None, None, ga, None, None
+
+    return {
+        "dwconv3": (dwconv3_setup, dwconv3_backward),
+        "bn_prelu": (bn_prelu_setup, bn_prelu_backward),
+        "dwconv3_bn_prelu": (dwconv3_bn_prelu_setup, dwconv3_bn_prelu_backward),
+    }
+
+
+OP_NAMES = ("dwconv3", "dwconv3_backward", "bn_prelu", "bn_prelu_backward", "dwconv3_bn_prelu",
+            "dab_neck")
+
+
+def register(namespace: str) -> None:
+    """Registers the fake kernels and autograd formulas for namespace::<op> (all of OP_NAMES)."""
+    fakes = globals()
+    for name in OP_NAMES:
+        torch.library.register_fake(f"{namespace}::{name}", fakes[f"_fake_{name}"])
+    for name, (setup, backward) in _autograd(getattr(torch.ops, namespace)).items():
+        torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup)
+
+
+def schema(name: str) -> str:
+    """The schema of dabnet::<name> without its namespace (for backends that define their own)."""
+    s = str(getattr(torch.ops.dabnet, name).default._schema)
+    return s.split("::", 1)[1]
+
+
+register("dabnet")
