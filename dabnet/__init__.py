@@ -1,0 +1,2 @@
+"""DABNet (Li et al., BMVC 2019) and its training / evaluation / prediction pipeline."""
+from .model import DABNet  # noqa: F401

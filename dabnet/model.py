@@ -1,0 +1,156 @@
+"""DABNet as specified by the paper (Table 1, Sec. 3), state_dict-compatible with the authors'
+release: module names (init_conv, bn_prelu_1, downsample_1, DAB_Block_1.DAB_Module_1_0, ...)
+match theirs, so their checkpoints load with strict=True.
+
+    Layer  Operator                 Mode       Channel  Output (512x1024 input)
+    1-3    3x 3x3 Conv              s2, s1, s1 32       256x512     init_conv
+    4      Downsampling             -          64       128x256     downsample_1
+    5-7    3x DAB module            dilated 2  64       128x256     DAB_Block_1
+    8      Downsampling             -          128      64x128      downsample_2
+    9-14   6x DAB module            d 4,4,8,8,16,16    128      64x128      DAB_Block_2
+    15     1x1 Conv                 -          classes  64x128      classifier
+    16     Bilinear interpolation   x8         classes  512x1024
+plus input injection (the image average-pooled to each scale, concatenated after each stage) and
+the inter-block concatenations (each block's first and last module outputs).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BN_EPS = 1e-3
+
+
+class BNPReLU(nn.Module):
+    """BatchNorm2d (eps 1e-3) then per-channel PReLU."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels, eps=BN_EPS)
+        self.acti = nn.PReLU(channels)
+
+    def forward(self, x):
+        return self.acti(self.bn(x))
+
+
+class Conv(nn.Module):
+    """Conv2d without bias, optionally followed by BNPReLU (the authors' Conv block)."""
+
+    def __init__(self, c_in, c_out, kernel, stride=1, padding=0, dilation=1, groups=1,
+                 bn_acti=False):
+        super().__init__()
+        self.bn_acti = bn_acti
+        self.conv = nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation, groups, bias=False)
+        if bn_acti:
+            self.bn_prelu = BNPReLU(c_out)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return self.bn_prelu(x) if self.bn_acti else x
+
+
+class DABModule(nn.Module):
+    """Depth-wise Asymmetric Bottleneck (Fig. 2c): BN-PReLU, 3x3 conv halving the channels, two
+    depthwise branches (3x1 -> 1x3, and the same dilated by d), their sum, BN-PReLU, 1x1 conv back
+    to c channels, residual add."""
+
+    def __init__(self, c: int, d: int = 1):
+        super().__init__()
+        h = c // 2
+        self.bn_relu_1 = BNPReLU(c)
+        self.conv3x3 = Conv(c, h, 3, 1, padding=1, bn_acti=True)
+        self.dconv3x1 = Conv(h, h, (3, 1), 1, padding=(1, 0), groups=h, bn_acti=True)
+        self.dconv1x3 = Conv(h, h, (1, 3), 1, padding=(0, 1), groups=h, bn_acti=True)
+        self.ddconv3x1 = Conv(h, h, (3, 1), 1, padding=(d, 0), dilation=(d, 1), groups=h,
+                              bn_acti=True)
+        self.ddconv1x3 = Conv(h, h, (1, 3), 1, padding=(0, d), dilation=(1, d), groups=h,
+                              bn_acti=True)
+        self.bn_relu_2 = BNPReLU(h)
+        self.conv1x1 = Conv(h, c, 1, 1, padding=0)
+        self.dilation = d
+
+    def neck(self, x):
+        """Both depthwise branches, summed, then BN-PReLU (what dab_neck fuses)."""
+        local = self.dconv1x3(self.dconv3x1(x))
+        context = self.ddconv1x3(self.ddconv3x1(x))
+        return self.bn_relu_2(local + context)
+
+    def forward(self, x):
+        y = self.conv3x3(self.bn_relu_1(x))
+        return self.conv1x1(self.neck(y)) + x
+
+
+class DownSamplingBlock(nn.Module):
+    """3x3 stride-2 conv, concatenated with a 2x2 max-pool of the input when the block widens
+    (the ENet initial block), then BN-PReLU."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.widen = c_in < c_out
+        self.conv3x3 = Conv(c_in, c_out - c_in if self.widen else c_out, 3, 2, padding=1)
+        if self.widen:
+            self.max_pool = nn.MaxPool2d(2, stride=2)
+        self.bn_prelu = BNPReLU(c_out)
+
+    def forward(self, x):
+        y = self.conv3x3(x)
+        if self.widen:
+            y = torch.cat([y, self.max_pool(x)], 1)
+        return self.bn_prelu(y)
+
+
+class InputInjection(nn.Module):
+    """The image, average-pooled (3x3, stride 2) `times` times."""
+
+    def __init__(self, times: int):
+        super().__init__()
+        self.pool = nn.ModuleList(nn.AvgPool2d(3, stride=2, padding=1) for _ in range(times))
+
+    def forward(self, x):
+        for pool in self.pool:
+            x = pool(x)
+        return x
+
+
+class DABNet(nn.Module):
+    BLOCK_2_DILATIONS = (4, 4, 8, 8, 16, 16)
+
+    def __init__(self, classes: int = 19, block_1: int = 3, block_2: int = 6, fused: bool = False):
+        super().__init__()
+        self.classes = classes
+        # Layers 1-3: three 3x3 convs, the first with stride 2.
+        self.init_conv = nn.Sequential(
+            Conv(3, 32, 3, 2, padding=1, bn_acti=True),
+            Conv(32, 32, 3, 1, padding=1, bn_acti=True),
+            Conv(32, 32, 3, 1, padding=1, bn_acti=True),
+        )
+        self.down_1, self.down_2, self.down_3 = (InputInjection(k) for k in (1, 2, 3))
+        self.bn_prelu_1 = BNPReLU(32 + 3)
+        # Layers 4-7: downsampling, DAB block 1 (d=2).
+        self.downsample_1 = DownSamplingBlock(32 + 3, 64)
+        self.DAB_Block_1 = nn.Sequential()
+        for i in range(block_1):
+            self.DAB_Block_1.add_module(f"DAB_Module_1_{i}", DABModule(64, d=2))
+        self.bn_prelu_2 = BNPReLU(128 + 3)
+        # Layers 8-14: downsampling, DAB block 2 (d = 4, 4, 8, 8, 16, 16).
+        self.downsample_2 = DownSamplingBlock(128 + 3, 128)
+        self.DAB_Block_2 = nn.Sequential()
+        for i in range(block_2):
+            d = self.BLOCK_2_DILATIONS[i % len(self.BLOCK_2_DILATIONS)]
+            self.DAB_Block_2.add_module(f"DAB_Module_2_{i}", DABModule(128, d=d))
+        self.bn_prelu_3 = BNPReLU(256 + 3)
+        # Layer 15: 1x1 classifier (layer 16, the x8 bilinear upsampling, is in forward).
+        self.classifier = nn.Sequential(Conv(256 + 3, classes, 1, 1, padding=0))
+
+    def forward(self, x):
+        stem = self.init_conv(x)
+        cat0 = self.bn_prelu_1(torch.cat([stem, self.down_1(x)], 1))
+        b1_in = self.downsample_1(cat0)
+        b1_out = self.DAB_Block_1(b1_in)
+        cat1 = self.bn_prelu_2(torch.cat([b1_out, b1_in, self.down_2(x)], 1))
+        b2_in = self.downsample_2(cat1)
+        b2_out = self.DAB_Block_2(b2_in)
+        cat2 = self.bn_prelu_3(torch.cat([b2_out, b2_in, self.down_3(x)], 1))
+        out = self.classifier(cat2)
+        return F.interpolate(out, x.shape[2:], mode="bilinear", align_corners=False)
