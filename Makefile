@@ -15,7 +15,7 @@ endif
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" ninja numpy pytest expecttest pillow tqdm onnx onnxruntime
+	$(PY) -m pip install -q "$(TORCH)" ninja numpy pytest expecttest pillow tqdm onnx onnxruntime matplotlib pytest-benchmark
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
