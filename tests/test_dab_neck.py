@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from dabnet_kernels import ops, reference
+from helpers import DILATIONS, LAYOUTS, bn_params, clone_params, dw_weight, make_input, tol
+
+
+def neck_params(C, dtype=torch.float64, single_slope=False):
+    weights = [dw_weight(C, a, dtype) for a in ("h", "w", "h", "w")]
+    return weights, [bn_params(C, dtype, single_slope=single_slope, nbt=True) for _ in range(5)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dilation", DILATIONS + (25,))
+@pytest.mark.parametrize("shape", [(1, 3, 7, 9), (3, 4, 12, 5)])
+def test_eval_fused_matches_reference(shape, dilation, layout):
+    x = make_input(shape, layout)
+    weights, bns = neck_params(shape[1])
+    with torch.no_grad():
+        out = ops.dab_neck(x, weights, bns, dilation)
+        ref = reference.dab_neck(x, weights, bns, dilation)
+    torch.testing.assert_close(out, ref, **tol(x.dtype))
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dilation", [2, 16])
+def test_eval_fused_float32_single_slope(dilation, layout):
+    x = make_input((2, 32, 32, 64), layout, torch.float32)
+    weights, bns = neck_params(32, torch.float32, single_slope=True)
+    with torch.no_grad():
+        out = ops.dab_neck(x, weights, bns, dilation)
+        ref = reference.dab_neck(x, weights, bns, dilation)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_kernel_is_used_in_eval(monkeypatch):
+    calls = []
+    real = torch.ops.dabnet.dab_neck
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(torch.ops.dabnet, name)
+
+        def dab_neck(self, *a):
+            calls.append(1)
+            return real(*a)
+
+    monkeypatch.setattr(ops, "ops_for", lambda x: Spy())
+    x = make_input((1, 4, 6, 6))
+    weights, bns = neck_params(4)
+    with torch.no_grad():
+        ops.dab_neck(x, weights, bns, 2)
+    assert calls == [1]
+    ops.dab_neck(x, weights, bns, 2, training=True)
+    assert calls == [1]  # training composes the differentiable ops instead
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_training_composes_exactly(momentum):
+    x = make_input((2, 4, 8, 9), requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    weights, bns = neck_params(4)
+    wr = [w.clone().requires_grad_() for w in weights]
+    weights = [w.requires_grad_() for w in weights]
+    bnr = [clone_params(p) for p in bns]
+    g = torch.randn(2, 4, 8, 9, dtype=torch.float64)
+    for _ in range(2):
+        ops.dab_neck(x, weights, bns, 3, training=True, momentum=momentum).backward(g)
+        reference.dab_neck(xr, wr, bnr, 3, training=True, momentum=momentum).backward(g)
+    torch.testing.assert_close(x.grad, xr.grad, **tol(x.dtype))
+    for a, b in zip(weights, wr):
+        torch.testing.assert_close(a.grad, b.grad, **tol(x.dtype))
+    for p, q in zip(bns, bnr):
+        torch.testing.assert_close(p.running_mean, q.running_mean, **tol(x.dtype))
+        torch.testing.assert_close(p.running_var, q.running_var, **tol(x.dtype))
+        assert int(p.num_batches_tracked) == int(q.num_batches_tracked) == 2
+
+
+def test_eval_with_grad_is_differentiable():
+    x = make_input((1, 3, 6, 7), requires_grad=True)
+    weights, bns = neck_params(3)
+    assert torch.autograd.gradcheck(lambda x: ops.dab_neck(x, weights, bns, 2), (x,))
