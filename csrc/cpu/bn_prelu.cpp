@@ -78,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_prelu(
     scalar_t* op = out.data_ptr<scalar_t>();
     channel_map(g, [&](int64_t i, int64_t c) {
       const acc_t y = acc_t(xp[i]) * scale[c] + shift[c];
-      op[i] = scalar_t(y > acc_t(0) ? y : slope[c] * y);
+      op[i] = scalar_t(prelu(y, slope[c]));
     });
   });
   auto m = at::empty({C}, sopt.dtype(at::kDouble)), v = at::empty({C}, sopt.dtype(at::kDouble));
@@ -128,9 +128,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_prelu_backward(
           [&](int64_t i, int64_t c) {
             const acc_t xv = acc_t(xp[i]), gv = acc_t(gp[i]);
             const acc_t y = xv * scale[c] + shift[c];
-            const bool pos = y > acc_t(0);
-            const acc_t gy = pos ? gv : slope[c] * gv;
-            return std::array<acc_t, 3>{gy, gy * (xv - mean[c]) * invstd[c], pos ? acc_t(0) : gv * y};
+            // PyTorch's PReLU derivative: 1 for y > 0, the slope otherwise (as 0/1 masks: no branch).
+            const acc_t pos = acc_t(y > acc_t(0)), gy = gv * (pos + (acc_t(1) - pos) * slope[c]);
+            return std::array<acc_t, 3>{gy, gy * (xv - mean[c]) * invstd[c],
+                                        (acc_t(1) - pos) * gv * y};
           },
           sums.data());
     }
@@ -144,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_prelu_backward(
       channel_map(g, [&](int64_t i, int64_t c) {
         const acc_t xv = acc_t(xp[i]), gv = acc_t(gp[i]);
         const acc_t y = xv * scale[c] + shift[c];
-        const acc_t gy = y > acc_t(0) ? gv : slope[c] * gv;
+        const acc_t pos = acc_t(y > acc_t(0)), gy = gv * (pos + (acc_t(1) - pos) * slope[c]);
         const acc_t xhat = (xv - mean[c]) * invstd[c];
         gxp[i] = scalar_t(scale[c] * (gy - k1[c] - xhat * k2[c]));
       });

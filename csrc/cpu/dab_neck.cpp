@@ -63,7 +63,7 @@ at::Tensor dab_neck(const at::Tensor& x_, const at::Tensor& weight, const at::Te
       for (int64_t i = 0; i < n; ++i) {
         const int64_t c = vec ? i : c0;
         const acc_t y = fs[c] * (b1[i] + b2[i]) + ft[c];
-        o[i] = scalar_t(y > acc_t(0) ? y : fa[c] * y);
+        o[i] = scalar_t(prelu(y, fa[c]));
       }
     };
     if (!cl) {
