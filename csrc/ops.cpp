@@ -38,4 +38,9 @@ TORCH_LIBRARY(dabnet, m) {
   m.def(
       "dab_neck(Tensor x, Tensor weight, Tensor bias, Tensor slope, Tensor out_scale,"
       " Tensor out_shift, Tensor out_slope, int dilation) -> Tensor");
+  // Bilinear upsampling, align_corners=False, as F.interpolate (DABNet's final x8 upsampling).
+  m.def("upsample_bilinear(Tensor x, int out_h, int out_w) -> Tensor");
+  // Labels of the bilinear (align_corners=False) upsampling of logits to (out_h, out_w): argmax
+  // over classes without materializing the upsampled logits. Returns int64 (N, out_h, out_w).
+  m.def("upsample_argmax(Tensor logits, int out_h, int out_w) -> Tensor");
 }

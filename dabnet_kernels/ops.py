@@ -16,7 +16,9 @@ from . import reference as _ref
 from .backend import ops_for
 from .reference import BNPReLUParams
 
-__all__ = ["dwconv3", "bn_prelu", "dwconv3_bn_prelu", "dab_neck", "fold_dab_neck", "BNPReLUParams"]
+__all__ = ["dwconv3", "bn_prelu", "dwconv3_bn_prelu", "dab_neck", "fold_dab_neck", "upsample_bilinear",
+           "upsample_argmax",
+           "BNPReLUParams"]
 
 _ops = torch.ops.dabnet
 
@@ -241,6 +243,40 @@ def dab_neck(x: Tensor, weights: Sequence[Tensor], bn_prelus: Sequence[BNPReLUPa
     return ns.dab_neck(x, *fold_dab_neck(weights, bn, eps, x.dtype), dilation)
 
 
+def _check_size(size):
+    if isinstance(size, int):
+        size = (size, size)
+    size = tuple(size)
+    if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in size):
+        raise ValueError(f"size must be two positive ints (H, W), got {size!r}")
+    return size
+
+
+def upsample_bilinear(x: Tensor, size) -> Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)``, with a faster CPU kernel
+    (values equal to rounding level; gradients by ATen's own backward). Other devices use
+    F.interpolate."""
+    _check_x(x)
+    size = _check_size(size)
+    if x.device.type != "cpu" or ops_for(x) is None:
+        return _ref.upsample_bilinear(x, size)
+    return torch.ops.dabnet.upsample_bilinear(x, size[0], size[1])
+
+
+def upsample_argmax(logits: Tensor, size) -> Tensor:
+    """Per-pixel class labels (int64, N x H x W) of ``F.interpolate(logits, size, mode="bilinear",
+    align_corners=False).argmax(1)``, without materializing the upsampled logits (CPU kernel;
+    other devices use that composite). Where two classes tie to rounding level the label may
+    differ from the composite's."""
+    _check_x(logits, "logits")
+    size = _check_size(size)
+    if logits.shape[1] == 0:
+        raise ValueError("logits must have at least one class (channel)")
+    if logits.device.type != "cpu" or ops_for(logits) is None:
+        return _ref.upsample_argmax(logits, size)
+    return torch.ops.dabnet.upsample_argmax(logits, size[0], size[1])
+
+
 # ---------------------------------------------------------------------- fake (meta) kernels
 # Fake kernels and autograd formulas are written once and registered for every namespace that
 # implements the dabnet schemas: "dabnet" (C++/CUDA) here, "dabnet_triton" by dabnet_kernels.triton.
@@ -289,6 +325,32 @@ def _fake_dwconv3_bn_prelu(x, conv_weight, dilation, weight, bias, running_mean,
 
 def _fake_dab_neck(x, weight, bias, slope, out_scale, out_shift, out_slope, dilation):
     return _like(x)
+
+
+@torch.library.register_fake("dabnet::upsample_bilinear")
+def _fake_upsample_bilinear(x, out_h, out_w):
+    return torch.empty((x.shape[0], x.shape[1], out_h, out_w), dtype=x.dtype, device=x.device,
+                       memory_format=_out_format(x))
+
+
+def _upsample_setup(ctx, inputs, output):
+    x, out_h, out_w = inputs
+    ctx.in_size, ctx.out_size = list(x.shape), [out_h, out_w]
+
+
+def _upsample_backward(ctx, grad):
+    gx = torch.ops.aten.upsample_bilinear2d_backward.default(grad, ctx.out_size, ctx.in_size,
+                                                             False, None, None)
+    return gx, None, None
+
+
+torch.library.register_autograd("dabnet::upsample_bilinear", _upsample_backward,
+                                setup_context=_upsample_setup)
+
+
+@torch.library.register_fake("dabnet::upsample_argmax")
+def _fake_upsample_argmax(logits, out_h, out_w):
+    return logits.new_empty((logits.shape[0], out_h, out_w), dtype=torch.long)
 
 
 # --------------------------------------------------------------------------------- autograd

@@ -78,3 +78,11 @@ def dab_neck(x: Tensor, weights: Sequence[Tensor], bn_prelus: Sequence[BNPReLUPa
 
 def _nbt(p):
     return p[5] if len(p) > 5 else None
+
+
+def upsample_bilinear(x: Tensor, size) -> Tensor:
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def upsample_argmax(logits: Tensor, size) -> Tensor:
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False).argmax(1)

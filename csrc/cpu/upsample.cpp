@@ -1,0 +1,125 @@
+// Bilinear upsampling (align_corners=False) on CPU, for DABNet's final x8 upsampling of the logits:
+// upsample_bilinear, and upsample_argmax, the labels of the same without materializing the
+// upsampled logits (for 19 classes at 512x1024 that tensor is 40 MB written and read again; the
+// labels are 4 MB).
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../checks.h"
+#include "loops.h"
+
+namespace dabnet {
+namespace cpu {
+
+namespace {
+
+// Source index pair and weights of one output coordinate, as ATen's upsample_bilinear2d
+// (align_corners=False, scale = in/out) computes them.
+template <typename acc_t>
+struct Lerp {
+  std::vector<int64_t> i0, i1;
+  std::vector<acc_t> l0, l1;
+  Lerp(int64_t in, int64_t out) : i0(out), i1(out), l0(out), l1(out) {
+    const acc_t scale = acc_t(in) / acc_t(out);
+    for (int64_t o = 0; o < out; ++o) {
+      const acc_t src = std::max(scale * (acc_t(o) + acc_t(0.5)) - acc_t(0.5), acc_t(0));
+      const int64_t a = std::min<int64_t>(int64_t(src), in - 1);
+      i0[o] = a;
+      i1[o] = a + (a < in - 1 ? 1 : 0);
+      l1[o] = src - a;
+      l0[o] = acc_t(1) - l1[o];
+    }
+  }
+};
+
+
+// Calls f(r, k, vals) for every output row r (= n*out_h + y) and class k, vals being the out_w
+// upsampled values: the two source rows are blended first (w values), then gathered along W.
+template <typename scalar_t, typename F>
+void bilinear_rows(const at::Tensor& x, int64_t out_h, int64_t out_w, F f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), K = x.size(1), h = x.size(2), w = x.size(3);
+  const Lerp<acc_t> ly(h, out_h), lx(w, out_w);
+  const scalar_t* L = x.data_ptr<scalar_t>();
+  at::parallel_for(0, N * out_h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(w), val(out_w);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / out_h, y = r % out_h;
+      const acc_t a = ly.l0[y], b = ly.l1[y];
+      for (int64_t k = 0; k < K; ++k) {
+        const scalar_t* p0 = L + ((n * K + k) * h + ly.i0[y]) * w;
+        const scalar_t* p1 = L + ((n * K + k) * h + ly.i1[y]) * w;
+        for (int64_t i = 0; i < w; ++i) row[i] = a * acc_t(p0[i]) + b * acc_t(p1[i]);
+        for (int64_t o = 0; o < out_w; ++o)
+          val[o] = lx.l0[o] * row[lx.i0[o]] + lx.l1[o] * row[lx.i1[o]];
+        f(r, k, val.data());
+      }
+    }
+  });
+}
+
+at::Tensor check_upsample(const at::Tensor& x, int64_t out_h, int64_t out_w, const char* name) {
+  check_input(x, name);
+  TORCH_CHECK(out_h > 0 && out_w > 0, "dabnet: upsample output size must be positive, got ",
+              out_h, "x", out_w);
+  TORCH_CHECK(x.numel() == 0 || (x.size(2) > 0 && x.size(3) > 0),
+              "dabnet: cannot upsample an input with an empty spatial size");
+  return x.contiguous();  // small: classes x H/8 x W/8
+}
+
+}  // namespace
+
+at::Tensor upsample_bilinear(const at::Tensor& x_, int64_t out_h, int64_t out_w) {
+  const at::Tensor x = check_upsample(x_, out_h, out_w, "x");
+  const int64_t K = x.size(1);
+  at::Tensor out = at::empty({x.size(0), K, out_h, out_w}, x.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upsample_bilinear", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    bilinear_rows<scalar_t>(x, out_h, out_w, [&](int64_t r, int64_t k, const auto* val) {
+      const int64_t n = r / out_h, y = r % out_h;
+      scalar_t* dst = o + ((n * K + k) * out_h + y) * out_w;
+      for (int64_t i = 0; i < out_w; ++i) dst[i] = scalar_t(val[i]);
+    });
+  });
+  bool cl;
+  canonical(x_, cl);
+  return cl ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
+}
+
+at::Tensor upsample_argmax(const at::Tensor& x_, int64_t out_h, int64_t out_w) {
+  const at::Tensor x = check_upsample(x_, out_h, out_w, "logits");
+  TORCH_CHECK(x.size(1) > 0, "dabnet: upsample_argmax needs at least one class");
+  at::Tensor labels = at::empty({x.size(0), out_h, out_w}, x.options().dtype(at::kLong));
+  if (labels.numel() == 0) return labels;
+  int64_t* lab = labels.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upsample_argmax", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // Running maximum per output row; rows are private to one thread (bilinear_rows splits rows).
+    std::vector<acc_t> best(labels.numel());
+    bilinear_rows<scalar_t>(x, out_h, out_w, [&](int64_t r, int64_t k, const acc_t* val) {
+      int64_t* out = lab + r * out_w;
+      acc_t* bst = best.data() + r * out_w;
+      if (k == 0) {
+        std::copy(val, val + out_w, bst);
+        std::fill(out, out + out_w, int64_t(0));
+        return;
+      }
+      for (int64_t o = 0; o < out_w; ++o) {
+        const bool gt = val[o] > bst[o];  // strict: the first maximum wins, as argmax
+        bst[o] = gt ? val[o] : bst[o];
+        out[o] = gt ? k : out[o];
+      }
+    });
+  });
+  return labels;
+}
+
+}  // namespace cpu
+}  // namespace dabnet
+
+TORCH_LIBRARY_IMPL(dabnet, CPU, m) {
+  m.impl("upsample_bilinear", &dabnet::cpu::upsample_bilinear);
+  m.impl("upsample_argmax", &dabnet::cpu::upsample_argmax);
+}
