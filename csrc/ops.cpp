@@ -38,6 +38,9 @@ TORCH_LIBRARY(dabnet, m) {
   m.def(
       "dab_neck(Tensor x, Tensor weight, Tensor bias, Tensor slope, Tensor out_scale,"
       " Tensor out_shift, Tensor out_slope, int dilation) -> Tensor");
+  // Eval-mode BN-PReLU (folded: y = x*scale + shift, then PReLU) of torch.cat(xs, 1), without the
+  // concatenated intermediate.
+  m.def("cat_bn_prelu(Tensor[] xs, Tensor scale, Tensor shift, Tensor slope) -> Tensor");
   // Bilinear upsampling, align_corners=False, as F.interpolate (DABNet's final x8 upsampling).
   m.def("upsample_bilinear(Tensor x, int out_h, int out_w) -> Tensor");
   // Labels of the bilinear (align_corners=False) upsampling of logits to (out_h, out_w): argmax

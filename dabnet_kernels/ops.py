@@ -16,7 +16,7 @@ from . import reference as _ref
 from .backend import ops_for
 from .reference import BNPReLUParams
 
-__all__ = ["dwconv3", "bn_prelu", "dwconv3_bn_prelu", "dab_neck", "fold_dab_neck", "upsample_bilinear",
+__all__ = ["dwconv3", "bn_prelu", "dwconv3_bn_prelu", "dab_neck", "fold_dab_neck", "cat_bn_prelu", "upsample_bilinear",
            "upsample_argmax",
            "BNPReLUParams"]
 
@@ -243,6 +243,40 @@ def dab_neck(x: Tensor, weights: Sequence[Tensor], bn_prelus: Sequence[BNPReLUPa
     return ns.dab_neck(x, *fold_dab_neck(weights, bn, eps, x.dtype), dilation)
 
 
+def cat_bn_prelu(xs: Sequence[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                 running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                 prelu_weight: Tensor, training: bool, momentum: Optional[float] = 0.1,
+                 eps: float = 1e-3, num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+    """``bn_prelu(torch.cat(xs, 1), ...)``. In eval with no gradient needed on CPU, one kernel
+    writes the normalized concatenation directly (no concatenated intermediate)."""
+    if not isinstance(xs, (list, tuple)) or len(xs) == 0:
+        raise ValueError("xs must be a non-empty list of tensors")
+    for k, t in enumerate(xs):
+        _check_x(t, f"xs[{k}]")
+        _check_same(t, xs[0], f"xs[{k}]")
+        if t.dtype != xs[0].dtype:
+            raise ValueError(f"xs[{k}] has dtype {t.dtype} but xs[0] has dtype {xs[0].dtype}")
+        if t.shape[0] != xs[0].shape[0] or t.shape[2:] != xs[0].shape[2:]:
+            raise ValueError(f"xs[{k}] has shape {tuple(t.shape)}, which cannot be concatenated "
+                             f"along channels with {tuple(xs[0].shape)}")
+    needs_grad = torch.is_grad_enabled() and (
+        any(t.requires_grad for t in xs)
+        or any(t is not None and t.requires_grad for t in (weight, bias, prelu_weight)))
+    x0 = xs[0]
+    if (training or needs_grad or running_mean is None or x0.device.type != "cpu"
+            or ops_for(x0) is None):
+        return bn_prelu(torch.cat(list(xs), 1), weight, bias, running_mean, running_var,
+                        prelu_weight, training, momentum, eps, num_batches_tracked)
+    C = sum(t.shape[1] for t in xs)
+    like = x0.new_empty((1, C, 1, 1))
+    weight, bias, _ = _bn_args(like, weight, bias, running_mean, running_var, prelu_weight, False)
+    acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    scale = weight.double() * torch.rsqrt(running_var.double() + eps)
+    shift = bias.double() - running_mean.double() * scale
+    return torch.ops.dabnet.cat_bn_prelu(list(xs), scale.to(acc), shift.to(acc),
+                                         prelu_weight.to(acc))
+
+
 def _check_size(size):
     if isinstance(size, int):
         size = (size, size)
@@ -325,6 +359,13 @@ def _fake_dwconv3_bn_prelu(x, conv_weight, dilation, weight, bias, running_mean,
 
 def _fake_dab_neck(x, weight, bias, slope, out_scale, out_shift, out_slope, dilation):
     return _like(x)
+
+
+@torch.library.register_fake("dabnet::cat_bn_prelu")
+def _fake_cat_bn_prelu(xs, scale, shift, slope):
+    x0 = xs[0]
+    return torch.empty((x0.shape[0], sum(t.shape[1] for t in xs), *x0.shape[2:]), dtype=x0.dtype,
+                       device=x0.device, memory_format=_out_format(x0))
 
 
 @torch.library.register_fake("dabnet::upsample_bilinear")
