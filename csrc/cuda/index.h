@@ -6,12 +6,12 @@
 
 #if defined(__CUDACC__)
 #define DABNET_HD __host__ __device__ __forceinline__
-// Templates below are instantiated with device-only functors from kernels; this silences nvcc's
-// host/device call check for those instantiations (they never run on the host).
-#define DABNET_HD_TEMPLATE _Pragma("nv_exec_check_disable") DABNET_HD
+// Put before a host/device template that kernels instantiate with device-only functors: it
+// silences nvcc's host/device call check for those instantiations (they never run on the host).
+#define DABNET_EXEC_CHECK_DISABLE _Pragma("nv_exec_check_disable")
 #else
 #define DABNET_HD inline
-#define DABNET_HD_TEMPLATE inline
+#define DABNET_EXEC_CHECK_DISABLE
 #endif
 
 namespace dabnet {
@@ -89,8 +89,9 @@ inline Plan plan(const Geo& g, bool cl, int per_thread) {
 }
 
 // Thread ty of chunk b (of P) visits positions b*M/P + ty, + py, ... below (b+1)*M/P: f(cursor, p).
+DABNET_EXEC_CHECK_DISABLE
 template <typename F>
-DABNET_HD_TEMPLATE void for_positions(const Geo& g, int64_t b, int64_t P, int ty, int py, F&& f) {
+DABNET_HD void for_positions(const Geo& g, int64_t b, int64_t P, int ty, int py, F&& f) {
   const int64_t p0 = b * g.M / P, p1 = (b + 1) * g.M / P;
   if (p0 + ty >= p1) return;
   Cursor cur(g, p0 + ty);
