@@ -114,8 +114,12 @@ def cpu64(t):
     return None if t is None else t.detach().to("cpu", torch.float64)
 
 
+def bn_map(p, f):
+    return BNPReLUParams(*(None if t is None else f(t) for t in p))
+
+
 def bn_cpu64(p):
-    return BNPReLUParams(*(cpu64(t) for t in p))
+    return bn_map(p, cpu64)
 
 
 def close(out, want, dtype, **kw):
@@ -139,7 +143,7 @@ SHAPES = [(1, 3, 7, 9), (3, 5, 11, 6), (1, 4, 1, 13), (3, 33, 5, 70)]
 @pytest.mark.parametrize("along", ["h", "w"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dilation", DILATIONS)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_dwconv3_forward_and_backward(shape, dilation, layout, along):
     x = make_input(shape, layout)
     w = dw_weight(shape[1], along)
@@ -160,7 +164,7 @@ def test_dwconv3_forward_and_backward(shape, dilation, layout, along):
 @pytest.mark.parametrize("single_slope", [False, True])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_bn_prelu_forward_and_backward(shape, layout, training, single_slope):
     x = make_input(shape, layout) * 3 + 1
     p = bn_params(shape[1], single_slope=single_slope)
@@ -195,7 +199,7 @@ def test_bn_prelu_forward_and_backward(shape, layout, training, single_slope):
 @pytest.mark.parametrize("along", ["h", "w"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dilation", DILATIONS)
-@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=str)
 def test_dwconv3_bn_prelu(shape, dilation, layout, along, training):
     x = make_input(shape, layout)
     cw = dw_weight(shape[1], along)
@@ -231,7 +235,7 @@ def neck_reference(x, weights, bns, d, eps=1e-3):
 @requires_cuda
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dilation", DILATIONS)
-@pytest.mark.parametrize("shape", SHAPES + [(1, 2, 40, 150)])
+@pytest.mark.parametrize("shape", SHAPES + [(1, 2, 40, 150)], ids=str)
 def test_dab_neck(shape, dilation, layout):
     x = make_input(shape, layout)
     weights, bns = neck_params(shape[1])
@@ -290,7 +294,7 @@ def test_gradcheck(dilation, layout):
 
 # ------------------------------------------------------------------------ low precision
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_low_precision_against_float64_reference(dtype, layout):
     shape = (3, 24, 33, 45)
@@ -361,10 +365,11 @@ def test_random_shapes():
 
 # ------------------------------------------------------------------------ DABNet shapes
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("shape,dilations", [((8, 32, 128, 256), (2,)),
-                                             ((8, 64, 64, 128), (4, 8, 16))])
+                                             ((8, 64, 64, 128), (4, 8, 16))],
+                         ids=["block1", "block2"])
 def test_dabnet_shapes(shape, dilations, layout, dtype):
     C = shape[1]
     M = shape[0] * shape[2] * shape[3]
@@ -373,13 +378,13 @@ def test_dabnet_shapes(shape, dilations, layout, dtype):
     # The float64 reference runs on the GPU here (cuDNN float64 has no TF32 shortcut).
     x64, g64 = x.double(), g.double()
     p = bn_params(C, torch.float32)
-    p64 = BNPReLUParams(*(t.double() for t in p))
+    p64 = bn_map(p, torch.Tensor.double)
     for d in dilations:
         weights, bns = neck_params(C, dtype)
         poison()
         out = neck_cuda(x, weights, bns, d)
         want = reference.dab_neck(x64, [w.double() for w in weights],
-                                  [BNPReLUParams(*(t.double() for t in b)) for b in bns], d)
+                                  [bn_map(b, torch.Tensor.double) for b in bns], d)
         torch.testing.assert_close(out.double(), want, **TOL[dtype])
         cw = weights[2]
         poison()
