@@ -61,7 +61,9 @@ def _extension():
     cxx = ["-O3", "-Wall", "-Wno-unused-function"]
     if _want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler=-Wall"]
+        # --warn-on-spills: a register spill in any kernel is a build warning.
+        nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler=-Wall",
+                "-Xptxas=--warn-on-spills"]
         if os.environ.get("DABNET_PTXAS_VERBOSE") == "1":
             nvcc.append("-Xptxas=-v")
         return CUDAExtension("dabnet_kernels._C", sources,

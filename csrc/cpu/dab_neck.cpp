@@ -10,30 +10,6 @@
 namespace dabnet {
 namespace cpu {
 
-namespace {
-
-void check_neck(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                const at::Tensor& slope, const at::Tensor& out_scale, const at::Tensor& out_shift,
-                const at::Tensor& out_slope, int64_t dilation) {
-  check_input(x);
-  const int64_t C = x.size(1);
-  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == 4 && weight.size(1) == C && weight.size(2) == 3,
-              "dabnet: dab_neck weight must have shape (4, ", C, ", 3), got ", weight.sizes());
-  TORCH_CHECK(bias.dim() == 2 && bias.size(0) == 4 && bias.size(1) == C,
-              "dabnet: dab_neck bias must have shape (4, ", C, "), got ", bias.sizes());
-  TORCH_CHECK(slope.dim() == 2 && slope.size(0) == 4 && slope.size(1) == C,
-              "dabnet: dab_neck slope must have shape (4, ", C, "), got ", slope.sizes());
-  for (const auto* t : {&weight, &bias, &slope})
-    TORCH_CHECK(t->device() == x.device() && at::isFloatingType(t->scalar_type()),
-                "dabnet: dab_neck parameters must be floating-point tensors on ", x.device());
-  check_vec(out_scale, x, "out_scale");
-  check_vec(out_shift, x, "out_shift");
-  check_vec(out_slope, x, "out_slope");
-  TORCH_CHECK(dilation >= 1, "dabnet: dilation must be >= 1, got ", dilation);
-}
-
-}  // namespace
-
 at::Tensor dab_neck(const at::Tensor& x_, const at::Tensor& weight, const at::Tensor& bias,
                     const at::Tensor& slope, const at::Tensor& out_scale,
                     const at::Tensor& out_shift, const at::Tensor& out_slope, int64_t d) {

@@ -1,0 +1,40 @@
+// dwconv3_bn_prelu on CUDA. Eval: BatchNorm folded into the taps, PReLU in the epilogue, one pass
+// over memory. Training: the batch statistics of the conv output are needed before anything can
+// be normalized, so it is dwconv3 followed by bn_prelu.
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "common.cuh"
+#include "kernels.h"
+
+namespace dabnet {
+namespace cuda {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv3_bn_prelu(
+    const at::Tensor& x_, const at::Tensor& conv_weight, int64_t dilation, const at::Tensor& weight,
+    const at::Tensor& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, const at::Tensor& prelu_weight, bool training,
+    double eps) {
+  check_input(x_);
+  const int axis = check_dw_weight(conv_weight, x_, dilation, "conv_weight");
+  check_bn_prelu(x_, weight, bias, prelu_weight);
+  check_stats(running_mean, running_var, x_, training);
+  if (training)
+    return bn_prelu(dwconv3(x_, conv_weight, dilation), weight, bias, running_mean, running_var,
+                    prelu_weight, training, eps);
+  const c10::cuda::CUDAGuard guard(x_.device());
+  bool cl;
+  const at::Tensor x = canonical(x_, cl);
+  at::Tensor out = empty_as(x, cl);
+  const BnTensors t =
+      bn_tensors(x, weight, bias, *running_mean, *running_var, prelu_weight, eps);
+  tap3(x, out, conv_weight, axis, dilation, /*flip=*/false, cl, &t);
+  const auto sopt = x.options().dtype(stat_type(x));
+  return {out, running_mean->to(sopt, false, /*copy=*/true),
+          running_var->to(sopt, false, /*copy=*/true)};
+}
+
+}  // namespace cuda
+}  // namespace dabnet
+
+TORCH_LIBRARY_IMPL(dabnet, CUDA, m) { m.impl("dwconv3_bn_prelu", &dabnet::cuda::dwconv3_bn_prelu); }

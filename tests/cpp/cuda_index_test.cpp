@@ -1,0 +1,181 @@
+// Host check of the CUDA kernels' index math (csrc/cuda/index.h), run by tests/test_cuda.py:
+//  1. the channel x position launch plan visits every element exactly once, and the cursor's
+//     (n, h, w) matches the position it stands for, in NCHW and channels_last;
+//  2. the eval DAB neck, computed by emulating the tile kernel (stage every tile element, then
+//     every output, block by block) and the global-memory path, matches a naive implementation
+//     that materializes both branches with explicit zero padding.
+// Prints "ok" and exits 0 on success; prints the first mismatch and exits 1 otherwise.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "cuda/index.h"
+
+using namespace dabnet::cuda;
+
+static int failures = 0;
+#define EXPECT(cond, ...)                  \
+  do {                                     \
+    if (!(cond)) {                         \
+      if (failures++ < 10) {               \
+        std::printf("FAIL %s: ", #cond);   \
+        std::printf(__VA_ARGS__);          \
+        std::printf("\n");                 \
+      }                                    \
+    }                                      \
+  } while (0)
+
+static Geo make_geo(int64_t N, int C, int H, int W, bool cl) {
+  Geo g{N, C, H, W, 0, 0, 0, 0, N * H * W};
+  if (cl) {
+    g.sC = 1, g.sW = C, g.sH = int64_t(W) * C, g.sN = int64_t(H) * W * C;
+  } else {
+    g.sW = 1, g.sH = W, g.sC = int64_t(H) * W, g.sN = int64_t(C) * H * W;
+  }
+  return g;
+}
+
+static void check_coverage(int64_t N, int C, int H, int W, bool cl, int per_thread) {
+  const Geo g = make_geo(N, C, H, W, cl);
+  const Plan pl = plan(g, cl, per_thread);
+  EXPECT(pl.cx * pl.py == kThreads && pl.chunks >= 1 && pl.chunks <= kMaxChunks, "plan");
+  std::vector<int> seen(size_t(N) * C * H * W, 0);
+  for (int64_t gr = 0; gr < pl.groups; ++gr)
+    for (int64_t b = 0; b < pl.chunks; ++b)
+      for (int ty = 0; ty < pl.py; ++ty)
+        for (int tx = 0; tx < pl.cx; ++tx) {
+          const int c = int(gr * pl.cx + tx);
+          if (c >= C) continue;
+          for_positions(g, b, pl.chunks, ty, pl.py, [&](const Cursor& cur, int64_t p) {
+            const int64_t w = p % W, h = (p / W) % H, n = p / W / H;
+            EXPECT(cur.n == n && cur.h == h && cur.w == w, "cursor at p=%lld", (long long)p);
+            const int64_t off = g.offset(cur.n, c, cur.h, cur.w);
+            const int64_t want = cl ? ((n * H + h) * W + w) * C + c : ((n * C + c) * H + h) * W + w;
+            EXPECT(off == want, "offset %lld != %lld", (long long)off, (long long)want);
+            if (off >= 0 && off < int64_t(seen.size())) ++seen[off];
+          });
+        }
+  for (size_t i = 0; i < seen.size(); ++i)
+    EXPECT(seen[i] == 1, "element %zu visited %d times (N=%lld C=%d H=%d W=%d cl=%d)", i, seen[i],
+           (long long)N, C, H, W, int(cl));
+}
+
+static double act(double s, double a) { return s > 0 ? s : a * s; }
+
+// Naive neck on one (n, c) plane: explicit zero-padded intermediate images.
+static void naive_neck(const std::vector<double>& X, int H, int W, const NeckChannel<double>& p,
+                       int d, std::vector<double>& out) {
+  auto xat = [&](int h, int w) { return h >= 0 && h < H && w >= 0 && w < W ? X[h * W + w] : 0.0; };
+  std::vector<double> t1(H * W), t2(H * W);
+  for (int h = 0; h < H; ++h)
+    for (int w = 0; w < W; ++w) {
+      t1[h * W + w] = act(p.b[0] + p.w[0][0] * xat(h - 1, w) + p.w[0][1] * xat(h, w) +
+                              p.w[0][2] * xat(h + 1, w), p.a[0]);
+      t2[h * W + w] = act(p.b[2] + p.w[2][0] * xat(h - d, w) + p.w[2][1] * xat(h, w) +
+                              p.w[2][2] * xat(h + d, w), p.a[2]);
+    }
+  auto tat = [&](const std::vector<double>& t, int h, int w) {
+    return w >= 0 && w < W ? t[h * W + w] : 0.0;
+  };
+  out.assign(H * W, 0.0);
+  for (int h = 0; h < H; ++h)
+    for (int w = 0; w < W; ++w) {
+      const double b1 = act(p.b[1] + p.w[1][0] * tat(t1, h, w - 1) + p.w[1][1] * tat(t1, h, w) +
+                                p.w[1][2] * tat(t1, h, w + 1), p.a[1]);
+      const double b2 = act(p.b[3] + p.w[3][0] * tat(t2, h, w - d) + p.w[3][1] * tat(t2, h, w) +
+                                p.w[3][2] * tat(t2, h, w + d), p.a[3]);
+      out[h * W + w] = act(p.fs * (b1 + b2) + p.ft, p.fa);
+    }
+}
+
+template <bool CL>
+static void check_neck(int64_t N, int C, int H, int W, int d, std::mt19937& rng) {
+  using Tile = NeckTileFor<double, CL>;
+  const Geo g = make_geo(N, C, H, W, CL);
+  std::normal_distribution<double> nd;
+  std::vector<double> x(size_t(N) * C * H * W);
+  for (auto& v : x) v = nd(rng);
+  std::vector<NeckChannel<double>> prm(C);
+  for (auto& p : prm) {
+    for (int k = 0; k < 4; ++k) {
+      for (int j = 0; j < 3; ++j) p.w[k][j] = nd(rng);
+      p.b[k] = nd(rng);
+      p.a[k] = 0.25 * nd(rng);
+    }
+    p.fs = nd(rng), p.ft = nd(rng), p.fa = 0.25 * nd(rng);
+  }
+  const double nan = std::nan("");
+  std::vector<double> tiled(x.size(), nan), global(x.size(), nan);
+  // Tile kernel: every block stages its tile (all threads), then writes its outputs.
+  if (d <= kMaxTileDilation) {
+    std::vector<double> tile(Tile::elems(d), nan);
+    for (int64_t b = 0; b < Tile::blocks(g); ++b) {
+      const Tile t(g, d, b);
+      std::fill(tile.begin(), tile.end(), nan);
+      for (int e = 0; e < int(Tile::elems(d)); ++e) t.stage(x.data(), tile.data(), g, e);
+      for (int tid = 0; tid < kThreads; ++tid) {  // as neck_tile_kernel: one channel per thread
+        const int c = t.c0 + tid % Tile::kCT;
+        if (c >= C) continue;
+        for (int e = tid; e < Tile::kOutputs; e += kThreads) {
+          EXPECT(e % Tile::kCT == tid % Tile::kCT, "thread %d changes channel at e=%d", tid, e);
+          t.output(tile.data(), tiled.data(), g, prm[c], e);
+        }
+      }
+    }
+  }
+  // Global-memory path: one independent computation per element.
+  for (int c = 0; c < C; ++c)
+    for (int64_t p = 0; p < g.M; ++p) {
+      const Cursor cur(g, p);
+      const int64_t off = g.offset(cur.n, c, cur.h, cur.w);
+      const GlobalSrc<double, double> src{x.data(), off, g, cur.h, cur.w};
+      global[off] = neck_point(src, prm[c], d);
+    }
+  std::vector<double> plane(H * W), want;
+  for (int64_t n = 0; n < N; ++n)
+    for (int c = 0; c < C; ++c) {
+      for (int h = 0; h < H; ++h)
+        for (int w = 0; w < W; ++w) plane[h * W + w] = x[g.offset(n, c, h, w)];
+      naive_neck(plane, H, W, prm[c], d, want);
+      for (int h = 0; h < H; ++h)
+        for (int w = 0; w < W; ++w) {
+          const int64_t off = g.offset(n, c, h, w);
+          const double tol = 1e-12 * (1 + std::fabs(want[h * W + w]));
+          EXPECT(std::fabs(global[off] - want[h * W + w]) <= tol,
+                 "global path d=%d cl=%d at n=%lld c=%d h=%d w=%d: %g vs %g", d, int(CL),
+                 (long long)n, c, h, w, global[off], want[h * W + w]);
+          if (d <= kMaxTileDilation)
+            EXPECT(std::fabs(tiled[off] - want[h * W + w]) <= tol,
+                   "tile path d=%d cl=%d shape (%lld,%d,%d,%d) at n=%lld c=%d h=%d w=%d: %g vs %g",
+                   d, int(CL), (long long)N, C, H, W, (long long)n, c, h, w, tiled[off],
+                   want[h * W + w]);
+        }
+    }
+}
+
+int main() {
+  std::mt19937 rng(1234);
+  const int shapes[][4] = {{1, 1, 1, 1},  {2, 3, 5, 7},  {1, 33, 4, 9},   {3, 5, 17, 1},
+                           {1, 2, 1, 70}, {2, 64, 3, 5}, {1, 7, 31, 130}, {4, 40, 6, 11}};
+  for (const auto& s : shapes)
+    for (int cl = 0; cl < 2; ++cl)
+      for (int pt : {1, 4, 32}) check_coverage(s[0], s[1], s[2], s[3], cl, pt);
+  // Many chunks with uneven boundaries.
+  check_coverage(5, 3, 37, 41, false, 1);
+  check_coverage(5, 3, 37, 41, true, 1);
+  const int neck_shapes[][4] = {{1, 1, 1, 1}, {2, 3, 7, 9}, {1, 5, 20, 70}, {1, 9, 33, 17},
+                                {2, 6, 5, 130}};
+  for (const auto& s : neck_shapes)
+    for (int d : {1, 2, 3, 4, 8, 16, 17, 40}) {
+      check_neck<false>(s[0], s[1], s[2], s[3], d, rng);
+      check_neck<true>(s[0], s[1], s[2], s[3], d, rng);
+    }
+  if (failures) {
+    std::printf("%d failures\n", failures);
+    return 1;
+  }
+  std::printf("ok\n");
+  return 0;
+}

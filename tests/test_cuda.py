@@ -1,0 +1,467 @@
+"""The CUDA kernels (csrc/cuda/*.cu).
+
+Without a GPU: the built extension must hold a CUDA kernel for every op (when it was built with
+CUDA), and the kernels' index math (csrc/cuda/index.h) is run on the host by a small C++ program.
+With a GPU: parity with dabnet_kernels.reference (computed in float64 on the CPU), gradcheck,
+low-precision accuracy, random shapes, DABNet-sized shapes, determinism, a second GPU.
+
+Tolerances (outputs compared with a float64 reference computed from the very same input values):
+  float64   rtol 1e-9,  atol 1e-9   (only summation order differs)
+  float32   rtol 1e-5,  atol 1e-5   (fp32 accumulation over at most a few hundred thousand terms)
+  float16   rtol 2e-3,  atol 2e-3   (output rounding: half an ulp is 2^-11 = 4.9e-4 relative)
+  bfloat16  rtol 1.6e-2, atol 1.6e-2 (output rounding: half an ulp is 2^-8 = 3.9e-3 relative)
+Low-precision kernels accumulate in float32, so the final rounding dominates; the bounds leave
+about 4x headroom over it. Parameter gradients (sums over N*H*W terms) get atol scaled by
+sqrt(N*H*W).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import dabnet_kernels._lib as lib
+from conftest import requires_cuda
+from dabnet_kernels import ops, reference
+from dabnet_kernels.reference import BNPReLUParams
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_OPS = ("dwconv3", "dwconv3_backward", "bn_prelu", "bn_prelu_backward", "dwconv3_bn_prelu",
+            "dab_neck")
+LAYOUTS = ("nchw", "channels_last", "strided")
+# 17 is past what the dab_neck tile holds (global-memory path); 40 is past H and W.
+DILATIONS = (1, 2, 3, 4, 8, 16, 17, 40)
+TOL = {
+    torch.float64: dict(rtol=1e-9, atol=1e-9),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+
+
+# ------------------------------------------------------------------------- without a GPU
+def _built_with_cuda() -> bool:
+    """Whether the extension was linked as a CUDA extension (it then needs libc10_cuda)."""
+    return b"libc10_cuda.so" in Path(lib._ext_path).read_bytes()
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="this PyTorch has no CUDA")
+def test_extension_holds_cuda_kernels_for_every_op():
+    if not _built_with_cuda():
+        pytest.skip("the extension was built without CUDA kernels (DABNET_CUDA=0 or no toolkit)")
+    missing = [op for op in CUDA_OPS
+               if not torch._C._dispatch_has_kernel_for_dispatch_key(f"dabnet::{op}", "CUDA")]
+    assert not missing, f"no CUDA kernel registered for {missing}"
+    assert set(CUDA_OPS) == set(ops.OP_NAMES)
+    assert lib.has_cuda_kernels()
+
+
+def test_index_math_on_host(tmp_path):
+    """csrc/cuda/index.h on the host: coverage of the launch plan, the neck tile and halo."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler found")
+    exe = tmp_path / "cuda_index_test"
+    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-I", str(ROOT / "csrc"),
+                    str(ROOT / "tests" / "cpp" / "cuda_index_test.cpp"), "-o", str(exe)],
+                   check=True, capture_output=True, timeout=300)
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout
+
+
+# ----------------------------------------------------------------------------- helpers
+def make_input(shape, layout, dtype=torch.float64, device="cuda", requires_grad=False):
+    N, C, H, W = shape
+    if layout == "strided":  # neither NCHW- nor channels_last-contiguous: every other column
+        x = torch.randn(N, C, H, 2 * W, dtype=dtype, device=device)[..., 1::2]
+    else:
+        x = torch.randn(shape, dtype=dtype, device=device)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_(requires_grad)
+
+
+def dw_weight(C, along, dtype=torch.float64, device="cuda"):
+    shape = (C, 1, 3, 1) if along == "h" else (C, 1, 1, 3)
+    return torch.randn(shape, dtype=dtype, device=device)
+
+
+def bn_params(C, dtype=torch.float64, device="cuda", single_slope=False):
+    kw = dict(dtype=dtype, device=device)
+    return BNPReLUParams(torch.rand(C, **kw) + 0.5, torch.randn(C, **kw), torch.randn(C, **kw),
+                         torch.rand(C, **kw) + 0.5,
+                         0.25 * torch.randn(1 if single_slope else C, **kw))
+
+
+def poison(device="cuda"):
+    """Fills the caching allocator's free memory with 0xFF bytes (NaN in every float dtype), so
+    an output element that a kernel never writes shows up as NaN."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    blocks = [torch.full((256 << 20,), 255, dtype=torch.uint8, device=device)]  # large pool
+    blocks += [torch.full((1 << 20,), 255, dtype=torch.uint8, device=device)  # small pool
+               for _ in range(32)]
+    del blocks
+
+
+def cpu64(t):
+    return None if t is None else t.detach().to("cpu", torch.float64)
+
+
+def bn_map(p, f):
+    return BNPReLUParams(*(None if t is None else f(t) for t in p))
+
+
+def bn_cpu64(p):
+    return bn_map(p, cpu64)
+
+
+def close(out, want, dtype, **kw):
+    tol = dict(TOL[dtype])
+    tol.update(kw)
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(cpu64(out), want.to(torch.float64), **tol)
+
+
+def out_format(x):
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+SHAPES = [(1, 3, 7, 9), (3, 5, 11, 6), (1, 4, 1, 13), (3, 33, 5, 70)]
+
+
+# ------------------------------------------------------------------------- parity, float64
+@requires_cuda
+@pytest.mark.parametrize("along", ["h", "w"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dilation", DILATIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_dwconv3_forward_and_backward(shape, dilation, layout, along):
+    x = make_input(shape, layout)
+    w = dw_weight(shape[1], along)
+    g = make_input(shape, layout)
+    poison()
+    out = torch.ops.dabnet.dwconv3(x, w, dilation)
+    assert out.is_contiguous(memory_format=out_format(x))
+    close(out, reference.dwconv3(cpu64(x), cpu64(w), dilation), torch.float64)
+    poison()
+    gx, gw = torch.ops.dabnet.dwconv3_backward(g, x, w, dilation, [True, True])
+    xr, wr = cpu64(x).requires_grad_(), cpu64(w).requires_grad_()
+    reference.dwconv3(xr, wr, dilation).backward(cpu64(g))
+    close(gx, xr.grad, torch.float64)
+    close(gw, wr.grad, torch.float64)
+
+
+@requires_cuda
+@pytest.mark.parametrize("single_slope", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_bn_prelu_forward_and_backward(shape, layout, training, single_slope):
+    x = make_input(shape, layout) * 3 + 1
+    p = bn_params(shape[1], single_slope=single_slope)
+    rm, rv = (None, None) if training else (p.running_mean, p.running_var)
+    poison()
+    out, mean, var = torch.ops.dabnet.bn_prelu(x, p.weight, p.bias, rm, rv, p.prelu_weight,
+                                               training, 1e-3)
+    assert out.is_contiguous(memory_format=out_format(x))
+    xc = cpu64(x)
+    want_mean = xc.mean((0, 2, 3)) if training else cpu64(p.running_mean)
+    want_var = xc.var((0, 2, 3), unbiased=False) if training else cpu64(p.running_var)
+    close(mean, want_mean, torch.float64)
+    close(var, want_var, torch.float64)
+    pc = bn_cpu64(p)
+    args = [pc.weight, pc.bias, None if training else pc.running_mean,
+            None if training else pc.running_var]
+    xr = xc.clone().requires_grad_()
+    leaves = [a.requires_grad_() for a in (args[0], args[1], pc.prelu_weight)]
+    ref = reference.bn_prelu(xr, *args, pc.prelu_weight, training, eps=1e-3)
+    close(out, ref, torch.float64)
+    g = make_input(shape, layout)
+    ref.backward(cpu64(g))
+    poison()
+    grads = torch.ops.dabnet.bn_prelu_backward(g, x, p.weight, p.bias, p.prelu_weight, mean, var,
+                                               training, 1e-3, [True, True, True, True])
+    for got, want in zip(grads, [xr.grad] + [t.grad for t in leaves]):
+        close(got, want, torch.float64)
+
+
+@requires_cuda
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("along", ["h", "w"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dilation", DILATIONS)
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=str)
+def test_dwconv3_bn_prelu(shape, dilation, layout, along, training):
+    x = make_input(shape, layout)
+    cw = dw_weight(shape[1], along)
+    p = bn_params(shape[1])
+    rm, rv = (None, None) if training else (p.running_mean, p.running_var)
+    poison()
+    out, mean, var = torch.ops.dabnet.dwconv3_bn_prelu(x, cw, dilation, p.weight, p.bias, rm, rv,
+                                                       p.prelu_weight, training, 1e-3)
+    assert out.is_contiguous(memory_format=out_format(x))
+    pc = bn_cpu64(p)
+    want = reference.dwconv3_bn_prelu(cpu64(x), cpu64(cw), dilation, pc.weight, pc.bias,
+                                      None if training else pc.running_mean,
+                                      None if training else pc.running_var, pc.prelu_weight,
+                                      training, eps=1e-3)
+    close(out, want, torch.float64)
+
+
+def neck_params(C, dtype=torch.float64, device="cuda"):
+    weights = [dw_weight(C, a, dtype, device) for a in ("h", "w", "h", "w")]
+    bns = [bn_params(C, dtype, device, single_slope=(k == 1)) for k in range(5)]
+    return weights, bns
+
+
+def neck_cuda(x, weights, bns, d, eps=1e-3):
+    return torch.ops.dabnet.dab_neck(x, *ops.fold_dab_neck(weights, bns, eps, x.dtype), d)
+
+
+def neck_reference(x, weights, bns, d, eps=1e-3):
+    return reference.dab_neck(cpu64(x), [cpu64(w) for w in weights], [bn_cpu64(p) for p in bns],
+                              d, training=False, eps=eps)
+
+
+@requires_cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dilation", DILATIONS)
+@pytest.mark.parametrize("shape", SHAPES + [(1, 2, 40, 150)], ids=str)
+def test_dab_neck(shape, dilation, layout):
+    x = make_input(shape, layout)
+    weights, bns = neck_params(shape[1])
+    poison()
+    out = neck_cuda(x, weights, bns, dilation)
+    assert out.is_contiguous(memory_format=out_format(x))
+    close(out, neck_reference(x, weights, bns, dilation), torch.float64)
+
+
+@requires_cuda
+def test_dab_neck_public_api_uses_fused_kernel_and_matches():
+    x = make_input((3, 6, 19, 23), "channels_last")
+    weights, bns = neck_params(6)
+    with torch.no_grad():
+        out = ops.dab_neck(x, weights, bns, 4)
+    close(out, neck_reference(x, weights, bns, 4), torch.float64)
+
+
+@requires_cuda
+def test_empty_inputs():
+    for shape in [(0, 3, 5, 5), (2, 3, 0, 4)]:
+        x = make_input(shape, "nchw")
+        w = dw_weight(3, "h")
+        assert torch.ops.dabnet.dwconv3(x, w, 2).shape == x.shape
+        p = bn_params(3)
+        out, mean, var = torch.ops.dabnet.bn_prelu(x, p.weight, p.bias, None, None,
+                                                   p.prelu_weight, True, 1e-3)
+        assert out.shape == x.shape and torch.isnan(mean).all() and torch.isnan(var).all()
+        weights, bns = neck_params(3)
+        assert neck_cuda(x, weights, bns, 2).shape == x.shape
+        gx, gw = torch.ops.dabnet.dwconv3_backward(x, x, w, 2, [True, True])
+        assert gx.shape == x.shape and torch.equal(gw, torch.zeros_like(w))
+
+
+# ------------------------------------------------------------------------------ gradcheck
+@requires_cuda
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dilation", [1, 2, 9])
+def test_gradcheck(dilation, layout):
+    shape = (2, 3, 5, 7)
+    x = make_input(shape, layout, requires_grad=True)
+    for along in ("h", "w"):
+        w = dw_weight(3, along).requires_grad_()
+        assert torch.autograd.gradcheck(lambda x, w: ops.dwconv3(x, w, dilation), (x, w))
+    p = bn_params(3)
+    bw, bb, a = (t.clone().requires_grad_() for t in (p.weight, p.bias, p.prelu_weight))
+    cw = dw_weight(3, "w").requires_grad_()
+    for training in (True, False):
+        rm, rv = (None, None) if training else (p.running_mean, p.running_var)
+        assert torch.autograd.gradcheck(
+            lambda x, bw, bb, a: ops.bn_prelu(x, bw, bb, rm, rv, a, training), (x, bw, bb, a))
+        assert torch.autograd.gradcheck(
+            lambda x, cw, bw, bb, a: ops.dwconv3_bn_prelu(x, cw, dilation, bw, bb, rm, rv, a,
+                                                          training), (x, cw, bw, bb, a))
+
+
+# ------------------------------------------------------------------------ low precision
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_low_precision_against_float64_reference(dtype, layout):
+    shape = (3, 24, 33, 45)
+    M = shape[0] * shape[2] * shape[3]
+    x = make_input(shape, layout, dtype)
+    g = make_input(shape, layout, dtype)
+    cw = dw_weight(24, "h", dtype)
+    p = bn_params(24, torch.float32)
+    pc = bn_cpu64(p)
+    poison()
+    out = torch.ops.dabnet.dwconv3(x, cw, 4)
+    assert out.dtype == dtype
+    close(out, reference.dwconv3(cpu64(x), cpu64(cw), 4), dtype)
+    gx, gw = torch.ops.dabnet.dwconv3_backward(g, x, cw, 4, [True, True])
+    xr, wr = cpu64(x).requires_grad_(), cpu64(cw).requires_grad_()
+    reference.dwconv3(xr, wr, 4).backward(cpu64(g))
+    close(gx, xr.grad, dtype)
+    close(gw, wr.grad, dtype, atol=TOL[dtype]["atol"] * math.sqrt(M))
+    for training in (True, False):
+        rm, rv = (None, None) if training else (p.running_mean, p.running_var)
+        poison()
+        out, mean, var = torch.ops.dabnet.bn_prelu(x, p.weight, p.bias, rm, rv, p.prelu_weight,
+                                                   training, 1e-3)
+        assert out.dtype == dtype and mean.dtype == torch.float32
+        want = reference.bn_prelu(cpu64(x), pc.weight, pc.bias, None if training else pc.running_mean,
+                                  None if training else pc.running_var, pc.prelu_weight, training,
+                                  eps=1e-3)
+        close(out, want, dtype)
+        out, _, _ = torch.ops.dabnet.dwconv3_bn_prelu(x, cw, 2, p.weight, p.bias, rm, rv,
+                                                      p.prelu_weight, training, 1e-3)
+        want = reference.dwconv3_bn_prelu(cpu64(x), cpu64(cw), 2, pc.weight, pc.bias,
+                                          None if training else pc.running_mean,
+                                          None if training else pc.running_var, pc.prelu_weight,
+                                          training, eps=1e-3)
+        close(out, want, dtype)
+    weights, bns = neck_params(24, dtype)
+    for d in (2, 16, 17):
+        poison()
+        close(neck_cuda(x, weights, bns, d), neck_reference(x, weights, bns, d), dtype)
+
+
+# ------------------------------------------------------------------------- random shapes
+@requires_cuda
+def test_random_shapes():
+    rng = random.Random(7)
+    for _ in range(40):
+        shape = (rng.randint(1, 4), rng.randint(1, 40), rng.randint(1, 50), rng.randint(1, 90))
+        layout = rng.choice(LAYOUTS)
+        d = rng.choice([1, 2, 3, 5, 8, 13, 16, 21, 64])
+        x = make_input(shape, layout)
+        along = rng.choice("hw")
+        w = dw_weight(shape[1], along)
+        poison()
+        close(torch.ops.dabnet.dwconv3(x, w, d), reference.dwconv3(cpu64(x), cpu64(w), d),
+              torch.float64)
+        weights, bns = neck_params(shape[1])
+        poison()
+        close(neck_cuda(x, weights, bns, d), neck_reference(x, weights, bns, d), torch.float64)
+        if shape[0] * shape[2] * shape[3] > 1:
+            p = bn_params(shape[1])
+            poison()
+            out = torch.ops.dabnet.bn_prelu(x, p.weight, p.bias, None, None, p.prelu_weight, True,
+                                            1e-3)[0]
+            pc = bn_cpu64(p)
+            close(out, reference.bn_prelu(cpu64(x), pc.weight, pc.bias, None, None,
+                                          pc.prelu_weight, True, eps=1e-3), torch.float64)
+
+
+# ------------------------------------------------------------------------ DABNet shapes
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape,dilations", [((8, 32, 128, 256), (2,)),
+                                             ((8, 64, 64, 128), (4, 8, 16))],
+                         ids=["block1", "block2"])
+def test_dabnet_shapes(shape, dilations, layout, dtype):
+    C = shape[1]
+    M = shape[0] * shape[2] * shape[3]
+    x = make_input(shape, layout, dtype)
+    g = make_input(shape, layout, dtype)
+    # The float64 reference runs on the GPU here (cuDNN float64 has no TF32 shortcut).
+    x64, g64 = x.double(), g.double()
+    p = bn_params(C, torch.float32)
+    p64 = bn_map(p, torch.Tensor.double)
+    for d in dilations:
+        weights, bns = neck_params(C, dtype)
+        poison()
+        out = neck_cuda(x, weights, bns, d)
+        want = reference.dab_neck(x64, [w.double() for w in weights],
+                                  [bn_map(b, torch.Tensor.double) for b in bns], d)
+        torch.testing.assert_close(out.double(), want, **TOL[dtype])
+        cw = weights[2]
+        poison()
+        gx, gw = torch.ops.dabnet.dwconv3_backward(g, x, cw, d, [True, True])
+        x64r, cw64 = x64.clone().requires_grad_(), cw.double().requires_grad_()
+        reference.dwconv3(x64r, cw64, d).backward(g64)
+        torch.testing.assert_close(gx.double(), x64r.grad, **TOL[dtype])
+        tol = dict(TOL[dtype])
+        tol["atol"] *= math.sqrt(M)
+        torch.testing.assert_close(gw.double(), cw64.grad, **tol)
+    poison()
+    out, mean, var = torch.ops.dabnet.bn_prelu(x, p.weight, p.bias, None, None, p.prelu_weight,
+                                               True, 1e-3)
+    want = reference.bn_prelu(x64, p64.weight, p64.bias, None, None, p64.prelu_weight, True,
+                              eps=1e-3)
+    torch.testing.assert_close(out.double(), want, **TOL[dtype])
+    torch.testing.assert_close(mean.double(), x64.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), x64.var((0, 2, 3), unbiased=False), rtol=1e-5,
+                               atol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_reductions_are_deterministic(layout):
+    shape = (8, 64, 64, 128)
+    x = make_input(shape, layout, torch.float32)
+    g = make_input(shape, layout, torch.float32)
+    w = dw_weight(64, "w", torch.float32)
+    p = bn_params(64, torch.float32)
+    runs = []
+    for _ in range(3):
+        gw = torch.ops.dabnet.dwconv3_backward(g, x, w, 8, [False, True])[1]
+        _, mean, var = torch.ops.dabnet.bn_prelu(x, p.weight, p.bias, None, None, p.prelu_weight,
+                                                 True, 1e-3)
+        grads = torch.ops.dabnet.bn_prelu_backward(g, x, p.weight, p.bias, p.prelu_weight, mean,
+                                                   var, True, 1e-3, [True, True, True, True])
+        runs.append([gw, mean, var, *grads])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ devices and streams
+@requires_cuda
+def test_side_stream():
+    x = make_input((2, 8, 30, 40), "channels_last")
+    w = dw_weight(8, "h")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        y = x * 2
+        out = torch.ops.dabnet.dwconv3(y, w, 3)
+    torch.cuda.current_stream().wait_stream(s)
+    close(out, reference.dwconv3(cpu64(x) * 2, cpu64(w), 3), torch.float64)
+
+
+@requires_cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_second_gpu():
+    dev = "cuda:1"
+    x = make_input((2, 5, 17, 21), "channels_last", device=dev)
+    w = dw_weight(5, "w", device=dev)
+    out = torch.ops.dabnet.dwconv3(x, w, 2)
+    assert out.device == torch.device(dev)
+    close(out, reference.dwconv3(cpu64(x), cpu64(w), 2), torch.float64)
+    weights, bns = neck_params(5, device=dev)
+    out = neck_cuda(x, weights, bns, 3)
+    assert out.device == torch.device(dev)
+    close(out, neck_reference(x, weights, bns, 3), torch.float64)
+    p = bn_params(5, device=dev)
+    out, mean, _ = torch.ops.dabnet.bn_prelu(x, p.weight, p.bias, None, None, p.prelu_weight, True,
+                                             1e-3)
+    assert out.device == mean.device == torch.device(dev)
+
+
+@requires_cuda
+def test_parameters_on_another_device_are_rejected():
+    x = make_input((1, 3, 5, 5), "nchw")
+    with pytest.raises(RuntimeError, match="weight is on cpu"):
+        torch.ops.dabnet.dwconv3(x, dw_weight(3, "h", device="cpu"), 1)
