@@ -22,6 +22,7 @@ alone.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 import operator
 from typing import List, NamedTuple, Optional
 
@@ -391,7 +392,7 @@ def _fuse_one(m):
         counts.pop("module", None)
         if not counts:
             return None
-        new = FusedSequential(m._modules)
+        new = FusedSequential(OrderedDict(m._modules))
         new.training = m.training
         return new, "Sequential(" + ", ".join(f"{k} x{n}" for k, n in counts.items()) + ")"
     if _is_dab_module(m):
