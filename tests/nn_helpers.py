@@ -59,12 +59,13 @@ def assert_same_steps(a: nn.Module, b: nn.Module, x: torch.Tensor, steps: int = 
 
 
 def assert_as_accurate(truth: nn.Module, ref: nn.Module, test: nn.Module, x: torch.Tensor,
-                       steps: int = 3, training: bool = True, lr: float = 0.005,
-                       factor: float = 4.0, rel: float = 1e-4):
+                       steps: int = 1, training: bool = True, lr: float = 0.005,
+                       factor: float = 4.0, rel: float = 1e-5):
     """Low-precision check: `test` and `ref` (e.g. fused and unfused float32 copies) run in lock
-    step with a float64 `truth`; at every step each output, input gradient, parameter gradient
-    and buffer of `test` must be within factor * (ref's error) + rel * max|truth| of the truth.
-    (Comparing two float32 runs directly is meaningless once training has amplified rounding.)"""
+    step with a float64 `truth`; at every step the relative error (Frobenius norm) of each
+    output, input gradient, parameter gradient and buffer of `test` must be at most
+    factor * (ref's relative error) + rel. Comparing two float32 runs directly says little: BN
+    backward cancels heavily, and training steps amplify rounding (see tests/test_model.py)."""
     mods = (truth, ref, test)
     for m in mods:
         m.train(training)
@@ -73,10 +74,10 @@ def assert_as_accurate(truth: nn.Module, ref: nn.Module, test: nn.Module, x: tor
 
     def check(what, t, r, s):
         t, r, s = t.double(), r.double(), s.double()
-        bound = factor * (r - t).abs().max().item() + rel * max(t.abs().max().item(), 1.0)
-        err = (s - t).abs().max().item()
-        assert err <= bound, (f"step {step}, {what}: error {err:.3g} > bound {bound:.3g} "
-                              f"(max abs {t.abs().max().item():.3g})")
+        scale = max(t.norm().item(), 1e-30)
+        bound = factor * (r - t).norm().item() / scale + rel
+        err = (s - t).norm().item() / scale
+        assert err <= bound, f"step {step}, {what}: relative error {err:.3g} > bound {bound:.3g}"
 
     for step in range(steps):
         g = None

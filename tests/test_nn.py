@@ -172,8 +172,7 @@ def test_converted_model_matches_original(training):
 
 @pytest.mark.parametrize("training", [True, False])
 def test_converted_model_float32_as_accurate_as_original(training):
-    # Training: one step. This deep toy amplifies float32 rounding through SGD updates (after two
-    # steps PyTorch's own float32 run is 0.1% off float64), so later steps compare noise.
+    # Training: one step (later steps compare amplified rounding, see assert_as_accurate).
     truth = toy()
     model = copy.deepcopy(truth).float()
     assert_as_accurate(truth, model, convert(model), torch.randn(2, 3, 12, 10),
