@@ -169,6 +169,9 @@ class DABNet(nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"DABNet expects an (N, 3, H, W) image batch, got {shape}")
         H, W = x.shape[2:]
+        if H < 1 or W < 1 or not x.is_floating_point():
+            raise ValueError(f"DABNet expects a floating-point image of at least 1x1 pixels, got "
+                             f"shape {tuple(x.shape)} and dtype {x.dtype}")
         pad_h, pad_w = _pad_to_fit(H), _pad_to_fit(W)
         if pad_h or pad_w:
             return self._forward(F.pad(x, (0, pad_w, 0, pad_h)))[:, :, :H, :W]

@@ -173,6 +173,13 @@ def test_bad_input_is_a_clear_error(bad, what, fused):
         model(bad)
 
 
+@pytest.mark.parametrize("bad", [torch.randn(1, 3, 0, 8), torch.randn(1, 3, 8, 0),
+                                 torch.zeros(1, 3, 8, 8, dtype=torch.long)])
+def test_empty_or_integer_image_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="floating-point image of at least 1x1 pixels"):
+        DABNet(3).eval()(bad)
+
+
 def test_channels_last_input():
     ref, fused = pair()
     for m in (ref, fused):
