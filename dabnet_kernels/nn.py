@@ -93,9 +93,17 @@ def _bn_prelu(x, bn, acti):
                         bn.eps, nbt)
 
 
+def _conv_weight(w, x):
+    """The conv weight in x's dtype under autocast (as nn.Conv2d gets it); else unchanged, so that
+    a genuine dtype mismatch is still an error."""
+    if w.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
+        return w.to(x.dtype)
+    return w
+
+
 def _conv_bn_prelu(x, conv, bn, acti):
     rm, rv, nbt = _bn_state(bn)
-    return ops.dwconv3_bn_prelu(x, conv.weight, dw3_dilation(conv), bn.weight, bn.bias, rm, rv,
+    return ops.dwconv3_bn_prelu(x, _conv_weight(conv.weight, x), dw3_dilation(conv), bn.weight, bn.bias, rm, rv,
                                 acti.weight, bn.training, bn.momentum, bn.eps, nbt)
 
 
@@ -241,7 +249,7 @@ class FusedDABModule(nn.Module):
         bns = [u[1] for u in units]
         eps = bns[0].eps
         if all(not bn.training and bn.running_mean is not None and bn.eps == eps for bn in bns):
-            weights = [u[0].weight for u in units[:4]]
+            weights = [_conv_weight(u[0].weight, y) for u in units[:4]]
             params = [BNPReLUParams(bn.weight, bn.bias, bn.running_mean, bn.running_var,
                                     acti.weight) for _, bn, acti in units]
             return ops.dab_neck(y, weights, params, self.dilation, training=False, eps=eps)

@@ -201,3 +201,26 @@ def test_compile_fullgraph_fused_eval():
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_autocast_bfloat16(training):
+    """Under CPU autocast the fused model is as close to float32 as the unfused one (the
+    depthwise weights are cast to the activations' dtype, as nn.Conv2d's are)."""
+    ref = randomize_bn_prelu(DABNet(4))
+    fused = DABNet(4, fused=True)
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 64)
+    results = []
+    for model, autocast in ((copy.deepcopy(ref), False), (ref, True), (fused, True)):
+        model.train(training)
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(xx)
+        out.float().square().mean().backward()
+        results.append((out.float(), xx.grad))
+    for k in range(2):
+        truth = results[0][k]
+        err_ref = (results[1][k] - truth).norm() / truth.norm()
+        err_fused = (results[2][k] - truth).norm() / truth.norm()
+        assert err_fused <= 2 * err_ref + 1e-3, (k, err_fused.item(), err_ref.item())
