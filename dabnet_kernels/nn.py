@@ -103,8 +103,9 @@ def _conv_weight(w, x):
 
 def _conv_bn_prelu(x, conv, bn, acti):
     rm, rv, nbt = _bn_state(bn)
-    return ops.dwconv3_bn_prelu(x, _conv_weight(conv.weight, x), dw3_dilation(conv), bn.weight, bn.bias, rm, rv,
-                                acti.weight, bn.training, bn.momentum, bn.eps, nbt)
+    return ops.dwconv3_bn_prelu(x, _conv_weight(conv.weight, x), dw3_dilation(conv), bn.weight,
+                                bn.bias, rm, rv, acti.weight, bn.training, bn.momentum, bn.eps,
+                                nbt)
 
 
 # --------------------------------------------------------------------------------- modules
