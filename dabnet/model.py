@@ -12,6 +12,17 @@ match theirs, so their checkpoints load with strict=True.
     16     Bilinear interpolation   x8         classes  512x1024
 plus input injection (the image average-pooled to each scale, concatenated after each stage) and
 the inter-block concatenations (each block's first and last module outputs).
+
+Input: an (N, 3, H, W) image batch of any H, W >= 1. The widening downsampling concatenates a
+stride-2 conv (ceil) with a 2x2 max-pool (floor) of the 1/2-scale maps, so it needs ceil(H/2) and
+ceil(W/2) even (H, W = 0 or 3 mod 4, e.g. 512x1024). Other sizes are zero-padded at the bottom
+and right to the next such size, and the logits are cropped back to H x W; sizes that fit are
+not padded at all.
+
+fused=True runs the same network on dabnet_kernels' fused ops: every BNPReLU as one bn_prelu op,
+every depthwise Conv + BN-PReLU as one dwconv3_bn_prelu op, and each DAB module's neck as one
+dab_neck kernel in eval (dabnet_kernels.convert does the swap; parameters, buffers, state_dict
+keys, outputs, gradients and running statistics are those of fused=False).
 """
 from __future__ import annotations
 
@@ -113,6 +124,11 @@ class InputInjection(nn.Module):
         return x
 
 
+def _pad_to_fit(n: int) -> int:
+    """Rows (or columns) to add so that ceil(n / 2) is even: 0 if n = 0 or 3 mod 4."""
+    return {0: 0, 1: 2, 2: 1, 3: 0}[n % 4]
+
+
 class DABNet(nn.Module):
     BLOCK_2_DILATIONS = (4, 4, 8, 8, 16, 16)
 
@@ -142,8 +158,26 @@ class DABNet(nn.Module):
         self.bn_prelu_3 = BNPReLU(256 + 3)
         # Layer 15: 1x1 classifier (layer 16, the x8 bilinear upsampling, is in forward).
         self.classifier = nn.Sequential(Conv(256 + 3, classes, 1, 1, padding=0))
+        self.fused = fused
+        if fused:
+            from dabnet_kernels import convert  # needs the compiled kernels: only when asked
+
+            convert(self, inplace=True)
 
     def forward(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"DABNet expects an (N, 3, H, W) image batch, got {shape}")
+        H, W = x.shape[2:]
+        if H < 1 or W < 1 or not x.is_floating_point():
+            raise ValueError(f"DABNet expects a floating-point image of at least 1x1 pixels, got "
+                             f"shape {tuple(x.shape)} and dtype {x.dtype}")
+        pad_h, pad_w = _pad_to_fit(H), _pad_to_fit(W)
+        if pad_h or pad_w:
+            return self._forward(F.pad(x, (0, pad_w, 0, pad_h)))[:, :, :H, :W]
+        return self._forward(x)
+
+    def _forward(self, x):
         stem = self.init_conv(x)
         cat0 = self.bn_prelu_1(torch.cat([stem, self.down_1(x)], 1))
         b1_in = self.downsample_1(cat0)

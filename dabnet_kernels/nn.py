@@ -1,0 +1,474 @@
+"""Drop-in fused modules, and ``convert(model)`` that swaps them into any nn.Module.
+
+A fused module holds the very children of the module it replaces (nn.Conv2d, nn.BatchNorm2d,
+nn.PReLU) under the same attribute names, so parameters, buffers and state_dict keys do not
+change: checkpoints load with ``strict=True`` into either form. Only ``forward`` differs: it calls
+:mod:`dabnet_kernels.ops` with the children's tensors and with BatchNorm's own settings (eps,
+momentum including None, track_running_stats, num_batches_tracked, each BN's training flag).
+
+    FusedBNPReLU       .bn, .acti                         ops.bn_prelu
+    FusedConvBNPReLU   .conv (depthwise 3x1 / 1x3),       ops.dwconv3_bn_prelu
+                       .bn_prelu.bn, .bn_prelu.acti
+    FusedDABModule     the DAB module's eight children    ops.dab_neck for the neck (one kernel
+                                                          in eval; composed units in training)
+    FusedSequential    nn.Sequential(..., conv, bn, prelu, ..., bn, prelu, ...) with each
+                       (depthwise conv, BN, PReLU) run and (BN, PReLU) pair run as one op
+
+``convert`` recognises a module by its children *and* by what its forward computes: it traces the
+forward with torch.fx (children as leaves) and swaps only when the trace is exactly the expected
+expression (e.g. ``acti(bn(x))``), so a module that merely shares the attribute names is left
+alone.
+"""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+import operator
+from typing import List, NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+
+from . import ops
+from .reference import BNPReLUParams
+
+__all__ = ["FusedBNPReLU", "FusedConvBNPReLU", "FusedDABModule", "FusedSequential", "Swap",
+           "convert", "fusion_plan"]
+
+
+# ------------------------------------------------------------------------- structure checks
+def dw3_dilation(conv) -> Optional[int]:
+    """The dilation along its 3 taps if `conv` is a plain depthwise 3x1 / 1x3 nn.Conv2d that
+    dabnet_kernels.ops.dwconv3 computes (groups = channels, no bias, stride 1, "same" zero
+    padding); None for any other module."""
+    if type(conv) is not nn.Conv2d:
+        return None
+    C = conv.in_channels
+    if conv.out_channels != C or conv.groups != C or conv.bias is not None:
+        return None
+    if tuple(conv.stride) != (1, 1) or conv.padding_mode != "zeros":
+        return None
+    kernel = tuple(conv.kernel_size)
+    if kernel not in ((3, 1), (1, 3)):
+        return None
+    axis = 0 if kernel == (3, 1) else 1
+    d = conv.dilation[axis]
+    if conv.padding != "same" and tuple(conv.padding) != ((d, 0) if axis == 0 else (0, d)):
+        return None
+    return d
+
+
+def _is_bn(m, channels=None) -> bool:
+    return type(m) is nn.BatchNorm2d and (channels is None or m.num_features == channels)
+
+
+def _is_prelu(m, channels) -> bool:
+    return type(m) is nn.PReLU and m.num_parameters in (1, channels)
+
+
+def _bn_pair_ok(bn, acti, channels=None) -> bool:
+    return _is_bn(bn, channels) and _is_prelu(acti, bn.num_features)
+
+
+def _cbp_ok(conv, bn, acti) -> bool:
+    return dw3_dilation(conv) is not None and _bn_pair_ok(bn, acti, conv.out_channels)
+
+
+# --------------------------------------------------------------------- forward via the ops
+def _bn_state(bn):
+    """nn.BatchNorm2d.forward's choices: (running_mean, running_var, num_batches_tracked).
+
+    Running statistics are used in eval, and updated in training only when tracked; the batch
+    counter advances only in training with tracked statistics."""
+    use_running = not bn.training or bn.track_running_stats
+    rm = bn.running_mean if use_running else None
+    rv = bn.running_var if use_running else None
+    nbt = bn.num_batches_tracked if bn.training and bn.track_running_stats else None
+    return rm, rv, nbt
+
+
+def _bn_prelu(x, bn, acti):
+    rm, rv, nbt = _bn_state(bn)
+    return ops.bn_prelu(x, bn.weight, bn.bias, rm, rv, acti.weight, bn.training, bn.momentum,
+                        bn.eps, nbt)
+
+
+def _conv_weight(w, x):
+    """The conv weight in x's dtype under autocast (as nn.Conv2d gets it); else unchanged, so that
+    a genuine dtype mismatch is still an error."""
+    if w.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
+        return w.to(x.dtype)
+    return w
+
+
+def _conv_bn_prelu(x, conv, bn, acti):
+    rm, rv, nbt = _bn_state(bn)
+    return ops.dwconv3_bn_prelu(x, _conv_weight(conv.weight, x), dw3_dilation(conv), bn.weight,
+                                bn.bias, rm, rv, acti.weight, bn.training, bn.momentum, bn.eps,
+                                nbt)
+
+
+# --------------------------------------------------------------------------------- modules
+class FusedBNPReLU(nn.Module):
+    """BatchNorm2d then PReLU in one op; children ``bn`` and ``acti`` as in the authors'
+    BNPReLU. Build it like theirs (``FusedBNPReLU(channels)``, eps 1e-3) or around existing
+    modules (``FusedBNPReLU.from_modules(bn, acti)``, which shares them)."""
+
+    def __init__(self, channels: int, eps: float = 1e-3, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 num_slopes: Optional[int] = None):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels, eps, momentum, affine, track_running_stats)
+        self.acti = nn.PReLU(channels if num_slopes is None else num_slopes)
+
+    @classmethod
+    def from_modules(cls, bn: nn.BatchNorm2d, acti: nn.PReLU) -> "FusedBNPReLU":
+        if not _bn_pair_ok(bn, acti):
+            raise ValueError(f"FusedBNPReLU needs an nn.BatchNorm2d and an nn.PReLU with 1 or "
+                             f"num_features slopes, got {type(bn).__name__} and "
+                             f"{type(acti).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.bn, self.acti = bn, acti
+        self.training = bn.training
+        return self
+
+    def forward(self, x):
+        return _bn_prelu(x, self.bn, self.acti)
+
+
+class FusedConvBNPReLU(nn.Module):
+    """Depthwise 3x1 or 1x3 conv, BatchNorm2d, PReLU in one op (``ops.dwconv3_bn_prelu``).
+
+    Children as in the authors' ``Conv(..., groups=C, bn_acti=True)``: ``conv`` (nn.Conv2d,
+    groups=C, no bias, stride 1, padding = dilation) and ``bn_prelu`` (a FusedBNPReLU with
+    ``bn`` and ``acti``)."""
+
+    bn_acti = True  # the authors' Conv flag, for code that reads it
+
+    def __init__(self, channels: int, kernel=(3, 1), dilation: int = 1, eps: float = 1e-3,
+                 momentum: Optional[float] = 0.1):
+        super().__init__()
+        kernel = tuple(kernel)
+        if kernel not in ((3, 1), (1, 3)):
+            raise ValueError(f"kernel must be (3, 1) or (1, 3), got {kernel}")
+        along_h = kernel == (3, 1)
+        self.conv = nn.Conv2d(channels, channels, kernel, 1,
+                              (dilation, 0) if along_h else (0, dilation),
+                              (dilation, 1) if along_h else (1, dilation), channels, bias=False)
+        self.bn_prelu = FusedBNPReLU(channels, eps, momentum)
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d,
+                     acti: nn.PReLU) -> "FusedConvBNPReLU":
+        if not _cbp_ok(conv, bn, acti):
+            raise ValueError(f"FusedConvBNPReLU needs a depthwise 3x1/1x3 nn.Conv2d (groups = "
+                             f"channels, no bias, stride 1, padding = dilation) followed by a "
+                             f"matching BatchNorm2d and PReLU; got {conv!r}, {bn!r}, {acti!r}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.conv = conv
+        self.bn_prelu = FusedBNPReLU.from_modules(bn, acti)
+        self.training = conv.training
+        return self
+
+    def forward(self, x):
+        return _conv_bn_prelu(x, self.conv, self.bn_prelu.bn, self.bn_prelu.acti)
+
+
+class FusedSequential(nn.Sequential):
+    """nn.Sequential whose (depthwise 3-tap conv, BatchNorm2d, PReLU) runs and (BatchNorm2d,
+    PReLU) pairs each run as one fused op. Same children, same indices, same state_dict."""
+
+    def groups(self):
+        """[(kind, [child indices])]: how forward runs the children."""
+        mods = list(self._modules.values())
+        out, i = [], 0
+        while i < len(mods):
+            if i + 2 < len(mods) and _cbp_ok(*mods[i:i + 3]):
+                out.append(("dwconv3_bn_prelu", [i, i + 1, i + 2]))
+                i += 3
+            elif i + 1 < len(mods) and _bn_pair_ok(*mods[i:i + 2]):
+                out.append(("bn_prelu", [i, i + 1]))
+                i += 2
+            else:
+                out.append(("module", [i]))
+                i += 1
+        return out
+
+    def forward(self, x):
+        mods = list(self._modules.values())
+        for kind, idx in self.groups():
+            if kind == "dwconv3_bn_prelu":
+                x = _conv_bn_prelu(x, *(mods[i] for i in idx))
+            elif kind == "bn_prelu":
+                x = _bn_prelu(x, *(mods[i] for i in idx))
+            else:
+                x = mods[idx[0]](x)
+        return x
+
+
+DAB_CHILDREN = ("bn_relu_1", "conv3x3", "dconv3x1", "dconv1x3", "ddconv3x1", "ddconv1x3",
+                "bn_relu_2", "conv1x1")
+NECK_CONVS = ("dconv3x1", "dconv1x3", "ddconv3x1", "ddconv1x3")
+
+
+class FusedDABModule(nn.Module):
+    """The DAB module (Fig. 2c) with its neck (both depthwise branches, their sum and the last
+    BN-PReLU) computed by ``ops.dab_neck``: one fused kernel in eval (BatchNorms folded), the
+    fused conv+BN-PReLU units composed in training or whenever a gradient is needed.
+
+    Children, names and forward as in the authors' DABModule: ``conv1x1(neck(conv3x3(
+    bn_relu_1(x)))) + x``. Build it with ``from_module(dab_module)``; it shares the children.
+    """
+
+    def __init__(self, bn_relu_1, conv3x3, dconv3x1, dconv1x3, ddconv3x1, ddconv1x3, bn_relu_2,
+                 conv1x1, fuse_units: bool = True):
+        super().__init__()
+        units = dict(dconv3x1=dconv3x1, dconv1x3=dconv1x3, ddconv3x1=ddconv3x1,
+                     ddconv1x3=ddconv1x3, bn_relu_2=bn_relu_2)
+        problem = _neck_problem(units)
+        if problem:
+            raise ValueError(f"not a DAB neck: {problem}")
+        self.bn_relu_1, self.conv3x3 = bn_relu_1, conv3x3
+        for name, m in units.items():
+            setattr(self, name, m)
+        self.conv1x1 = conv1x1
+        self.dilation = dw3_dilation(_leaves(ddconv3x1)[0])
+        if fuse_units:  # the children too (convert does this itself, to report each swap)
+            for name, child in list(self.named_children()):
+                setattr(self, name, _convert(child, name, []))
+
+    @classmethod
+    def from_module(cls, m: nn.Module, fuse_units: bool = True) -> "FusedDABModule":
+        new = cls(*(getattr(m, n) for n in DAB_CHILDREN), fuse_units=fuse_units)
+        new.training = m.training
+        return new
+
+    def neck(self, y):
+        units = [_leaves(getattr(self, n)) for n in NECK_CONVS] + [_leaves(self.bn_relu_2)]
+        bns = [u[1] for u in units]
+        eps = bns[0].eps
+        if all(not bn.training and bn.running_mean is not None and bn.eps == eps for bn in bns):
+            weights = [_conv_weight(u[0].weight, y) for u in units[:4]]
+            params = [BNPReLUParams(bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                    acti.weight) for _, bn, acti in units]
+            return ops.dab_neck(y, weights, params, self.dilation, training=False, eps=eps)
+        local = self.dconv1x3(self.dconv3x1(y))
+        context = self.ddconv1x3(self.ddconv3x1(y))
+        return self.bn_relu_2(local + context)
+
+    def forward(self, x):
+        y = self.conv3x3(self.bn_relu_1(x))
+        return self.conv1x1(self.neck(y)) + x
+
+
+_FUSED = (FusedBNPReLU, FusedConvBNPReLU, FusedDABModule, FusedSequential)
+
+
+# ----------------------------------------------------- recognising modules by their forward
+_X = "x"
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def traced_expression(m: nn.Module):
+    """What m.forward computes from its single input, as a nested tuple over m's direct
+    children: ``("acti", ("bn", "x"))`` for the authors' BNPReLU; additions are
+    ``("add", a, b)`` with operands sorted. None if the forward does anything else (another
+    function, a constant, a second input) or cannot be traced."""
+    children = {id(c) for c in m.children()}
+
+    class _Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, mod, qualname):
+            return id(mod) in children
+
+    try:
+        graph = _Tracer().trace(m)
+    except Exception:  # untraceable forward: not something convert may swap
+        return None
+    env = {}
+    try:
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                if env:
+                    return None
+                env[node] = _X
+            elif node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+                env[node] = (node.target, env[node.args[0]])
+            elif (node.op == "call_function" and node.target in _ADDS
+                  or node.op == "call_method" and node.target in ("add", "add_")) \
+                    and len(node.args) == 2 and not node.kwargs:
+                env[node] = ("add", *sorted((env[a] for a in node.args), key=repr))
+            elif node.op == "output":
+                return env[node.args[0]]
+            else:
+                return None
+    except (KeyError, TypeError):  # an argument that is not a traced tensor
+        return None
+    return None
+
+
+def _add(a, b):
+    return ("add", *sorted((a, b), key=repr))
+
+
+_BN_EXPR = ("acti", ("bn", _X))
+_CONV_EXPR = ("bn_prelu", ("conv", _X))
+_Y = ("conv3x3", ("bn_relu_1", _X))
+_DAB_EXPR = _add(("conv1x1", ("bn_relu_2", _add(("dconv1x3", ("dconv3x1", _Y)),
+                                                 ("ddconv1x3", ("ddconv3x1", _Y))))), _X)
+
+
+def _child_names(m):
+    return {n for n, _ in m.named_children()}
+
+
+def _leaves(m):
+    """(conv or None, bn, acti) of a unit already checked by _parts (no tracing: used in
+    forward)."""
+    if isinstance(m, nn.Sequential):
+        mods = list(m)
+        return tuple(mods) if len(mods) == 3 else (None, *mods)
+    if hasattr(m, "conv"):
+        return m.conv, m.bn_prelu.bn, m.bn_prelu.acti
+    return None, m.bn, m.acti
+
+
+def _parts(m):
+    """(conv or None, bn, acti) of a conv-BN-PReLU or BN-PReLU unit (fused or not), or None."""
+    if isinstance(m, FusedConvBNPReLU):
+        return m.conv, m.bn_prelu.bn, m.bn_prelu.acti
+    if isinstance(m, FusedBNPReLU):
+        return None, m.bn, m.acti
+    if type(m) in (nn.Sequential, FusedSequential):
+        mods = list(m)
+        if len(mods) == 3 and _cbp_ok(*mods):
+            return tuple(mods)
+        if len(mods) == 2 and _bn_pair_ok(*mods):
+            return (None, *mods)
+        return None
+    names = _child_names(m)
+    if names == {"bn", "acti"} and _bn_pair_ok(m.bn, m.acti) \
+            and traced_expression(m) == _BN_EXPR:
+        return None, m.bn, m.acti
+    if names == {"conv", "bn_prelu"} and dw3_dilation(m.conv) is not None:
+        inner = _parts(m.bn_prelu)
+        if inner is not None and inner[0] is None and _cbp_ok(m.conv, *inner[1:]) \
+                and traced_expression(m) == _CONV_EXPR:
+            return (m.conv, *inner[1:])
+    return None
+
+
+def _neck_problem(units) -> Optional[str]:
+    """Why units (the four neck convs and bn_relu_2) are not a neck dab_neck computes, or None."""
+    shapes = dict(dconv3x1=(3, 1), dconv1x3=(1, 3), ddconv3x1=(3, 1), ddconv1x3=(1, 3))
+    parts = {name: _parts(m) for name, m in units.items()}
+    for name, shape in shapes.items():
+        p = parts[name]
+        if p is None or p[0] is None:
+            return f"{name} is not a depthwise conv + BatchNorm2d + PReLU unit"
+        if tuple(p[0].kernel_size) != shape:
+            return f"{name} has kernel {tuple(p[0].kernel_size)}, expected {shape}"
+    dil = {name: dw3_dilation(parts[name][0]) for name in shapes}
+    if dil["dconv3x1"] != 1 or dil["dconv1x3"] != 1:
+        return "the local branch (dconv3x1, dconv1x3) must have dilation 1"
+    if dil["ddconv3x1"] != dil["ddconv1x3"]:
+        return "ddconv3x1 and ddconv1x3 have different dilations"
+    if parts["bn_relu_2"] is None or parts["bn_relu_2"][0] is not None:
+        return "bn_relu_2 is not a BatchNorm2d + PReLU unit"
+    channels = {parts[n][0].in_channels for n in shapes} | {parts["bn_relu_2"][1].num_features}
+    if len(channels) != 1:
+        return f"the neck's units have different channel counts {sorted(channels)}"
+    return None
+
+
+def _is_dab_module(m) -> bool:
+    if _child_names(m) != set(DAB_CHILDREN):
+        return False
+    if _neck_problem({n: getattr(m, n) for n in DAB_CHILDREN}) is not None:
+        return False
+    return traced_expression(m) == _DAB_EXPR
+
+
+def _fuse_one(m):
+    """(fused replacement, kind) for m itself, or None; m's children are left to the caller."""
+    if isinstance(m, _FUSED):
+        return None
+    if type(m) is nn.Sequential:
+        counts = {}
+        for kind, _ in FusedSequential.groups(m):
+            counts[kind] = counts.get(kind, 0) + 1
+        counts.pop("module", None)
+        if not counts:
+            return None
+        new = FusedSequential(OrderedDict(m._modules))
+        new.training = m.training
+        return new, "Sequential(" + ", ".join(f"{k} x{n}" for k, n in counts.items()) + ")"
+    if _is_dab_module(m):
+        return FusedDABModule.from_module(m, fuse_units=False), "dab_neck"
+    p = _parts(m)
+    if p is None:
+        return None
+    if p[0] is None:
+        return FusedBNPReLU.from_modules(p[1], p[2]), "bn_prelu"
+    return FusedConvBNPReLU.from_modules(*p), "dwconv3_bn_prelu"
+
+
+# --------------------------------------------------------------------------------- convert
+class Swap(NamedTuple):
+    """One replacement made by convert: the module's qualified name ("" for the root), the op
+    it now runs, and the class it replaced."""
+
+    name: str
+    op: str
+    replaced: str
+
+
+def _convert(m, name, swaps: List[Swap]):
+    fused = _fuse_one(m)
+    if fused is not None:
+        swaps.append(Swap(name, fused[1], type(m).__name__))
+        m = fused[0]
+    for cname, child in list(m.named_children()):
+        new = _convert(child, f"{name}.{cname}" if name else cname, swaps)
+        if new is not child:
+            setattr(m, cname, new)
+    return m
+
+
+def fusion_plan(model: nn.Module) -> List[Swap]:
+    """The swaps convert(model) would make, without changing model."""
+    swaps: List[Swap] = []
+    _convert(copy.deepcopy(model), "", swaps)
+    return swaps
+
+
+def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.Module:
+    """Returns `model` with fused modules swapped in for
+
+    * every DAB module (children bn_relu_1, conv3x3, dconv3x1, dconv1x3, ddconv3x1, ddconv1x3,
+      bn_relu_2, conv1x1 and the authors' forward): FusedDABModule, neck by ``ops.dab_neck``;
+    * every depthwise 3x1/1x3 conv + BatchNorm2d + PReLU unit written like the authors' Conv
+      (``conv``, ``bn_prelu.bn``, ``bn_prelu.acti``): FusedConvBNPReLU;
+    * every BatchNorm2d + PReLU written like the authors' BNPReLU (``bn``, ``acti``):
+      FusedBNPReLU;
+    * every plain nn.Sequential holding (depthwise conv, BN, PReLU) runs or (BN, PReLU) pairs:
+      FusedSequential.
+
+    Parameters, buffers and state_dict keys are unchanged (the fused modules hold the same
+    children). With inplace=False (default) the model is deep-copied first; with inplace=True the
+    original modules are rewired and share their parameters with the result. Always use the
+    returned module (the root itself may be replaced). Forward hooks registered on a replaced
+    module are not carried over. verbose=True prints each swap; fusion_plan(model) lists them.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    swaps: List[Swap] = []
+    model = _convert(model, "", swaps)
+    if verbose:
+        print(f"dabnet_kernels.convert: {len(swaps)} module(s) swapped")
+        for s in swaps:
+            print(f"  {s.name or '<root>'}: {s.replaced} -> {s.op}")
+    return model

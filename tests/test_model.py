@@ -1,0 +1,226 @@
+"""dabnet.model.DABNet: size and state_dict names of the authors' release, fused=True against
+fused=False (outputs, gradients, running statistics), any input size, bad input, torch.compile."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dabnet.model import DABNet
+from dabnet_kernels import ops as kernel_ops
+from dabnet_kernels.nn import FusedBNPReLU, FusedConvBNPReLU, FusedDABModule
+from nn_helpers import assert_as_accurate, assert_same_steps, randomize_bn_prelu
+
+F64 = dict(rtol=1e-7, atol=1e-7)  # float64 rounding, amplified by 60 layers and SGD steps
+
+
+def pair(dtype=torch.float64, classes=19):
+    """An unfused DABNet with random BN/PReLU state and a fused one loaded from it."""
+    ref = randomize_bn_prelu(DABNet(classes)).to(dtype)
+    fused = DABNet(classes, fused=True).to(dtype)
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    return ref, fused
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_parameter_count_and_authors_state_dict_names(fused):
+    model = DABNet(19, fused=fused)
+    assert sum(p.numel() for p in model.parameters()) == 756_643
+    keys = set(model.state_dict())
+    unit = ("conv.weight", "bn_prelu.bn.weight", "bn_prelu.bn.bias", "bn_prelu.bn.running_mean",
+            "bn_prelu.bn.running_var", "bn_prelu.bn.num_batches_tracked", "bn_prelu.acti.weight")
+    bn_prelu = ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
+                "bn.num_batches_tracked", "acti.weight")
+    expected = [f"init_conv.{i}.{k}" for i in range(3) for k in unit]
+    expected += [f"bn_prelu_{i}.{k}" for i in (1, 2, 3) for k in bn_prelu]
+    expected += [f"downsample_{i}.conv3x3.conv.weight" for i in (1, 2)]
+    expected += [f"downsample_{i}.bn_prelu.{k}" for i in (1, 2) for k in bn_prelu]
+    for block, module in [(1, 0), (1, 2), (2, 0), (2, 5)]:
+        prefix = f"DAB_Block_{block}.DAB_Module_{block}_{module}"
+        expected += [f"{prefix}.{name}.{k}" for name in ("conv3x3", "dconv3x1", "dconv1x3",
+                                                         "ddconv3x1", "ddconv1x3") for k in unit]
+        expected += [f"{prefix}.{name}.{k}" for name in ("bn_relu_1", "bn_relu_2")
+                     for k in bn_prelu]
+        expected.append(f"{prefix}.conv1x1.conv.weight")
+    expected.append("classifier.0.conv.weight")
+    assert sorted(set(expected) - keys) == []
+    assert "DAB_Block_1.DAB_Module_1_3.conv3x3.conv.weight" not in keys
+    assert "DAB_Block_2.DAB_Module_2_6.conv3x3.conv.weight" not in keys
+    assert model.state_dict()["classifier.0.conv.weight"].shape == (19, 259, 1, 1)
+
+
+def test_fused_model_holds_fused_modules_and_the_same_keys():
+    ref, fused = pair()
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    kinds = [type(m) for m in fused.modules()]
+    assert kinds.count(FusedDABModule) == 9
+    assert kinds.count(FusedConvBNPReLU) == 36
+    # 3 in init_conv, 3 between stages, 2 downsamplings, 3 per DAB module (the neck's own
+    # BN-PReLUs sit inside FusedConvBNPReLU, plus bn_relu_2)
+    assert kinds.count(FusedBNPReLU) == 3 + 3 + 2 + 9 * 3 + 36
+    dab = fused.DAB_Block_2.DAB_Module_2_4
+    assert dab.dilation == 16 and fused.DAB_Block_1.DAB_Module_1_1.dilation == 2
+    assert not any(isinstance(m, FusedDABModule) for m in ref.modules())
+
+
+def test_state_dict_loads_strictly_both_ways():
+    ref, fused = pair()
+    back = DABNet(19).double()
+    back.load_state_dict(fused.state_dict(), strict=True)
+    x = torch.randn(1, 3, 32, 64, dtype=torch.float64)
+    for m in (ref, fused, back):
+        m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), ref(x), rtol=0, atol=0)
+        torch.testing.assert_close(fused(x), ref(x), **F64)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_matches_unfused_float64(training):
+    ref, fused = pair()
+    x = torch.randn(2, 3, 32, 64, dtype=torch.float64)
+    assert_same_steps(ref, fused, x, steps=3, training=training, **F64)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_float32_as_accurate_as_unfused(training):
+    """Against float64, fused float32 is as accurate as PyTorch's float32. Training: one step;
+    at 32x64 with batch 2 training is chaotic (two SGD steps of 0.005 move PyTorch's own float32
+    run 50% away from float64), so later steps would compare noise. Eval: three steps."""
+    truth = randomize_bn_prelu(DABNet(19)).double()
+    ref = copy.deepcopy(truth).float()
+    fused = DABNet(19, fused=True)
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    assert_as_accurate(truth, ref, fused, torch.randn(2, 3, 32, 64), steps=1 if training else 3,
+                       training=training)
+
+
+def test_eval_no_grad_runs_the_fused_neck_and_matches(monkeypatch):
+    ref, fused = pair()
+    ref.eval()
+    fused.eval()
+    x = torch.randn(1, 3, 32, 64, dtype=torch.float64)
+    calls = []
+    real = torch.ops.dabnet.dab_neck
+
+    class Spy:  # the op namespace, recording the dilation of each dab_neck kernel launch
+        def __getattr__(self, name):
+            return getattr(torch.ops.dabnet, name)
+
+        def dab_neck(self, *args):
+            calls.append(args[-1])
+            return real(*args)
+
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(kernel_ops, "ops_for", lambda t: Spy())
+        out = fused(x)
+    assert calls == [2, 2, 2, 4, 4, 8, 8, 16, 16]
+    with torch.no_grad():
+        torch.testing.assert_close(out, ref(x), **F64)
+
+
+def _fitting(n):
+    """The smallest size >= n whose half (rounded up) is even, found by search."""
+    m = n
+    while -(-m // 2) % 2:
+        m += 1
+    return m
+
+
+@pytest.mark.parametrize("size", [(33, 47), (1, 1), (5, 6), (30, 62), (2, 9)])
+def test_any_input_size_is_padded_and_cropped_back(size):
+    ref, fused = pair(classes=5)
+    H, W = size
+    x = torch.randn(1, 3, H, W, dtype=torch.float64)
+    seen = []
+    ref.init_conv.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[2:])))
+    for m in (ref, fused):
+        m.eval()
+    with torch.no_grad():
+        out = ref(x)
+        assert out.shape == (1, 5, H, W)
+        assert seen == [(_fitting(H), _fitting(W))]
+        padded = F.pad(x, (0, _fitting(W) - W, 0, _fitting(H) - H))
+        torch.testing.assert_close(out, ref(padded)[:, :, :H, :W], rtol=0, atol=0)
+        torch.testing.assert_close(fused(x), out, **F64)
+
+
+def test_fitting_sizes_are_not_padded():
+    model = DABNet(3).double().eval()
+    seen = []
+    model.init_conv.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[2:])))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 63, dtype=torch.float64))
+    assert seen == [(32, 63)]
+
+
+def test_training_on_odd_sizes_keeps_gradients_equal():
+    ref, fused = pair(classes=4)
+    assert_same_steps(ref, fused, torch.randn(2, 3, 21, 26, dtype=torch.float64), steps=2,
+                      training=True, **F64)
+
+
+@pytest.mark.parametrize("bad, what", [
+    (torch.randn(3, 32, 32), r"\(3, 32, 32\)"),
+    (torch.randn(1, 4, 32, 32), r"\(1, 4, 32, 32\)"),
+    (torch.randn(1, 1, 3, 32, 32), r"\(1, 1, 3, 32, 32\)"),
+    ([[1.0]], "list"),
+])
+@pytest.mark.parametrize("fused", [False, True])
+def test_bad_input_is_a_clear_error(bad, what, fused):
+    model = DABNet(3, fused=fused).eval()
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\) image batch, got " + what):
+        model(bad)
+
+
+@pytest.mark.parametrize("bad", [torch.randn(1, 3, 0, 8), torch.randn(1, 3, 8, 0),
+                                 torch.zeros(1, 3, 8, 8, dtype=torch.long)])
+def test_empty_or_integer_image_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="floating-point image of at least 1x1 pixels"):
+        DABNet(3).eval()(bad)
+
+
+def test_channels_last_input():
+    ref, fused = pair()
+    for m in (ref, fused):
+        m.eval()
+    x = torch.randn(1, 3, 32, 64, dtype=torch.float64)
+    with torch.no_grad():
+        out = fused(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(out, ref(x), **F64)
+
+
+def test_compile_fullgraph_fused_eval():
+    torch._dynamo.reset()
+    ref, fused = pair(torch.float32, classes=4)
+    ref.eval()
+    fused.eval()
+    x = torch.randn(1, 3, 32, 64)
+    # aot_eager: Dynamo must capture the whole model (fullgraph) and AOTAutograd must run it on
+    # the fake kernels; inductor also passes but spends minutes compiling C++ on a CPU runner.
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_autocast_bfloat16(training):
+    """Under CPU autocast the fused model is as close to float32 as the unfused one (the
+    depthwise weights are cast to the activations' dtype, as nn.Conv2d's are)."""
+    ref = randomize_bn_prelu(DABNet(4))
+    fused = DABNet(4, fused=True)
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 64)
+    results = []
+    for model, autocast in ((copy.deepcopy(ref), False), (ref, True), (fused, True)):
+        model.train(training)
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(xx)
+        out.float().square().mean().backward()
+        results.append((out.float(), xx.grad))
+    for k in range(2):
+        truth = results[0][k]
+        err_ref = (results[1][k] - truth).norm() / truth.norm()
+        err_fused = (results[2][k] - truth).norm() / truth.norm()
+        assert err_fused <= 2 * err_ref + 1e-3, (k, err_fused.item(), err_ref.item())
