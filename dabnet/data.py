@@ -144,7 +144,7 @@ class TrainTransform:
 
 def to_tensor(img: np.ndarray, mean) -> torch.Tensor:
     """HWC uint8 RGB -> CHW float32 with the mean subtracted."""
-    x = torch.from_numpy(np.ascontiguousarray(img)).to(torch.float32)
+    x = torch.from_numpy(np.array(img, np.float32))  # a copy: PIL's arrays are read-only
     x -= torch.tensor(mean, dtype=torch.float32)
     return x.permute(2, 0, 1).contiguous()
 

@@ -52,7 +52,7 @@ class SegCrossEntropy(nn.Module):
                 kth = prob.flatten().kthvalue(self.min_kept).values.item()
                 thresh = max(thresh, kth)
             keep = valid & (prob <= thresh) if self.min_kept < n_valid else valid
-        pixel_loss = F.cross_entropy(logits, safe_target, weight=self.weight, reduction="none")
+        pixel_loss = F.cross_entropy(logits, safe_target, reduction="none")  # weighted below
         w = keep.float()
         if self.weight is not None:
             w = w * self.weight[safe_target]

@@ -59,7 +59,7 @@ class ConfusionMatrix:
 
     def pixel_accuracy(self) -> float:
         total = self.mat.sum()
-        return float(self.mat.diag().sum() / total) if total else math.nan
+        return float(self.mat.diag().sum().double() / total) if total else math.nan
 
     def report(self, class_names=None) -> str:
         names = class_names or [str(i) for i in range(self.num_classes)]
