@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.add_argument("--unfused", action="store_true", help="train the unfused model instead")
     p.add_argument("--fps-iters", type=int, default=20, help="frames timed per model")
+    p.add_argument("--workers", type=int, default=1,
+                   help="DataLoader worker processes drawing the scenes (default 1)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -87,7 +89,7 @@ def main(argv=None):
               "budget")
     cfg = TrainConfig(dataset="synthetic", out_dir=str(out), crop=a.size, batch_size=a.batch_size,
                       max_steps=steps, lr=a.lr, warmup_steps=max(1, steps // 20),
-                      fused=fused, device=str(device), workers=1, seed=a.seed, val_every=0,
+                      fused=fused, device=str(device), workers=a.workers, seed=a.seed, val_every=0,
                       synthetic_length=max(steps * a.batch_size, 64),
                       synthetic_size=a.size, log_every=5)
     r = train(cfg)
