@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", help="checkpoint to resume, or 'auto' (<out>/last.pt if any)")
     t.add_argument("--val-every", type=int, default=1, help="validate every N epochs (0: never)")
     t.add_argument("--val-split", default="val")
+    t.add_argument("--eval-scale", type=float, default=1.0,
+                   help="validation input scale (e.g. 0.5: Cityscapes at 512x1024)")
+    t.add_argument("--mean", type=floats_arg, help="R,G,B mean to subtract (0..255; default: "
+                   "the dataset's)")
     t.add_argument("--synthetic-length", type=int, help="synthetic training images (default 1000)")
     t.add_argument("--synthetic-size", type=size_arg, default=(128, 256))
     _common(t, checkpoint_required=None)
@@ -160,6 +164,7 @@ def cmd_train(a):
         class_weights=list(a.class_weights) if a.class_weights else None, amp=a.amp,
         fused=a.fused, sync_bn=not a.no_sync_bn, device=a.device, workers=a.workers,
         seed=a.seed, resume=a.resume, val_every=a.val_every, val_split=a.val_split,
+        eval_scale=a.eval_scale, mean=a.mean,
         synthetic_length=a.synthetic_length, synthetic_size=a.synthetic_size,
         progress=not a.no_progress)
     r = train(cfg)

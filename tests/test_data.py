@@ -104,6 +104,8 @@ def test_bad_paths_and_corrupt_files(tmp_path):
         build_dataset("cityscapes", str(tmp_path / "nope"), "train")
     with pytest.raises(ValueError, match="data-root"):
         build_dataset("camvid", None)
+    with pytest.raises(ValueError, match="3 values"):
+        build_dataset("synthetic", mean=(1.0, 2.0))
     with pytest.raises(ValueError, match="unknown dataset"):
         build_dataset("kitti", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="leftImg8bit"):

@@ -12,8 +12,8 @@ from dabnet.train import TrainConfig, train
 def _cfg(out, batch, fused=False):
     # Scale 1 and a full-size crop: no padding, so every rank has the same pixel count.
     return TrainConfig(out_dir=str(out), crop=(32, 64), scales=(1.0,), batch_size=batch,
-                       synthetic_length=4, synthetic_size=(32, 64), workers=0, progress=False,
-                       val_every=0, max_steps=1, seed=3, fused=fused)
+                       synthetic_length=20, synthetic_size=(32, 64), workers=0, progress=False,
+                       val_every=1, max_steps=1, seed=3, fused=fused)  # val: 2 images
 
 
 def _worker(rank, port, out):
@@ -23,7 +23,8 @@ def _worker(rank, port, out):
     r = train(_cfg(out, 1, fused=True))
     from dabnet.distributed import GlobalBatchNorm2d, cleanup
     n_sync = sum(isinstance(m, GlobalBatchNorm2d) for m in r["model"].modules())
-    torch.save({"state": r["model"].state_dict(), "fused": r["fused"], "n_sync": n_sync},
+    torch.save({"state": r["model"].state_dict(), "fused": r["fused"], "n_sync": n_sync,
+                "miou": r["best_miou"]},
                os.path.join(out, f"rank{rank}.pt"))
     cleanup()
 
@@ -36,7 +37,10 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in range(2))
     assert r0["fused"] is False  # fused + synchronised BN falls back to the unfused modules
     assert r0["n_sync"] > 0
-    single = train(_cfg(tmp_path / "single", 2))["model"].state_dict()
+    ref = train(_cfg(tmp_path / "single", 2))
+    single = ref["model"].state_dict()
+    # Validation is sharded over the ranks and its confusion matrices summed.
+    assert r0["miou"] == r1["miou"] and abs(r0["miou"] - ref["best_miou"]) < 0.02
     saved = torch.load(tmp_path / "last.pt", weights_only=False)["model"]
     for k, v in single.items():
         assert torch.equal(r0["state"][k], r1["state"][k]), k
