@@ -131,6 +131,12 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def _worker_init(_):
+    # Ctrl-C reaches the whole process group; workers ignore it so that the main process can
+    # finish its step and write the checkpoint instead of finding its workers dead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Runs (or resumes) training; returns a summary dict (iteration, epoch, best_miou, last
     checkpoint path, stopped_early, ...)."""
@@ -233,7 +239,7 @@ def train(cfg: TrainConfig) -> dict:
             loader = torch.utils.data.DataLoader(
                 train_set, cfg.batch_size, sampler=sampler, drop_last=True,
                 num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                persistent_workers=False)
+                worker_init_fn=_worker_init if cfg.workers else None)
             model.train()
             left = min(steps_per_epoch - step_in_epoch, total - iteration)
             bar = None

@@ -93,3 +93,18 @@ def test_sigint_sets_the_stop_flag():
         os.kill(os.getpid(), signal.SIGINT)
         assert flag.stop
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigint_during_training_writes_a_checkpoint_and_stops(tmp_path, monkeypatch):
+    import dabnet.train as T
+
+    class InterruptingLoss(T.SegCrossEntropy):
+        def forward(self, logits, target):
+            os.kill(os.getpid(), signal.SIGINT)  # as if Ctrl-C were pressed during step 1
+            return super().forward(logits, target)
+
+    monkeypatch.setattr(T, "SegCrossEntropy", InterruptingLoss)
+    r = train(tiny_cfg(tmp_path, max_steps=4, synthetic_length=8))
+    assert r["stopped_early"] and r["iteration"] == 1
+    ck = load_checkpoint(tmp_path / "last.pt")
+    assert (ck["iteration"], ck["step_in_epoch"]) == (1, 1)
