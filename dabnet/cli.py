@@ -168,6 +168,8 @@ def cmd_train(a):
         synthetic_length=a.synthetic_length, synthetic_size=a.synthetic_size,
         progress=not a.no_progress)
     r = train(cfg)
+    if r["rank"] != 0:
+        return 0
     best = f"{100 * r['best_miou']:.2f}" if r["best_miou"] >= 0 else "n/a"
     print(f"iterations {r['iteration']}/{r['total_steps']}, best val mIoU {best}, "
           f"checkpoint {r['last']}")

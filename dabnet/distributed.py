@@ -2,9 +2,8 @@
 statistics synchronised across ranks.
 
 nn.SyncBatchNorm runs on CUDA only; GlobalBatchNorm2d does the same job on any device and any
-process-group backend (gloo on CPU included): it all-reduces per-channel sums through the
-differentiable torch.distributed.nn.functional.all_reduce, so autograd also sums the backward's
-reductions across ranks."""
+process-group backend (gloo on CPU included): it all-reduces per-channel sums with a
+differentiable all-reduce, so autograd also sums the backward's reductions across ranks."""
 from __future__ import annotations
 
 import os
@@ -72,6 +71,23 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; its gradient is the sum over ranks of the incoming gradients (every
+    rank's loss depends on every rank's input through the shared statistics)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the batch of every rank."""
 
@@ -79,12 +95,10 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if not (self.training and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         c = x.shape[1]
         xf = x.float()
         count = xf.new_tensor([x.numel() // c])
-        stats = all_reduce(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
+        stats = _AllReduceSum.apply(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
         n = stats[-1]
         mean = stats[:c] / n
         var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)  # biased, as BN normalises with

@@ -308,4 +308,4 @@ def train(cfg: TrainConfig) -> dict:
         torch.distributed.barrier()
     return {"iteration": iteration, "epoch": epoch, "total_steps": total, "best_miou": best,
             "stopped_early": stopped, "last": str(out / "last.pt"), "losses": history,
-            "seconds": elapsed, "model": model, "fused": fused}
+            "seconds": elapsed, "model": model, "fused": fused, "rank": env.rank}
