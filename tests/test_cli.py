@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ def test_help(cmd, capsys):
 
 def test_python_dash_m_dabnet_help():
     r = subprocess.run([sys.executable, "-m", "dabnet", "--help"], capture_output=True,
-                       text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+                       text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr
     for cmd in ("train", "eval", "predict", "export", "info"):
         assert cmd in r.stdout
