@@ -91,11 +91,15 @@ def main(argv=None):
                       max_steps=steps, lr=a.lr, warmup_steps=max(1, steps // 20),
                       fused=fused, device=str(device), workers=a.workers, seed=a.seed, val_every=0,
                       synthetic_length=max(steps * a.batch_size, 64),
-                      synthetic_size=a.size, log_every=5)
+                      synthetic_size=a.size, log_every=5,
+                      # A safety net if the trial step underestimated (data loading, load).
+                      time_limit_s=None if a.steps else 0.8 * 60 * a.minutes)
     r = train(cfg)
     model = r["model"].eval()
     losses = r["losses"]
     k = max(1, len(losses) // 10)
+    if r["stopped_early"]:
+        print(f"time budget reached: stopped after {r['iteration']} of {steps} steps")
     print(f"trained {r['iteration']} steps in {r['seconds']:.0f} s "
           f"({r['iteration'] / r['seconds']:.2f} steps/s); loss {np.mean(losses[:k]):.3f} "
           f"(first {k}) -> {np.mean(losses[-k:]):.3f} (last {k})")

@@ -68,6 +68,7 @@ class TrainConfig:
     progress: bool = True
     log_every: int = 10
     stop_after_steps: int | None = None  # stop (as if interrupted) after this many steps
+    time_limit_s: float | None = None  # stop (as if interrupted) once training took this long
     extra: dict = field(default_factory=dict)
 
 
@@ -272,7 +273,9 @@ def train(cfg: TrainConfig) -> dict:
                     if iteration % max(cfg.log_every, 1) == 0:
                         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
                 stop = flag.stop or (cfg.stop_after_steps is not None
-                                     and steps_this_run >= cfg.stop_after_steps)
+                                     and steps_this_run >= cfg.stop_after_steps) \
+                    or (cfg.time_limit_s is not None
+                        and time.perf_counter() - t_start > cfg.time_limit_s)
                 if env.enabled:  # every rank must stop at the same step
                     t = torch.tensor([float(stop)], device=device)
                     torch.distributed.all_reduce(t)

@@ -108,3 +108,9 @@ def test_sigint_during_training_writes_a_checkpoint_and_stops(tmp_path, monkeypa
     assert r["stopped_early"] and r["iteration"] == 1
     ck = load_checkpoint(tmp_path / "last.pt")
     assert (ck["iteration"], ck["step_in_epoch"]) == (1, 1)
+
+
+def test_time_limit_stops_like_an_interrupt(tmp_path):
+    r = train(tiny_cfg(tmp_path, max_steps=4, time_limit_s=0.0))
+    assert r["stopped_early"] and r["iteration"] == 1
+    assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 1
