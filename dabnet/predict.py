@@ -1,0 +1,79 @@
+"""Prediction: colourised masks, overlays, and Cityscapes labelId PNGs for the test server."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import load_model
+from .data import TRAINID_TO_LABELID, colorize, dataset_info, load_image, to_tensor
+from .evaluate import predict_logits
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm")
+
+
+def collect_images(inputs) -> list[Path]:
+    """Image files named directly, plus those found (recursively) in named folders."""
+    files = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS)
+            if not found:
+                raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) in folder {p}")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"input not found: {p}")
+    if not files:
+        raise FileNotFoundError("no input images given")
+    return files
+
+
+def overlay(img: np.ndarray, color: np.ndarray, alpha=0.5) -> np.ndarray:
+    return (img.astype(np.float32) * (1 - alpha) + color.astype(np.float32) * alpha).round() \
+        .astype(np.uint8)
+
+
+@torch.no_grad()
+def predict(checkpoint, inputs, out_dir, dataset=None, device="cpu", label_ids=False,
+            input_scale=1.0, fused=False, alpha=0.5, progress=True, model=None, meta=None):
+    """Segments every input image; writes <name>_color.png, <name>_overlay.png and, with
+    label_ids (Cityscapes only), <name>_labelIds.png. Returns the list of written files."""
+    if model is None:
+        model, meta = load_model(checkpoint, fused=fused, device=device)
+    meta = meta or {}
+    name = dataset or meta.get("dataset") or "cityscapes"
+    info = dataset_info(name)
+    if model.classes != info.num_classes:
+        raise ValueError(f"the model predicts {model.classes} classes but dataset {name!r} has "
+                         f"{info.num_classes}; pass the right --dataset")
+    if label_ids and name != "cityscapes":
+        raise ValueError("--label-ids maps Cityscapes trainIds back to labelIds; it needs "
+                         f"--dataset cityscapes, not {name!r}")
+    mean = meta.get("mean") or info.mean
+    files = collect_images(inputs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    it = files
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(files, desc="predict", unit="img")
+    for f in it:
+        img = load_image(f)
+        x = to_tensor(img, mean)[None].to(device)
+        pred = predict_logits(model, x, input_scale).argmax(1)[0].cpu().numpy().astype(np.uint8)
+        color = colorize(pred, info.palette)
+        targets = {"color": color, "overlay": overlay(img, color, alpha)}
+        if label_ids:
+            targets["labelIds"] = TRAINID_TO_LABELID[pred]
+        stem = f.stem.replace("_leftImg8bit", "")
+        for kind, arr in targets.items():
+            path = out / f"{stem}_{kind}.png"
+            Image.fromarray(arr).save(path)
+            written.append(path)
+    return written
