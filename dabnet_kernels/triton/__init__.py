@@ -22,16 +22,13 @@ else:
     import torch
 
     from .. import ops as _ops
-    from . import _common
-    from .bn_prelu import bn_prelu, bn_prelu_backward
-    from .dab_neck import dab_neck
-    from .dwconv3 import dwconv3, dwconv3_backward
-    from .dwconv3_bn_prelu import dwconv3_bn_prelu
+    from . import _common, bn_prelu, dab_neck, dwconv3, dwconv3_bn_prelu  # one module per op
 
     NAMESPACE = "dabnet_triton"
-    _IMPLS = {"dwconv3": dwconv3, "dwconv3_backward": dwconv3_backward, "bn_prelu": bn_prelu,
-              "bn_prelu_backward": bn_prelu_backward, "dwconv3_bn_prelu": dwconv3_bn_prelu,
-              "dab_neck": dab_neck}
+    _IMPLS = {"dwconv3": dwconv3.dwconv3, "dwconv3_backward": dwconv3.dwconv3_backward,
+              "bn_prelu": bn_prelu.bn_prelu, "bn_prelu_backward": bn_prelu.bn_prelu_backward,
+              "dwconv3_bn_prelu": dwconv3_bn_prelu.dwconv3_bn_prelu,
+              "dab_neck": dab_neck.dab_neck}
     _lib = torch.library.Library(NAMESPACE, "DEF")
     for _name in _ops.OP_NAMES:
         _lib.define(_ops.schema(_name))
