@@ -158,10 +158,10 @@ CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4),
            triton.Config({"BLOCK": 4096}, num_warps=8)]
 
 
-def autotuned(key):
-    """triton.autotune over CONFIGS keyed on `key` (+ tensor dtypes); the first config only
+def autotuned(key, configs=CONFIGS):
+    """triton.autotune over configs keyed on `key` (+ tensor dtypes); the first config only
     when AUTOTUNE is off (the autotuner then runs no benchmark)."""
-    return triton.autotune(configs=CONFIGS if AUTOTUNE else CONFIGS[:1], key=key)
+    return triton.autotune(configs=configs if AUTOTUNE else configs[:1], key=key)
 
 
 def tile_grid(N, C, H, W):
@@ -279,9 +279,9 @@ def reduce_split(x, cl):
     cp2 = triton.next_power_of_2(C)
     if cl:
         bc = min(cp2, 64)
-        bp = max(16, 2048 // bc)
+        bp = max(16, 1024 // bc)
     else:
-        bc, bp = 1, min(2048, max(16, triton.next_power_of_2(M)))
+        bc, bp = 1, min(1024, max(16, triton.next_power_of_2(M)))
     cblocks = triton.cdiv(C, bc)
     blocks = triton.cdiv(M, bp)
     splits = min(blocks, max(1, 1024 // cblocks))
