@@ -104,7 +104,7 @@ def test_triton_backend_errors(monkeypatch):
                 backend.resolve(torch.empty(1, 2, 3, 4, device="meta"))
         monkeypatch.setattr(backend, "_triton_interpreted", lambda: False)
         monkeypatch.setattr(backend, "triton_available", lambda: True)
-        with pytest.raises(RuntimeError, match="only under the Triton interpreter.*TRITON_INTERPRET=1"):
+        with pytest.raises(RuntimeError, match="only under the Triton interpreter.*INTERPRET=1"):
             backend.resolve(x)
         monkeypatch.setattr(backend, "triton_available", lambda: False)
         with pytest.raises(RuntimeError, match="backend 'triton' is not available"):
@@ -112,7 +112,8 @@ def test_triton_backend_errors(monkeypatch):
 
 
 @pytest.mark.parametrize("cuda_kernels,triton,expected",
-                         [(True, True, "cuda"), (False, True, "triton"), (False, False, "reference")])
+                         [(True, True, "cuda"), (False, True, "triton"),
+                          (False, False, "reference")])
 def test_auto_on_cuda_tensors_prefers_cuda_then_triton_then_reference(cuda_kernels, triton,
                                                                       expected, monkeypatch):
     monkeypatch.setattr(_lib, "has_cuda_kernels", lambda: cuda_kernels)

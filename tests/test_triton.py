@@ -157,7 +157,7 @@ def test_dwconv3_bn_prelu_forward_backward(dilation, layout, training, along):
     shape = (2, 4, 11, 13)
     x, xr = _pair(make_input(shape, layout, torch.float32, DEVICE))
     w, wr = _pair(dw_weight(4, along, torch.float32, DEVICE))
-    p, q = bn_params(4, torch.float32, DEVICE), None
+    p = bn_params(4, torch.float32, DEVICE)
     q = clone_params(p)
     g = torch.randn(shape, device=DEVICE)
     out = ops.dwconv3_bn_prelu(x, w, dilation, *p[:5], training)

@@ -9,6 +9,7 @@ compiler sees which of the two tile axes is contiguous in memory.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -24,7 +25,7 @@ AUTOTUNE = not INTERPRETED and os.environ.get("DABNET_TRITON_AUTOTUNE", "1") != 
 
 # ------------------------------------------------------------------------------ layouts, dtypes
 def canonical(x: torch.Tensor):
-    """(x as NCHW- or channels_last-contiguous, is_channels_last): copies only when it is neither."""
+    """(x as NCHW- or channels_last-contiguous, is_channels_last); copies only if it is neither."""
     cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     return (x if cl else x.contiguous()), cl
 
@@ -54,8 +55,6 @@ def vec(v: torch.Tensor, C: int, dtype: torch.dtype) -> torch.Tensor:
 
 def device_guard(x: torch.Tensor):
     """Launches go to x's GPU (Triton uses the current device)."""
-    import contextlib
-
     return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
@@ -293,7 +292,8 @@ def reduce_split(x, cl):
 def combine_kernel(part_ptr, out_ptr, S, C, STATS: tl.constexpr, BLOCK: tl.constexpr):
     """Sums the per-split partials part[S, 3, C] in split order, in float64 (deterministic).
     STATS: the partials are (mean, M2, count) of each split; Chan et al.'s combination gives
-    out[0:C] = mean and out[C:2C] = biased variance. Otherwise out[k*C + c] = sum_s part[s, k, c]."""
+    out[0:C] = mean and out[C:2C] = biased variance. Otherwise out[k*C + c] = sum_s part[s, k, c].
+    """
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cm = c < C
     if STATS:

@@ -1,4 +1,4 @@
-"""Compiles every dabnet Triton kernel for a GPU target with the real Triton compiler, no GPU needed.
+"""Compiles every dabnet Triton kernel for a GPU with the real Triton compiler, no GPU needed.
 
 The interpreter (TRITON_INTERPRET=1, how CI runs the kernels) executes Python and never type-checks
 a kernel the way the compiler does (loop-carried types, constexpr misuse, dtype mixes). This runs
