@@ -45,16 +45,31 @@ def use_backend(name: str):
         _state["name"] = prev
 
 
-def triton_available() -> bool:
+def _triton_module():
+    """dabnet_kernels.triton, or None when it cannot be imported (triton missing)."""
     try:
-        from . import triton as _t  # noqa: F401
-    except Exception:  # triton missing, or the package has no Triton kernels
-        return False
-    return _t.AVAILABLE
+        from . import triton as _t
+    except ImportError:
+        return None
+    return _t
+
+
+def triton_available() -> bool:
+    t = _triton_module()
+    return t is not None and t.AVAILABLE
+
+
+def _triton_why_not() -> str:
+    t = _triton_module()
+    err = None if t is None else t.ERROR
+    return f"triton cannot be imported ({err})" if err is not None else "triton is not installed"
 
 
 def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether the Triton kernels run on the interpreter: decided when they were first imported
+    (TRITON_INTERPRET=1 then), not by the environment now."""
+    t = _triton_module()
+    return bool(t is not None and getattr(t, "INTERPRETED", False))
 
 
 def resolve(x: torch.Tensor) -> str:
@@ -78,10 +93,11 @@ def resolve(x: torch.Tensor) -> str:
         raise RuntimeError(f"dabnet backend 'cpu' is not available: x is on {x.device}")
     if name == "triton":
         if not triton_available():
-            raise RuntimeError("dabnet backend 'triton' is not available: triton is not installed")
+            raise RuntimeError(f"dabnet backend 'triton' is not available: {_triton_why_not()}")
         if dev == "cpu" and not _triton_interpreted():
             raise RuntimeError("dabnet backend 'triton' runs CPU tensors only under the Triton "
-                               "interpreter (set TRITON_INTERPRET=1 before importing triton)")
+                               "interpreter (set TRITON_INTERPRET=1 before importing triton "
+                               "and dabnet_kernels)")
         if dev not in ("cpu", "cuda"):
             raise RuntimeError(f"dabnet backend 'triton' is not available for {x.device} tensors")
     return name

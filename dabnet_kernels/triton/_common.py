@@ -1,0 +1,330 @@
+"""Pieces shared by the Triton kernels: layouts, the 3-tap stencil, per-channel reductions with a
+deterministic combine, launch helpers and argument checks (mirrors of csrc/checks.h).
+
+Tensors are NCHW- or channels_last-contiguous (``canonical``, as csrc/cpu/loops.h). In both the
+pixel (h, w) of image n sits at pixel index q = h*W + w, so an element's offset is
+(n*C + c)*HW + q (NCHW) or (n*HW + q)*C + c (NHWC), and a shift along H or W is a shift of q by
+W or 1. A tile is [BC channels, BP pixels]; the layout flag CL is a compile-time constant, so the
+compiler sees which of the two tile axes is contiguous in memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton decides at decoration time whether kernels are interpreted (on CPU tensors).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# Autotuning benchmarks every config on the first call of each shape; the interpreter cannot
+# benchmark, and DABNET_TRITON_AUTOTUNE=0 skips it (first config only) for quick runs.
+AUTOTUNE = not INTERPRETED and os.environ.get("DABNET_TRITON_AUTOTUNE", "1") != "0"
+
+
+# ------------------------------------------------------------------------------ layouts, dtypes
+def canonical(x: torch.Tensor):
+    """(x as NCHW- or channels_last-contiguous, is_channels_last); copies only if it is neither."""
+    cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return (x if cl else x.contiguous()), cl
+
+
+def fmt(cl: bool):
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def empty_as(x: torch.Tensor, cl: bool) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt(cl))
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """Accumulation (and statistics) dtype: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def tl_acc(x: torch.Tensor):
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
+def vec(v: torch.Tensor, C: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-channel parameter (length C, or 1 = shared) as a length-C vector of dtype."""
+    v = v.detach().to(dtype)
+    return v.expand(C) if v.numel() == 1 else v
+
+
+def device_guard(x: torch.Tensor):
+    """Launches go to x's GPU (Triton uses the current device)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def check_device(x: torch.Tensor):
+    if x.device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError("dabnet_triton: CPU tensors run only under the Triton interpreter; set "
+                           "TRITON_INTERPRET=1 before importing dabnet_kernels")
+
+
+# ------------------------------------------------------------------------------------ checks
+def _fail(msg):
+    raise RuntimeError("dabnet: " + msg)
+
+
+def check_input(x, name="x"):
+    if not isinstance(x, torch.Tensor):
+        _fail(f"{name} is undefined")
+    if x.dim() != 4:
+        _fail(f"{name} must be 4-D (N, C, H, W), got {x.dim()}-D")
+    if not x.is_floating_point():
+        _fail(f"{name} must be a floating-point tensor, got {x.dtype}")
+    check_device(x)
+
+
+def check_like(t, x, name):
+    if t.device != x.device:
+        _fail(f"{name} is on {t.device} but the input is on {x.device}")
+    if t.dtype != x.dtype:
+        _fail(f"{name} has dtype {t.dtype} but the input has dtype {x.dtype}")
+
+
+def check_dw_weight(w, x, dilation, name="weight") -> int:
+    """0 for a (C,1,3,1) weight (taps along H), 1 for (C,1,1,3) (taps along W)."""
+    check_like(w, x, name)
+    C = x.shape[1]
+    if w.dim() != 4 or tuple(w.shape) not in ((C, 1, 3, 1), (C, 1, 1, 3)):
+        _fail(f"{name} must have shape (C,1,3,1) or (C,1,1,3) with C={C}, got {tuple(w.shape)}")
+    if dilation < 1:
+        _fail(f"dilation must be >= 1, got {dilation}")
+    return 0 if w.shape[2] == 3 else 1
+
+
+def check_vec(v, x, name, allow_single=False):
+    if not isinstance(v, torch.Tensor):
+        _fail(f"{name} is undefined")
+    if v.device != x.device:
+        _fail(f"{name} is on {v.device} but the input is on {x.device}")
+    if not v.is_floating_point():
+        _fail(f"{name} must be floating-point")
+    C = x.shape[1]
+    if v.dim() != 1 or not (v.shape[0] == C or (allow_single and v.shape[0] == 1)):
+        _fail(f"{name} must have shape ({C})" + (" or (1)" if allow_single else "")
+              + f", got {tuple(v.shape)}")
+
+
+def check_bn_prelu(x, weight, bias, prelu_weight):
+    check_vec(weight, x, "weight")
+    check_vec(bias, x, "bias")
+    check_vec(prelu_weight, x, "prelu_weight", allow_single=True)
+
+
+def check_stats(rm, rv, x, training):
+    if (rm is None) != (rv is None):
+        _fail("running_mean and running_var must be given together")
+    if not training and rm is None:
+        _fail("eval mode needs running_mean and running_var")
+    if rm is not None:
+        check_vec(rm, x, "running_mean")
+        check_vec(rv, x, "running_var")
+    if training and x.numel() > 0 and x.numel() // x.shape[1] <= 1:
+        _fail(f"training-mode BatchNorm needs more than 1 value per channel, got input "
+              f"{list(x.shape)}")
+
+
+def check_grad_out(g, x):
+    check_input(g, "grad_out")
+    check_like(g, x, "grad_out")
+    if g.shape != x.shape:
+        _fail(f"grad_out has shape {list(g.shape)} but the input has shape {list(x.shape)}")
+
+
+# ------------------------------------------------------------------------------ tile choice
+def _tile(a):
+    """(BC, BP) for a tile of BLOCK elements: pixels along the contiguous axis of NCHW, channels
+    along the contiguous axis of NHWC."""
+    C, HW, block = a["C"], a["H"] * a["W"], a["BLOCK"]
+    cp2 = triton.next_power_of_2(C)
+    if a["CL"]:
+        bc = min(cp2, 64, block)
+        return bc, block // bc
+    bp = min(block, max(16, triton.next_power_of_2(HW)))
+    return min(cp2, block // bp), bp
+
+
+TILE = {"BC": lambda a: _tile(a)[0], "BP": lambda a: _tile(a)[1]}
+
+# Small on purpose: every config is compiled and timed on the first call of a shape.
+CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4),
+           triton.Config({"BLOCK": 2048}, num_warps=8),
+           triton.Config({"BLOCK": 4096}, num_warps=8)]
+
+
+def autotuned(key, configs=CONFIGS):
+    """triton.autotune over configs keyed on `key` (+ tensor dtypes); the first config only
+    when AUTOTUNE is off (the autotuner then runs no benchmark)."""
+    return triton.autotune(configs=configs if AUTOTUNE else configs[:1], key=key)
+
+
+def tile_grid(N, C, H, W):
+    return lambda m: (triton.cdiv(H * W, m["BP"]), triton.cdiv(C, m["BC"]), N)
+
+
+# ------------------------------------------------------------------------------ jit helpers
+@triton.jit
+def offsets(n, c, q, C, HW, CL: tl.constexpr):
+    """Element offsets of image n, channels c ([BC, 1]) and pixels q ([1, BP] or [BC, BP])."""
+    n = n.to(tl.int64)  # N*C*H*W may pass 2**31
+    if CL:
+        return (n * HW + q) * C + c
+    else:
+        return (n * C + c) * HW + q
+
+
+@triton.jit
+def shifted(x_ptr, n, c, p, h, w, ok, s, C, H, W, AXIS: tl.constexpr, CL: tl.constexpr,
+            ACC: tl.constexpr):
+    """x at (h, w) shifted by s along AXIS (0: H, 1: W), zero outside the image, in ACC."""
+    if AXIS == 0:
+        hs = h + s
+        inside = (hs >= 0) & (hs < H)
+        q = p + s * W
+    else:
+        ws = w + s
+        inside = (ws >= 0) & (ws < W)
+        q = p + s
+    v = tl.load(x_ptr + offsets(n, c, q, C, H * W, CL), mask=ok & inside, other=0.0)
+    return v.to(ACC)
+
+
+@triton.jit
+def conv3(x_ptr, prm_ptr, n, c, p, h, w, ok, C, H, W, d, AXIS: tl.constexpr, TAPS: tl.constexpr,
+          ACT: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr):
+    """act(bias + sum_k w_k * x[(h, w) + (k - 1) * d along AXIS]) on a [BC, BP] tile, with zero
+    padding. prm holds 5 rows of C: w0, w1, w2, bias, PReLU slope. TAPS=1 reads the center tap
+    only (an affine map of x: BatchNorm); ACT applies the PReLU."""
+    cm = c < C
+    acc = tl.load(prm_ptr + 3 * C + c, mask=cm, other=0.0) + tl.zeros(p.shape, ACC)
+    for k in tl.static_range(3):
+        if TAPS == 3 or k == 1:
+            v = shifted(x_ptr, n, c, p, h, w, ok, (k - 1) * d, C, H, W, AXIS, CL, ACC)
+            acc += tl.load(prm_ptr + k * C + c, mask=cm, other=0.0) * v
+    if ACT:
+        slope = tl.load(prm_ptr + 4 * C + c, mask=cm, other=0.0)
+        acc = tl.where(acc > 0, acc, slope * acc)
+    return acc
+
+
+@triton.jit
+def tile_coords(C, H, W, BC: tl.constexpr, BP: tl.constexpr):
+    """(n, c, p, h, w, ok) of this program's tile in a (pixel block, channel block, image) grid."""
+    n = tl.program_id(2)
+    p = tl.program_id(0) * BP + tl.arange(0, BP)[None, :]
+    c = tl.program_id(1) * BC + tl.arange(0, BC)[:, None]
+    ok = (c < C) & (p < H * W)
+    return n, c, p, p // W, p % W, ok
+
+
+@autotuned(["C", "H", "W", "AXIS", "TAPS", "ACT", "CL"])
+@triton.heuristics(TILE)
+@triton.jit
+def tap3_kernel(x_ptr, prm_ptr, out_ptr, C, H, W, d, AXIS: tl.constexpr, TAPS: tl.constexpr,
+                ACT: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                BC: tl.constexpr, BP: tl.constexpr):
+    """out = conv3(x): the depthwise conv, its grad_input (taps reversed), BN-PReLU (TAPS=1) and
+    the eval-mode conv + BN-PReLU (BN folded into the taps) are all this one stencil."""
+    n, c, p, h, w, ok = tile_coords(C, H, W, BC, BP)
+    y = conv3(x_ptr, prm_ptr, n, c, p, h, w, ok, C, H, W, d, AXIS, TAPS, ACT, CL, ACC)
+    tl.store(out_ptr + offsets(n, c, p, C, H * W, CL), y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def tap3(x, cl, prm, dilation, axis, taps, act):
+    """Launches tap3_kernel on canonical x (prm: (5, C) in the accumulation dtype)."""
+    out = empty_as(x, cl)
+    if x.numel() == 0:
+        return out
+    N, C, H, W = x.shape
+    with device_guard(x):
+        tap3_kernel[tile_grid(N, C, H, W)](x, prm.contiguous(), out, C, H, W, dilation, AXIS=axis,
+                                           TAPS=taps, ACT=act, CL=cl, ACC=tl_acc(x))
+    return out
+
+
+def tap_params(weight, C, dtype, scale=None, shift=None, slope=None, flip=False):
+    """(5, C) [w0, w1, w2, bias, slope] from a depthwise weight; scale/shift fold a BatchNorm."""
+    taps = weight.detach().reshape(C, 3).t().to(torch.float64)
+    if flip:
+        taps = taps.flip(0)
+    if scale is not None:
+        taps = taps * scale
+    zero = torch.zeros(1, C, dtype=torch.float64, device=weight.device)
+    rows = [taps, zero if shift is None else shift.reshape(1, C),
+            zero if slope is None else slope.reshape(1, C).to(torch.float64)]
+    return torch.cat(rows).to(dtype).contiguous()
+
+
+# --------------------------------------------------------------------------- reductions
+@triton.jit
+def flat_coords(m0, end, C, H, W, c, BP: tl.constexpr):
+    """(n, p, h, w, ok) of positions m0 + [0, BP) of the flattened (N, H*W) index space."""
+    m = m0 + tl.arange(0, BP)[None, :]
+    HW = H * W
+    p = m % HW
+    return m // HW, p, p // W, p % W, (c < C) & (m < end)
+
+
+def reduce_split(x, cl):
+    """(BC, BP, chunk, splits) of a per-channel reduction over x: a fixed function of the shape
+    (no autotuning), so the order of summation, and with it the result, never changes."""
+    N, C, H, W = x.shape
+    M = N * H * W
+    cp2 = triton.next_power_of_2(C)
+    if cl:
+        bc = min(cp2, 64)
+        bp = max(16, 1024 // bc)
+    else:
+        bc, bp = 1, min(1024, max(16, triton.next_power_of_2(M)))
+    cblocks = triton.cdiv(C, bc)
+    blocks = triton.cdiv(M, bp)
+    splits = min(blocks, max(1, 1024 // cblocks))
+    chunk = triton.cdiv(blocks, splits) * bp
+    return bc, bp, chunk, triton.cdiv(M, chunk)
+
+
+@triton.jit
+def combine_kernel(part_ptr, out_ptr, S, C, STATS: tl.constexpr, BLOCK: tl.constexpr):
+    """Sums the per-split partials part[S, 3, C] in split order, in float64 (deterministic).
+    STATS: the partials are (mean, M2, count) of each split; Chan et al.'s combination gives
+    out[0:C] = mean and out[C:2C] = biased variance. Otherwise out[k*C + c] = sum_s part[s, k, c].
+    """
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cm = c < C
+    if STATS:
+        tot = tl.zeros([BLOCK], tl.float64)
+        cnt = tl.zeros([BLOCK], tl.float64)
+        for s in range(S):
+            ns = tl.load(part_ptr + (s * 3 + 2) * C + c, mask=cm, other=0.0).to(tl.float64)
+            ms = tl.load(part_ptr + s * 3 * C + c, mask=cm, other=0.0).to(tl.float64)
+            tot += ms * ns
+            cnt += ns
+        mean = tot / tl.where(cm, cnt, 1.0)
+        m2 = tl.zeros([BLOCK], tl.float64)
+        for s in range(S):
+            ns = tl.load(part_ptr + (s * 3 + 2) * C + c, mask=cm, other=0.0).to(tl.float64)
+            ms = tl.load(part_ptr + s * 3 * C + c, mask=cm, other=0.0).to(tl.float64)
+            m2s = tl.load(part_ptr + (s * 3 + 1) * C + c, mask=cm, other=0.0).to(tl.float64)
+            m2 += m2s + ns * (ms - mean) * (ms - mean)
+        tl.store(out_ptr + c, mean, mask=cm)
+        tl.store(out_ptr + C + c, m2 / tl.where(cm, cnt, 1.0), mask=cm)
+    else:
+        for k in tl.static_range(3):
+            acc = tl.zeros([BLOCK], tl.float64)
+            for s in range(S):
+                acc += tl.load(part_ptr + (s * 3 + k) * C + c, mask=cm, other=0.0).to(tl.float64)
+            tl.store(out_ptr + k * C + c, acc, mask=cm)
+
+
+def combine(part, stats):
+    """The ordered float64 combine of partials (S, 3, C): (2, C) mean/var or (3, C) sums."""
+    S, _, C = part.shape
+    out = torch.empty((2 if stats else 3, C), dtype=torch.float64, device=part.device)
+    block = min(256, triton.next_power_of_2(C))
+    combine_kernel[(triton.cdiv(C, block),)](part, out, S, C, STATS=stats, BLOCK=block)
+    return out

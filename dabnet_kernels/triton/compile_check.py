@@ -1,0 +1,130 @@
+"""Compiles every dabnet Triton kernel for a GPU with the real Triton compiler, no GPU needed.
+
+The interpreter (TRITON_INTERPRET=1, how CI runs the kernels) executes Python and never type-checks
+a kernel the way the compiler does (loop-carried types, constexpr misuse, dtype mixes). This runs
+triton.compile down to a cubin for each kernel in each layout and dtype, with the tile sizes the
+launchers would pick. Must run without TRITON_INTERPRET (it starts its own subprocess otherwise).
+
+    python -m dabnet_kernels.triton.compile_check [--arch 90] [--dtypes fp32,fp16,bf16,fp64]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+
+def _kernels(cm, bn, dw, dn, tl, dt, cl):
+    """(kernel, argument types, constexprs, num_warps) for one dtype and layout."""
+    import torch
+
+    P = "*" + dt
+    A = "*fp64" if dt == "fp64" else "*fp32"
+    acc = tl.float64 if dt == "fp64" else tl.float32
+    i = "i32"
+
+    def tile(configs):  # the largest tile of an autotuned kernel, and its warps
+        cfg = max(configs, key=lambda c: c.kwargs["BLOCK"])
+        blk = cfg.kwargs["BLOCK"]
+        bc, bp = cm._tile(dict(C=32, H=64, W=128, CL=cl, BLOCK=blk))
+        return dict(CL=cl, ACC=acc, BLOCK=blk, BC=bc, BP=bp), cfg.num_warps
+
+    t, tw = tile(cm.CONFIGS)
+    nt, nw = tile(dn.CONFIGS)
+    x = torch.empty(8, 32, 64, 128, device="meta")
+    rbc, rbp, _, _ = cm.reduce_split(x.contiguous(memory_format=torch.channels_last) if cl else x,
+                                     cl)
+    red = dict(CL=cl, ACC=acc, BC=rbc, BP=rbp)
+    dims = dict(C=i, H=i, W=i)
+    return [
+        (cm.tap3_kernel, dict(x_ptr=P, prm_ptr=A, out_ptr=P, d=i, **dims),
+         dict(AXIS=0, TAPS=3, ACT=True, **t), tw),
+        (cm.tap3_kernel, dict(x_ptr=P, prm_ptr=A, out_ptr=P, d=i, **dims),
+         dict(AXIS=1, TAPS=1, ACT=False, **t), tw),
+        (dn._dab_neck_kernel, dict(x_ptr=P, prm_ptr=A, fin_ptr=A, out_ptr=P, d=i, **dims), nt, nw),
+        (bn._grad_x_kernel, dict(x_ptr=P, g_ptr=P, prm_ptr=A, gx_ptr=P, **dims), t, tw),
+        (bn._stats_kernel, dict(x_ptr=P, prm_ptr=A, part_ptr=A, N=i, d=i, CHUNK=i, **dims),
+         dict(AXIS=1, TAPS=3, **red), 4),
+        (bn._bwd_sums_kernel, dict(x_ptr=P, g_ptr=P, prm_ptr=A, part_ptr=A, N=i, CHUNK=i, **dims),
+         red, 4),
+        (dw._grad_weight_kernel, dict(g_ptr=P, x_ptr=P, part_ptr=A, N=i, d=i, CHUNK=i, **dims),
+         dict(AXIS=0, **red), 4),
+        (cm.combine_kernel, dict(part_ptr=A, out_ptr="*fp64", S=i, C=i), dict(STATS=True, BLOCK=32),
+         4),
+        (cm.combine_kernel, dict(part_ptr=A, out_ptr="*fp64", S=i, C=i),
+         dict(STATS=False, BLOCK=32), 4),
+    ]
+
+
+def _usage(k) -> str:
+    """Registers and stack (spills) per thread from the cubin, via the cuobjdump Triton bundles."""
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if "cubin" not in k.asm or not os.path.exists(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True).stdout
+    fields = dict(w.split(":", 1) for line in out.splitlines() if "REG:" in line
+                  for w in line.split() if ":" in w)
+    return f"registers {fields.get('REG', '?')}, stack {fields.get('STACK', '?')} B"
+
+
+def check(arch: int, dtypes, layouts, verbose=True) -> int:
+    """Compiles every kernel; returns the number compiled. Raises on the first failure."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import _common as cm, bn_prelu as bn, dab_neck as dn, dwconv3 as dw
+
+    def jit_fn(k):
+        while not isinstance(k, triton.runtime.jit.JITFunction):
+            k = k.fn  # through the autotuner and heuristics wrappers
+        return k
+
+    target = GPUTarget("cuda", arch, 32)
+    n = 0
+    for dt in dtypes:
+        for cl in layouts:
+            for kernel, types, consts, warps in _kernels(cm, bn, dw, dn, tl, dt, cl):
+                fn = jit_fn(kernel)
+                sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
+                t0 = time.time()
+                k = triton.compile(ASTSource(fn, sig, consts), target=target,
+                                   options=dict(num_warps=warps))
+                n += 1
+                if verbose:
+                    print(f"ok  {fn.__name__:20s} {dt} {'NHWC' if cl else 'NCHW'} "
+                          f"{time.time() - t0:4.1f}s  {_usage(k)}", flush=True)
+    return n
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100)")
+    ap.add_argument("--dtypes", default="fp32,fp16,bf16,fp64",
+                    help="comma-separated input dtypes (fp32, fp16, bf16, fp64)")
+    ap.add_argument("--layouts", default="nchw,nhwc", help="comma-separated: nchw, nhwc")
+    ap.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # kernels would be interpreted: fresh process
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.call([sys.executable, "-m", __name__, *(argv or sys.argv[1:])], env=env)
+    layouts = [{"nchw": False, "nhwc": True}[s] for s in args.layouts.split(",")]
+    n = check(args.arch, args.dtypes.split(","), layouts, verbose=not args.quiet)
+    print(f"{n} kernels compiled for sm_{args.arch}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

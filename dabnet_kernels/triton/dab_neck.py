@@ -1,0 +1,86 @@
+"""Eval-mode DAB neck in one Triton kernel: one read of x, one write of the output.
+
+Each branch is a 3x1 conv (+ folded BN, PReLU) followed by a 1x3 conv (+ folded BN, PReLU). The
+second conv needs the first conv's output at w - d, w, w + d; those three values are recomputed in
+registers from x (nine loads that hit cache) instead of going through memory. The 1x3 conv zero-pads
+its own input, so a first-conv value at a column outside the image is 0, not act(bias).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as cm
+
+
+@triton.jit
+def _branch(x_ptr, prm_ptr, n, c, p, h, w, ok, C, H, W, d, CL: tl.constexpr, ACC: tl.constexpr):
+    """act(conv 1x3 over act(conv 3x1 over x)), both dilated by d; prm: two (5, C) blocks."""
+    cmask = c < C
+    acc = tl.load(prm_ptr + 8 * C + c, mask=cmask, other=0.0) + tl.zeros(p.shape, ACC)
+    for k in tl.static_range(3):
+        ws = w + (k - 1) * d
+        inside = (ws >= 0) & (ws < W)
+        t = cm.conv3(x_ptr, prm_ptr, n, c, p + (k - 1) * d, h, ws, ok & inside, C, H, W, d, 0, 3,
+                     True, CL, ACC)
+        t = tl.where(inside, t, 0.0)
+        acc += tl.load(prm_ptr + (5 + k) * C + c, mask=cmask, other=0.0) * t
+    slope = tl.load(prm_ptr + 9 * C + c, mask=cmask, other=0.0)
+    return tl.where(acc > 0, acc, slope * acc)
+
+
+# At most 4 elements per thread: each keeps ~20 live values per element, and larger tiles spilled
+# registers to local memory (seen in the sm_90 cubin: 255 registers + a 1.2 KB stack at 16/thread).
+CONFIGS = [triton.Config({"BLOCK": 512}, num_warps=4), triton.Config({"BLOCK": 1024}, num_warps=8),
+           triton.Config({"BLOCK": 256}, num_warps=2)]
+
+
+@cm.autotuned(["C", "H", "W", "CL"], CONFIGS)
+@triton.heuristics(cm.TILE)
+@triton.jit
+def _dab_neck_kernel(x_ptr, prm_ptr, fin_ptr, out_ptr, C, H, W, d, CL: tl.constexpr,
+                     ACC: tl.constexpr, BLOCK: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+    """prm: (4, 5, C) [w0, w1, w2, bias, slope] of the four convs; fin: (3, C) scale, shift and
+    slope of the final BN-PReLU of the branch sum."""
+    n, c, p, h, w, ok = cm.tile_coords(C, H, W, BC, BP)
+    s = _branch(x_ptr, prm_ptr, n, c, p, h, w, ok, C, H, W, 1, CL, ACC)
+    s += _branch(x_ptr, prm_ptr + 10 * C, n, c, p, h, w, ok, C, H, W, d, CL, ACC)
+    cmask = c < C
+    y = (tl.load(fin_ptr + c, mask=cmask, other=0.0) * s
+         + tl.load(fin_ptr + C + c, mask=cmask, other=0.0))
+    slope = tl.load(fin_ptr + 2 * C + c, mask=cmask, other=0.0)
+    y = tl.where(y > 0, y, slope * y)
+    tl.store(out_ptr + cm.offsets(n, c, p, C, H * W, CL), y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _check(x, weight, bias, slope, out_scale, out_shift, out_slope, dilation):
+    cm.check_input(x)
+    C = x.shape[1]
+    for t, name, shape in ((weight, "weight", (4, C, 3)), (bias, "bias", (4, C)),
+                           (slope, "slope", (4, C))):
+        if tuple(t.shape) != shape:
+            cm._fail(f"dab_neck {name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.device != x.device or not t.is_floating_point():
+            cm._fail(f"dab_neck parameters must be floating-point tensors on {x.device}")
+    for t, name in ((out_scale, "out_scale"), (out_shift, "out_shift"), (out_slope, "out_slope")):
+        cm.check_vec(t, x, name)
+    if dilation < 1:
+        cm._fail(f"dilation must be >= 1, got {dilation}")
+
+
+def dab_neck(x_, weight, bias, slope, out_scale, out_shift, out_slope, dilation):
+    _check(x_, weight, bias, slope, out_scale, out_shift, out_slope, dilation)
+    x, cl = cm.canonical(x_)
+    out = cm.empty_as(x, cl)
+    if x.numel() == 0:
+        return out
+    N, C, H, W = x.shape
+    acc = cm.acc_dtype(x)
+    prm = torch.cat([weight.detach().to(acc).transpose(1, 2), bias.detach().to(acc)[:, None],
+                     slope.detach().to(acc)[:, None]], dim=1).contiguous()  # (4, 5, C)
+    fin = torch.stack([t.detach().to(acc) for t in (out_scale, out_shift, out_slope)])
+    with cm.device_guard(x):
+        _dab_neck_kernel[cm.tile_grid(N, C, H, W)](x, prm, fin.contiguous(), out, C, H, W,
+                                                   dilation, CL=cl, ACC=cm.tl_acc(x))
+    return out

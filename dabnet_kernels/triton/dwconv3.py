@@ -1,0 +1,73 @@
+"""dwconv3 in Triton: forward and grad_input are the 3-tap stencil (_common.tap3_kernel, taps
+reversed for grad_input); grad_weight is a deterministic per-channel reduction (per-split partial
+sums, then an ordered float64 sum; no atomics)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as cm
+
+
+@triton.jit
+def _grad_weight_kernel(g_ptr, x_ptr, part_ptr, N, C, H, W, d, CHUNK, AXIS: tl.constexpr,
+                        CL: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+    """part[s, k, c] = sum over split s of g * x shifted by (k - 1) * d along AXIS."""
+    s = tl.program_id(0)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)[:, None]
+    start = s * CHUNK
+    end = tl.minimum(start + CHUNK, N * H * W)
+    a0 = tl.zeros([BC, BP], ACC)
+    a1 = tl.zeros([BC, BP], ACC)
+    a2 = tl.zeros([BC, BP], ACC)
+    for m0 in range(start, end, BP):
+        n, p, h, w, ok = cm.flat_coords(m0, end, C, H, W, c, BP)
+        g = cm.shifted(g_ptr, n, c, p, h, w, ok, 0, C, H, W, AXIS, CL, ACC)
+        a0 += g * cm.shifted(x_ptr, n, c, p, h, w, ok, -d, C, H, W, AXIS, CL, ACC)
+        a1 += g * cm.shifted(x_ptr, n, c, p, h, w, ok, 0, C, H, W, AXIS, CL, ACC)
+        a2 += g * cm.shifted(x_ptr, n, c, p, h, w, ok, d, C, H, W, AXIS, CL, ACC)
+    c1 = tl.program_id(1) * BC + tl.arange(0, BC)
+    out = part_ptr + s * 3 * C + c1
+    tl.store(out, tl.sum(a0, axis=1), mask=c1 < C)
+    tl.store(out + C, tl.sum(a1, axis=1), mask=c1 < C)
+    tl.store(out + 2 * C, tl.sum(a2, axis=1), mask=c1 < C)
+
+
+def grad_weight(g, x, cl, weight, dilation, axis):
+    """(C,1,3,1)/(C,1,1,3) gradient of the weight, in weight's dtype."""
+    N, C, H, W = x.shape
+    if x.numel() == 0:
+        return torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    bc, bp, chunk, splits = cm.reduce_split(x, cl)
+    part = torch.empty((splits, 3, C), dtype=cm.acc_dtype(x), device=x.device)
+    with cm.device_guard(x):
+        _grad_weight_kernel[(splits, triton.cdiv(C, bc))](
+            g, x, part, N, C, H, W, dilation, chunk, AXIS=axis, CL=cl, ACC=cm.tl_acc(x), BC=bc,
+            BP=bp, num_warps=4)
+        sums = cm.combine(part, stats=False)  # (3, C)
+    return sums.t().to(weight.dtype).reshape(weight.shape).contiguous()
+
+
+def dwconv3(x_, weight, dilation):
+    cm.check_input(x_)
+    axis = cm.check_dw_weight(weight, x_, dilation)
+    x, cl = cm.canonical(x_)
+    prm = cm.tap_params(weight, x.shape[1], cm.acc_dtype(x))
+    return cm.tap3(x, cl, prm, dilation, axis, taps=3, act=False)
+
+
+def dwconv3_backward(grad_out, x_, weight, dilation, output_mask):
+    cm.check_input(x_)
+    cm.check_grad_out(grad_out, x_)
+    axis = cm.check_dw_weight(weight, x_, dilation)
+    x, cl = cm.canonical(x_)
+    g = grad_out.contiguous(memory_format=cm.fmt(cl))
+    gx = gw = None
+    if output_mask[0]:
+        # d/dx of sum_k w_k x[i + (k-1)d] is the same stencil with the taps reversed.
+        prm = cm.tap_params(weight, x.shape[1], cm.acc_dtype(x), flip=True)
+        gx = cm.tap3(g, cl, prm, dilation, axis, taps=3, act=False)
+    if output_mask[1]:
+        gw = grad_weight(g, x, cl, weight, dilation, axis)
+    return gx, gw
