@@ -125,8 +125,9 @@ class InputInjection(nn.Module):
 
 
 def _pad_to_fit(n: int) -> int:
-    """Rows (or columns) to add so that ceil(n / 2) is even: 0 if n = 0 or 3 mod 4."""
-    return {0: 0, 1: 2, 2: 1, 3: 0}[n % 4]
+    """Rows (or columns) to add so that ceil(n / 2) is even: 0 if n = 0 or 3 mod 4, else 2 or 1.
+    Arithmetic rather than a lookup, so that it also traces (ONNX export, torch.compile)."""
+    return (3 - n % 4) % 3
 
 
 class DABNet(nn.Module):
