@@ -9,6 +9,7 @@ with the numbers (0 means the model ran plain PyTorch ops only, and is labelled 
 from __future__ import annotations
 
 import gc
+import time
 from collections import Counter
 
 import torch
@@ -99,26 +100,37 @@ def _error(e):
 
 
 def bench_inference(device: str, resolutions, compile_resolutions, budget: Budget,
-                    progress=True) -> list:
+                    progress=True, which="all", deadline=None, on_result=None) -> list:
+    """Inference variants at each resolution (which: "all", "plain" = no torch.compile, or
+    "compile" = the torch.compile variants only). No run starts after `deadline`."""
     from tqdm import tqdm
 
     dtype = torch.float32
     state = build(False, "cpu").state_dict()
     _randomize_bn_state(state)
     jobs = [(res, v) for res in resolutions
-            for v in inference_variants(device, res in compile_resolutions)]
+            for v in inference_variants(device, res in compile_resolutions)
+            if which == "all" or (v[3] in ("eager", "cudagraph")) == (which == "plain")]
     out, ref = [], {}
+    if which == "compile":  # the eager outputs the compiled ones are compared with
+        jobs = [(res, ("eager", False, "nchw", "eager-ref")) for res in
+                dict.fromkeys(r for r, _ in jobs)] + jobs
     bar = tqdm(jobs, desc=f"DABNet inference on {device}", unit="run", disable=not progress,
                dynamic_ncols=True)
     for res, (name, fused, layout, how) in bar:
+        if deadline is not None and time.time() > deadline:
+            break
         bar.set_postfix_str(f"{res[0]}x{res[1]} {name}", refresh=False)
         rec = {"res": list(res), "batch": 1, "dtype": "fp32", "variant": name, "fused": fused,
                "layout": layout, "how": how, "paper_1080ti_ms": PAPER_TABLE5_MS.get(
                    f"{res[0]}x{res[1]}")}
+        ref_only = how == "eager-ref"
         try:
             model = build(fused, device, dtype, layout, state)
             rec["model_fused_attr"] = getattr(model, "fused", None)
             x = _image(res, 1, device, dtype, layout)
+            how = "eager" if ref_only else how  # eager-ref: only the compiled runs' baseline
+            rec["how"] = how
             if how in ("eager", "cudagraph"):
                 rec["dabnet_kernel_calls"] = dabnet_kernel_calls(model, x)
             with torch.no_grad():
@@ -149,8 +161,12 @@ def bench_inference(device: str, resolutions, compile_resolutions, budget: Budge
             rec["fps"] = 1e3 / st.median_ms
         except Exception as e:  # recorded and reported, the run goes on
             rec["error"] = _error(e)
+        if ref_only:
+            rec["reference_only"] = True
         out.append(rec)
-        del model
+        if on_result and not ref_only:
+            on_result(rec)
+        model = None
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -159,7 +175,7 @@ def bench_inference(device: str, resolutions, compile_resolutions, budget: Budge
         e = eager.get(tuple(r["res"]))
         if e and r.get("median_ms"):
             r["speedup_vs_eager"] = e / r["median_ms"]
-    return out
+    return [r for r in out if not r.get("reference_only")]
 
 
 def _randomize_bn_state(state):
@@ -190,7 +206,7 @@ def _reset_cpu_peak() -> bool:
 
 
 def bench_train_step(device: str, res, batch: int, layouts, budget: Budget,
-                     progress=True) -> list:
+                     progress=True, deadline=None) -> list:
     """One SGD step (forward, cross-entropy, backward, update) of a fresh model, fused vs not."""
     from tqdm import tqdm
 
@@ -198,6 +214,8 @@ def bench_train_step(device: str, res, batch: int, layouts, budget: Budget,
     jobs = [(fused, layout) for layout in layouts for fused in (False, True)]
     for fused, layout in tqdm(jobs, desc=f"DABNet training step on {device}", unit="run",
                               disable=not progress, dynamic_ncols=True):
+        if deadline is not None and time.time() > deadline:
+            break
         rec = {"res": list(res), "batch": batch, "dtype": "fp32", "fused": fused,
                "layout": layout, "variant": ("fused" if fused else "eager") +
                ("-cl" if layout == "cl" else "")}
@@ -252,7 +270,7 @@ def bench_train_step(device: str, res, batch: int, layouts, budget: Budget,
         except Exception as e:
             rec["error"] = _error(e)
         out.append(rec)
-        del model
+        model = opt = None
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import time
 
 import torch
 
@@ -107,14 +108,17 @@ def run_case(case: C.OpCase, device: str, backends, compiled: bool, budget: Budg
 
 
 def run_cases(cases, device: str, budget: Budget, compile_setting: str, cache_bytes: int,
-              copy_gbs: float | None, on_result=None, progress=True):
-    """Runs every case; on_result(rec) is called after each (the caller saves as it goes)."""
+              copy_gbs: float | None, on_result=None, progress=True, deadline=None):
+    """Runs every case; on_result(rec) is called after each (the caller saves as it goes).
+    With a deadline (time.time() value), no case starts after it: fewer records come back."""
     from tqdm import tqdm
 
     backends = backends_for(device)
     out = []
     bar = tqdm(cases, desc=f"ops on {device}", unit="case", disable=not progress, dynamic_ncols=True)
     for case in bar:
+        if deadline is not None and time.time() > deadline:
+            break
         bar.set_postfix_str(f"{case.op} {case.mode} {case.label()}", refresh=False)
         rec = run_case(case, device, backends, wants_compile(case, device, compile_setting),
                        budget, cache_bytes, copy_gbs)

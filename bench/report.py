@@ -79,9 +79,13 @@ def machine_line(res) -> str:
     dev = (f"{m['gpu_model']} (CUDA {m['torch_cuda']})" if m["device"] == "cuda"
            else f"{m['cpu_model']}, {m['cpu_usable_cores']} cores")
     bw = res.get("copy_bandwidth", {}).get("gbs")
+    load = res.get("loadavg_start")
     return (f"{dev}; torch {m['torch']}, triton {m['triton']}, Python {m['python']}; measured "
             f"copy bandwidth {bw:.0f} GB/s; {res['date']}; `{res['command']}`"
-            + ("" if res.get("complete") else " (INCOMPLETE run)")
+            + (f"; load average at start {load[0]:.1f}" if load else "")
+            + ("" if res.get("complete") else " (INCOMPLETE run"
+               + (f": {res['ops_skipped']} op cases skipped" if res.get("ops_skipped") else "")
+               + ")")
             + (f" (smoke test at {res['smoke_resolutions']})" if res.get("smoke_resolutions")
                else ""))
 
@@ -105,9 +109,10 @@ def quick_table(res) -> str:
 def ops_table(res, key_only=True) -> str:
     """One row per case and backend of ours: time, achieved bandwidth, speedups, error."""
     rows = []
-    for r in res.get("ops", []):
-        if key_only and not _key(r):
-            continue
+    recs = res.get("ops", [])
+    if key_only and any(_key(r) for r in recs):  # (a smoke run at other shapes has none)
+        recs = [r for r in recs if _key(r)]
+    for r in recs:
         ref, comp = r["impls"].get("reference"), r["impls"].get("compile")
         for name, v in r["impls"].items():
             if name in BASELINES:

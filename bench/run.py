@@ -41,8 +41,12 @@ def _parse(argv):
                    help="where to run (default: cuda if a GPU is visible, else cpu)")
     p.add_argument("--compile", choices=("none", "key", "all"), default=None,
                    help="which op cases also time torch.compile of the reference (default: key "
-                        "shapes; none with --quick)")
+                        "shapes; none with --quick); none also drops DABNet's compiled runs")
     p.add_argument("--only", choices=("ops", "model"), default=None, help="run one part only")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="stop starting new work after about S seconds: op cases (key shapes "
+                        "first) until 55%% of it, DABNet until 95%%; what was skipped is counted "
+                        "in the results file")
     p.add_argument("--budget-scale", type=float, default=1.0,
                    help="multiply every timing window by this (e.g. 0.2 for a smoke test)")
     p.add_argument("--res", default=None,
@@ -103,6 +107,8 @@ def plan(args, device):
             inf_res = list(C.RESOLUTIONS) if args.full else [(256, 512)]
             compile_res = [(256, 512)]
             train = dict(res=(256, 512), batch=8 if args.full else 2, layouts=["nchw"])
+    if compile_setting == "none":
+        compile_res = []
     if args.res:
         rs = _parse_res(args.res)
         ops_cases = _override_res(ops_cases, rs)
@@ -153,6 +159,8 @@ def main(argv=None):
         "budget": vars(budget),
         "compile_setting": p["compile"],
         "complete": False,
+        # Other work on the machine skews CPU timings badly: the load is kept with the numbers.
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "notes": [
             "times in ms: median and quartiles (IQR = q75 - q25) of per-call times (GPU) or of "
             "per-call means over timed blocks (CPU)",
@@ -170,29 +178,51 @@ def main(argv=None):
     print(f"copy bandwidth: {copy['gbs']:.1f} GB/s", file=sys.stderr)
     save(res, path)
 
+    limit = args.time_limit
+    deadline = (lambda frac: None) if limit is None else (lambda frac: started + frac * limit)
     if args.only in (None, "ops"):
+        from . import cases as C
+
         res["ops"] = []
 
         def on_result(rec):
             res["ops"].append(rec)
             save(res, path)
 
-        ops_bench.run_cases(p["ops_cases"], device, budget, p["compile"],
-                            m["last_level_cache_bytes"], copy["gbs"], on_result,
-                            progress=not args.no_progress)
+        # Key shapes first, so a time limit cuts the least telling cases.
+        todo = sorted(p["ops_cases"], key=lambda c: not C.is_key(c))
+        ops_bench.run_cases(todo, device, budget, p["compile"], m["last_level_cache_bytes"],
+                            copy["gbs"], on_result, progress=not args.no_progress,
+                            deadline=deadline(0.55 if args.only is None else 0.95))
+        res["ops_skipped"] = len(todo) - len(res["ops"])
     if args.only in (None, "model"):
-        res["model"] = {}
-        res["model"]["inference"] = model_bench.bench_inference(
-            device, p["inference_res"], p["compile_res"], budget.scaled(4.0),
-            progress=not args.no_progress)
-        save(res, path)
+        inf = []
+        res["model"] = {"inference": inf}
+
+        def on_model(rec):
+            inf.append(rec)
+            save(res, path)
+
+        common = dict(progress=not args.no_progress, deadline=deadline(0.95), on_result=on_model)
+        mbudget = budget.scaled(4.0)
+        # Plain runs, the training step, then the (slow to compile) torch.compile runs.
+        model_bench.bench_inference(device, p["inference_res"], p["compile_res"], mbudget,
+                                    which="plain", **common)
         if p["train"]:
             t = p["train"]
             res["model"]["train"] = model_bench.bench_train_step(
                 device, t["res"], t["batch"], t["layouts"], budget.scaled(10.0),
-                progress=not args.no_progress)
+                progress=not args.no_progress, deadline=deadline(0.95))
             save(res, path)
-    res["complete"] = True
+        if p["compile_res"]:
+            model_bench.bench_inference(device, p["inference_res"], p["compile_res"], mbudget,
+                                        which="compile", **common)
+        save(res, path)
+    cut = limit is not None and time.time() > deadline(0.95)
+    res["complete"] = not res.get("ops_skipped") and not cut
+    res["time_limit_reached"] = cut
+    res["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    res["time_limit_s"] = limit
     res["wall_s"] = time.time() - started
     save(res, path)
     plots = []
