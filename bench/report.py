@@ -170,6 +170,7 @@ def render(results, key_only=True) -> str:
         name = m["gpu_model"] if m["device"] == "cuda" else f"CPU: {m['cpu_model']}"
         parts.append(f"#### {name}\n\n{machine_line(res)}\n")
         if res.get("ops"):
+            key_only = key_only and any(_key(r) for r in res["ops"])
             parts.append(("Op micro-benchmarks at the key shapes (input 512x1024; batch 1 for "
                           "inference, 8 for training):" if key_only else
                           "Op micro-benchmarks:") + "\n\n" + ops_table(res, key_only) + "\n")
@@ -199,10 +200,18 @@ def main(argv=None):
     p.add_argument("--write", metavar="README", help="rewrite the section between "
                                                      f"{START} and {END} of this file")
     p.add_argument("--all-cases", action="store_true", help="every op case, not only key shapes")
+    p.add_argument("--plots", action="store_true",
+                   help="also (re)draw the PNG plots next to each results file")
     args = p.parse_args(argv)
     results = [load(f) for f in args.files] if args.files else latest()
     if not results:
         raise SystemExit("no results files: run `python -m bench.run` first")
+    if args.plots:
+        from . import plots
+
+        for r in results:
+            for q in plots.plot_all(r, r["_path"]):
+                print(f"wrote {q}", file=sys.stderr)
     md = render(results, key_only=not args.all_cases)
     if args.write:
         write_readme(args.write, md)
