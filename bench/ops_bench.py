@@ -115,7 +115,8 @@ def run_cases(cases, device: str, budget: Budget, compile_setting: str, cache_by
 
     backends = backends_for(device)
     out = []
-    bar = tqdm(cases, desc=f"ops on {device}", unit="case", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(cases, desc=f"ops on {device}", unit="case", disable=not progress,
+               dynamic_ncols=True)
     for case in bar:
         if deadline is not None and time.time() > deadline:
             break

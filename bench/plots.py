@@ -23,7 +23,8 @@ def _fmt():
 
 def _title(res):
     m = res["machine"]
-    dev = m.get("gpu_model") if m["device"] == "cuda" else f"{m['cpu_model']}, {m['cpu_usable_cores']} cores"
+    dev = (m.get("gpu_model") if m["device"] == "cuda"
+           else f"{m['cpu_model']}, {m['cpu_usable_cores']} cores")
     return f"{dev}  (torch {m['torch']}, {res['date']})"
 
 

@@ -32,7 +32,8 @@ def main(argv=None):
     m = machine.info(device)
     recs = ops_bench.run_cases(cases.quick_cases(device), device, budget, "none",
                                m["last_level_cache_bytes"], None)
-    dev = m["gpu_model"] if device == "cuda" else f"{m['cpu_model']} ({m['cpu_usable_cores']} cores)"
+    dev = (m["gpu_model"] if device == "cuda"
+           else f"{m['cpu_model']} ({m['cpu_usable_cores']} cores)")
     print(f"\ndabnet ops vs reference (F.conv2d groups=C / F.batch_norm / F.prelu) on {dev}, "
           f"torch {m['torch']}:\n")
     print(report.quick_table({"ops": recs}))

@@ -50,9 +50,8 @@ def test_op(benchmark, op, mode, block, layout, impl, bench_device, bench_res):
         got = benchmark(call)
         got = [got] if case.mode == "fwd" else [C.forward(lib, case, t).detach(), *got]
     if impl == "reference":  # the baseline itself, against float64
-        ref_case = case
-        want = _outputs(ref_case, lambda tt: C.forward(reference, case, tt), C.prepare(
-            case, _as64(t)))
+        want = _outputs(case, lambda tt: C.forward(reference, case, tt),
+                        C.prepare(case, _as64(t)))
     else:
         want = _outputs(case, lambda tt: C.forward(reference, case, tt), t)
     assert len(got) == len(want)
@@ -61,4 +60,5 @@ def test_op(benchmark, op, mode, block, layout, impl, bench_device, bench_res):
             continue
         scale = max(1.0, w.abs().max().item())
         err = (g.double() - w.double()).abs().max().item()
-        assert err <= TOL[case.dtype] * scale, f"{impl}: max abs error {err:.3g} (scale {scale:.3g})"
+        assert err <= TOL[case.dtype] * scale, (
+            f"{impl}: max abs error {err:.3g} (scale {scale:.3g})")

@@ -58,7 +58,7 @@ def _quantiles(xs):
 
 
 def _gpu_events(fn, warmup_ms, rep_ms):
-    """do_bench's method without Triton: estimate, warm up, then time each call after an L2 flush."""
+    """do_bench's method without Triton: estimate, warm up, time each call after an L2 flush."""
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     fn()
     torch.cuda.synchronize()
@@ -139,7 +139,10 @@ def rotate(make, set_bytes: int, device: str, cache_bytes: int, max_sets: int = 
     the last-level cache (each call then reads data the previous calls evicted).
     make(i) builds set i. Returns (sets, next_set) where next_set() yields them in turn.
     """
-    n = 1 if device == "cuda" else max(1, min(max_sets, math.ceil(2 * cache_bytes / max(set_bytes, 1))))
+    if device == "cuda":
+        n = 1
+    else:
+        n = max(1, min(max_sets, math.ceil(2 * cache_bytes / max(set_bytes, 1))))
     sets = [make(i) for i in range(n)]
     cyc = itertools.cycle(sets)
     return sets, (lambda: next(cyc))
