@@ -99,12 +99,20 @@ def _expand(op, mode, resolutions, batches, dtypes, layouts, blocks=(1, 2), orie
             yield OpCase(op, mode, res, blk, n, d, o, dt, lay)
 
 
+def train_batch(device: str) -> int:
+    """Batch of the key training shapes: 8 on GPU; 2 on CPU, where a batch of 8 at the 512x1024
+    input takes seconds per call and would make the CPU run far longer than ~10 minutes."""
+    return 8 if device == "cuda" else 2
+
+
 def quick_cases(device: str):
-    """A few shapes: each op and mode at the 512x1024 input's block-1 neck, plus block 2's."""
+    """A few shapes: each op and mode at the 512x1024 input's block-1 neck, plus block 2's for
+    dab_neck; batch 1 for inference, 8 for training on GPU (1 on CPU, to stay under a minute)."""
     out = []
+    tb = 8 if device == "cuda" else 1
     for op in OPS:
         for mode in MODES:
-            out += list(_expand(op, mode, [(512, 1024)], [1 if mode == "fwd" else 8], ["fp32"],
+            out += list(_expand(op, mode, [(512, 1024)], [1 if mode == "fwd" else tb], ["fp32"],
                                 ["nchw"], blocks=(1,) if op != "dab_neck" else (1, 2),
                                 orients=("3x1",), dilations=(2, 4)))
     return out
@@ -113,7 +121,8 @@ def quick_cases(device: str):
 def default_cases(device: str, full: bool = False):
     """Main grid (fp32, NCHW; every block, dilation, orientation, batch 1 and 8) at every Table 5
     resolution on GPU, at 256x512 on CPU, where the 512x1024 input adds the key shapes (see
-    is_key); plus a dtype/layout sweep at the 512x1024 input (block 1, d2, 3x1). --full: the whole
+    is_key); plus a dtype/layout sweep at the 512x1024 input (block 1, d2, 3x1; batch 1 for fwd,
+    train_batch for fwd+bwd). --full: the whole
     product of every resolution, batch, dilation, orientation, dtype and layout. On CPU only fp32
     runs (the CPU kernels' reduced-precision paths are not what a CPU user runs)."""
     dtypes = ["fp32"] + (["fp16", "bf16"] if device == "cuda" else [])
@@ -123,20 +132,23 @@ def default_cases(device: str, full: bool = False):
                 for c in _expand(op, mode, RESOLUTIONS, [1, 8], dtypes, LAYOUTS)]
     res = RESOLUTIONS if device == "cuda" else RESOLUTIONS[:1]
     cases = [c for op, mode in every for c in _expand(op, mode, res, [1, 8], ["fp32"], ["nchw"])]
+    tb = train_batch(device)
     if device != "cuda":
         cases += [c for op, mode in every
-                  for c in _expand(op, mode, [(512, 1024)], [1 if mode == "fwd" else 8], ["fp32"],
+                  for c in _expand(op, mode, [(512, 1024)], [1 if mode == "fwd" else tb], ["fp32"],
                                    ["nchw"], orients=("3x1",))]
     cases += [c for op, mode in every
-              for c in _expand(op, mode, [(512, 1024)], [1 if mode == "fwd" else 8], dtypes,
+              for c in _expand(op, mode, [(512, 1024)], [1 if mode == "fwd" else tb], dtypes,
                                LAYOUTS, blocks=(1,), orients=("3x1",), dilations=(2,))
               if (c.dtype, c.layout) != ("fp32", "nchw")]
     return cases
 
 
 def is_key(case: OpCase) -> bool:
-    """The key shapes: the 512x1024 input, batch 1 for inference and 8 for training, 3x1."""
-    return (case.res == (512, 1024) and case.batch == (1 if case.mode == "fwd" else 8)
+    """The key shapes: the 512x1024 input, 3x1, batch 1 for inference and for training
+    train_batch(device) (8 on GPU, 2 on CPU: the grids never hold batch 2 on GPU)."""
+    train = case.batch in (train_batch("cuda"), train_batch("cpu"))
+    return (case.res == (512, 1024) and (case.batch == 1 if case.mode == "fwd" else train)
             and case.orient in ("3x1", "-"))
 
 

@@ -172,7 +172,7 @@ def render(results, key_only=True) -> str:
         if res.get("ops"):
             key_only = key_only and any(_key(r) for r in res["ops"])
             parts.append(("Op micro-benchmarks at the key shapes (input 512x1024; batch 1 for "
-                          "inference, 8 for training):" if key_only else
+                          "inference, 8 for training on GPU and 2 on CPU):" if key_only else
                           "Op micro-benchmarks:") + "\n\n" + ops_table(res, key_only) + "\n")
         if res.get("model"):
             parts.append(model_tables(res) + "\n")
