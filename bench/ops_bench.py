@@ -52,6 +52,14 @@ def _max_abs_err(a, b):
     return max(errs) if errs else None
 
 
+def _max_rel_err(a, b):
+    """Per tensor, max abs error over max |reference| (gradients summed over a batch are large,
+    so their absolute error alone says little); the worst tensor."""
+    errs = [(x.float() - y.float()).abs().max().item() / max(y.float().abs().max().item(), 1e-30)
+            for x, y in zip(a, b) if x is not None and y is not None]
+    return max(errs) if errs else None
+
+
 def _sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -80,7 +88,10 @@ def run_case(case: C.OpCase, device: str, backends, compiled: bool, budget: Budg
                     run = C.runner(case, fwd)
                     r["compile_s"] = first_call_s(lambda: run(sets[0]), device)
                 if name != "reference":
-                    r["max_abs_err"] = _max_abs_err(_outputs(case, fwd, sets[0]), ref_out)
+                    got = _outputs(case, fwd, sets[0])
+                    r["max_abs_err"] = _max_abs_err(got, ref_out)
+                    r["max_rel_err"] = _max_rel_err(got, ref_out)
+                    del got
                 run = C.runner(case, fwd)
                 st = time_fn(lambda: run(nxt()), device, budget)
             r.update(st.as_dict())

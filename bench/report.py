@@ -58,8 +58,10 @@ def _x(v):
     return f"{v:.2f}x" if v else "-"
 
 
-def _err(v):
-    return f"{v:.1e}" if v is not None else "-"
+def _err(v, rel=None):
+    if v is None:
+        return "-"
+    return f"{v:.1e}" + (f" ({rel:.0e})" if rel is not None else "")
 
 
 def _table(header, rows):
@@ -100,9 +102,9 @@ def quick_table(res) -> str:
                 continue
             rows.append([r["op"], r["mode"], f"{r['batch']}x{r['C']}x{r['H']}x{r['W']}"
                          + (f" d{r['dilation']}" if r["dilation"] else ""), name,
-                         _err(v.get("max_abs_err")), _ms(ref), _ms(v),
+                         _err(v.get("max_abs_err"), v.get("max_rel_err")), _ms(ref), _ms(v),
                          _x(v.get("speedup_vs_reference"))])
-    return _table(["op", "mode", "NxCxHxW", "ours", "max abs err", "reference ms (IQR)",
+    return _table(["op", "mode", "NxCxHxW", "ours", "max abs err (rel)", "reference ms (IQR)",
                    "ours ms (IQR)", "speedup"], rows)
 
 
@@ -121,10 +123,11 @@ def ops_table(res, key_only=True) -> str:
                          f"{v['gbs']:.1f}" if "gbs" in v else "-",
                          f"{v['pct_of_copy']:.0f}%" if "pct_of_copy" in v else "-",
                          _ms(ref), _x(v.get("speedup_vs_reference")), _ms(comp),
-                         _x(v.get("speedup_vs_compile")), _err(v.get("max_abs_err"))])
+                         _x(v.get("speedup_vs_compile")),
+                         _err(v.get("max_abs_err"), v.get("max_rel_err"))])
     return _table(["op", "mode", "case (input, block, dilation, N, dtype, layout)", "ours",
                    "ms (IQR)", "GB/s", "% copy", "reference ms", "vs ref", "compile ms",
-                   "vs compile", "max abs err"], rows)
+                   "vs compile", "max abs err (rel)"], rows)
 
 
 def _variant(r):
