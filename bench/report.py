@@ -4,7 +4,7 @@ that a results file does not hold.
     python -m bench.report                      # markdown for the latest results per device
     python -m bench.report FILE.json ...        # markdown for these files
     python -m bench.report --write README.md    # rewrite README between the bench markers
-    python -m bench.report --all-cases          # every op case, not only the key shapes
+    python -m bench.report --level all          # every op case (default: a compact table)
 """
 from __future__ import annotations
 
@@ -108,12 +108,23 @@ def quick_table(res) -> str:
                    "ours ms (IQR)", "speedup"], rows)
 
 
-def ops_table(res, key_only=True) -> str:
-    """One row per case and backend of ours: time, achieved bandwidth, speedups, error."""
+def _compact(rec):
+    """Key shapes in fp32 NCHW at one dilation per block (2 and 4): the README's table."""
+    return (_key(rec) and (rec["dtype"], rec["layout"]) == ("fp32", "nchw")
+            and rec["dilation"] in (0, 2, 4))
+
+
+LEVELS = {"compact": _compact, "key": _key, "all": lambda rec: True}
+
+
+def ops_table(res, key_only=True, level=None) -> str:
+    """One row per case and backend of ours: time, achieved bandwidth, speedups, error.
+    level: "compact" (README), "key" (every key shape) or "all"; key_only=True means "key"."""
     rows = []
     recs = res.get("ops", [])
-    if key_only and any(_key(r) for r in recs):  # (a smoke run at other shapes has none)
-        recs = [r for r in recs if _key(r)]
+    keep = LEVELS[level or ("key" if key_only else "all")]
+    if any(keep(r) for r in recs):  # (a smoke run at other shapes has none: show them all)
+        recs = [r for r in recs if keep(r)]
     for r in recs:
         ref, comp = r["impls"].get("reference"), r["impls"].get("compile")
         for name, v in r["impls"].items():
@@ -166,17 +177,19 @@ def model_tables(res) -> str:
     return "\n\n".join(out)
 
 
-def render(results, key_only=True) -> str:
+def render(results, level="compact") -> str:
     parts = []
     for res in results:
         m = res["machine"]
         name = m["gpu_model"] if m["device"] == "cuda" else f"CPU: {m['cpu_model']}"
         parts.append(f"#### {name}\n\n{machine_line(res)}\n")
         if res.get("ops"):
-            key_only = key_only and any(_key(r) for r in res["ops"])
-            parts.append(("Op micro-benchmarks at the key shapes (input 512x1024; batch 1 for "
-                          "inference, 8 for training on GPU and 2 on CPU):" if key_only else
-                          "Op micro-benchmarks:") + "\n\n" + ops_table(res, key_only) + "\n")
+            lv = level if any(LEVELS[level](r) for r in res["ops"]) else "all"
+            what = {"compact": "at the key shapes in fp32 NCHW, dilation 2 (block 1) and 4 "
+                               "(block 2)", "key": "at the key shapes", "all": ""}[lv]
+            parts.append(f"Op micro-benchmarks {what} (key shapes: input 512x1024; batch 1 for "
+                         "inference, 8 for training on GPU and 2 on CPU; ms: median (IQR)):"
+                         + "\n\n" + ops_table(res, level=lv) + "\n")
         if res.get("model"):
             parts.append(model_tables(res) + "\n")
         parts.append(f"Source: `{os.path.relpath(res['_path'])}`\n" if "_path" in res else "")
@@ -202,7 +215,9 @@ def main(argv=None):
                                             "bench/results)")
     p.add_argument("--write", metavar="README", help="rewrite the section between "
                                                      f"{START} and {END} of this file")
-    p.add_argument("--all-cases", action="store_true", help="every op case, not only key shapes")
+    p.add_argument("--level", choices=tuple(LEVELS), default="compact",
+                   help="which op cases: compact (README: key shapes, fp32 NCHW, dilation 2/4), "
+                        "key (every key shape, dtype and layout) or all")
     p.add_argument("--plots", action="store_true",
                    help="also (re)draw the PNG plots next to each results file")
     args = p.parse_args(argv)
@@ -215,9 +230,12 @@ def main(argv=None):
         for r in results:
             for q in plots.plot_all(r, r["_path"]):
                 print(f"wrote {q}", file=sys.stderr)
-    md = render(results, key_only=not args.all_cases)
+    md = render(results, level=args.level)
     if args.write:
-        write_readme(args.write, md)
+        try:
+            write_readme(args.write, md)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"bench.report: {e}")
         print(f"rewrote the benchmark section of {args.write}", file=sys.stderr)
     else:
         print(md)

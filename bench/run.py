@@ -233,7 +233,7 @@ def main(argv=None):
             plots = P.plot_all(res, path)
         except Exception as e:  # plots are a convenience; the numbers are saved already
             print(f"plots failed: {type(e).__name__}: {e}", file=sys.stderr)
-    print(report.quick_table(res) if args.quick else report.ops_table(res, key_only=True))
+    print(report.quick_table(res) if args.quick else report.ops_table(res, level="compact"))
     if res.get("model"):
         print(report.model_tables(res))
     print(f"\nwrote {path}" + "".join(f"\nwrote {q}" for q in plots))
