@@ -54,6 +54,9 @@ def _parse(argv):
                         "tests; the results file then says so)")
     p.add_argument("--out", default=None, help=f"results folder (default {RESULTS_DIR})")
     p.add_argument("--name", default=None, help="results file stem (default <date>-<device>)")
+    p.add_argument("--no-cudnn-benchmark", action="store_true",
+                   help="leave torch.backends.cudnn.benchmark off (default on GPU: on, so the "
+                        "cuDNN baselines use their fastest algorithm, as a tuned model would)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -143,6 +146,8 @@ def main(argv=None):
     from . import machine, model_bench, ops_bench, report
     from .timing import Budget, copy_bandwidth_gbs
 
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     budget = Budget().scaled(args.budget_scale * (0.5 if args.quick else 1.0))
     m = machine.info(device)
     p = plan(args, device)
@@ -158,6 +163,7 @@ def main(argv=None):
         "machine": m,
         "budget": vars(budget),
         "compile_setting": p["compile"],
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "complete": False,
         # Other work on the machine skews CPU timings badly: the load is kept with the numbers.
         "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
