@@ -174,7 +174,9 @@ def bench_inference(device: str, resolutions, compile_resolutions, budget: Budge
     for r in out:
         e = eager.get(tuple(r["res"]))
         if e and r.get("median_ms"):
+            # Against the eager time of the same pass (the compiled runs time their own).
             r["speedup_vs_eager"] = e / r["median_ms"]
+            r["eager_ms_same_pass"] = e
     return [r for r in out if not r.get("reference_only")]
 
 
@@ -205,6 +207,59 @@ def _reset_cpu_peak() -> bool:
         return False
 
 
+def _train_setup(fused, device, layout, res, batch):
+    """A fresh model in training mode, its SGD optimizer, an image batch with its labels, and
+    step(): forward, cross-entropy (ignore 255), backward, update."""
+    model = build(fused, device, torch.float32, layout).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = _image(res, batch, device, torch.float32, layout)
+    g = torch.Generator().manual_seed(1)
+    target = torch.randint(0, CLASSES, (batch, *res), generator=g)
+    target[:, :8] = 255  # some ignored pixels, as in Cityscapes
+    target = target.to(device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), target, ignore_index=255)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return model, step, x
+
+
+def cpu_train_peak(fused: bool, layout: str, res, batch: int) -> dict:
+    """In this process: RSS growth to the peak over the first two CPU training steps."""
+    model, step, _x = _train_setup(fused, "cpu", layout, tuple(res), batch)
+    gc.collect()
+    base = _rss_bytes("VmRSS")
+    if not _reset_cpu_peak():
+        return {"memory_method": "not measured: /proc/self/clear_refs not writable"}
+    step()
+    step()
+    peak = _rss_bytes("VmHWM")
+    return {"peak_bytes": peak, "peak_over_base_bytes": peak - base,
+            "memory_method": "peak RSS over 2 steps, fresh process (VmHWM after clear_refs)"}
+
+
+def _cpu_peak_in_fresh_process(fused, layout, res, batch) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import json, bench.model_bench as M; print(json.dumps(M.cpu_train_peak("
+            f"{fused!r}, {layout!r}, {tuple(res)!r}, {batch!r})))")
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=900, cwd=root, env=env)
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError, OSError) as e:
+        return {"memory_method": f"not measured: the measuring process failed ({_error(e)})"}
+
+
 def bench_train_step(device: str, res, batch: int, layouts, budget: Budget,
                      progress=True, deadline=None) -> list:
     """One SGD step (forward, cross-entropy, backward, update) of a fresh model, fused vs not."""
@@ -220,29 +275,16 @@ def bench_train_step(device: str, res, batch: int, layouts, budget: Budget,
                "layout": layout, "variant": ("fused" if fused else "eager") +
                ("-cl" if layout == "cl" else "")}
         try:
-            model = build(fused, device, torch.float32, layout).train()
+            model, step, x = _train_setup(fused, device, layout, res, batch)
             rec["model_fused_attr"] = getattr(model, "fused", None)
-            opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-            x = _image(res, batch, device, torch.float32, layout)
-            g = torch.Generator().manual_seed(1)
-            target = torch.randint(0, CLASSES, (batch, *res), generator=g)
-            target[:, :8] = 255  # some ignored pixels, as in Cityscapes
-            target = target.to(device)
             with torch.no_grad():
                 rec["dabnet_kernel_calls"] = dabnet_kernel_calls(model.eval(), x[:1])
             model.train()
-
-            def step():
-                opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x), target, ignore_index=255)
-                loss.backward()
-                opt.step()
-                return loss
-
             # Peak memory of the first two steps of a fresh model (the optimizer's momentum
-            # buffers appear in the first): on GPU the allocator's peak over what was allocated
-            # before; on CPU the peak RSS (VmHWM, reset through /proc/self/clear_refs) over the RSS
-            # before, which also counts allocator caches and is coarser.
+            # buffers appear in the first). GPU: the allocator's peak over what was allocated
+            # before. CPU: in a fresh process per variant (in this one, memory freed by the
+            # previous variant would be reused and hide the difference), the peak RSS over the
+            # RSS before: coarser, it counts allocator caches too.
             if device == "cuda":
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated()
@@ -254,23 +296,15 @@ def bench_train_step(device: str, res, batch: int, layouts, budget: Budget,
                 rec["peak_over_base_bytes"] = rec["peak_bytes"] - base
                 rec["memory_method"] = "torch.cuda.max_memory_allocated over 2 steps"
             else:
-                gc.collect()
-                base = _rss_bytes("VmRSS")
-                reset = _reset_cpu_peak()
                 rec["first_loss"] = step().item()
                 step()
-                if reset:
-                    rec["peak_bytes"] = _rss_bytes("VmHWM")
-                    rec["peak_over_base_bytes"] = rec["peak_bytes"] - base
-                    rec["memory_method"] = "peak RSS over 2 steps (VmHWM after clear_refs)"
-                else:
-                    rec["memory_method"] = "not measured: /proc/self/clear_refs not writable"
+                rec.update(_cpu_peak_in_fresh_process(fused, layout, res, batch))
             st = time_fn(step, device, budget)
             rec.update(st.as_dict())
         except Exception as e:
             rec["error"] = _error(e)
         out.append(rec)
-        model = opt = None
+        model = step = None
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
