@@ -57,6 +57,9 @@ def _parse(argv):
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="leave torch.backends.cudnn.benchmark off (default on GPU: on, so the "
                         "cuDNN baselines use their fastest algorithm, as a tuned model would)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would run (case counts per op and mode, compiles, DABNet "
+                        "runs) and exit")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -122,6 +125,31 @@ def plan(args, device):
                 compile_res=compile_res, train=train)
 
 
+def describe_plan(p, device) -> str:
+    from collections import Counter
+
+    from .model_bench import inference_variants
+    from .ops_bench import wants_compile
+
+    cases = p["ops_cases"]
+    per = Counter((c.op, c.mode) for c in cases)
+    comp = sum(wants_compile(c, device, p["compile"]) for c in cases)
+    lines = [f"op cases on {device}: {len(cases)} ({comp} also with torch.compile, "
+             f"setting {p['compile']!r})"]
+    lines += [f"  {op:17s} {mode:8s} {n}" for (op, mode), n in per.items()]
+    n_inf = sum(len(inference_variants(device, r in p["compile_res"]))
+                for r in p["inference_res"])
+    lines.append(f"DABNet inference: {n_inf} runs at "
+                 + ", ".join(f"{h}x{w}" for h, w in p["inference_res"])
+                 + (f" (torch.compile at {', '.join(f'{h}x{w}' for h, w in p['compile_res'])})"
+                    if p["compile_res"] else ""))
+    t = p["train"]
+    lines.append("DABNet training step: " + (
+        f"batch {t['batch']} at {t['res'][0]}x{t['res'][1]}, layouts {t['layouts']}, fused and "
+        "unfused" if t else "none"))
+    return "\n".join(lines)
+
+
 def results_path(args, machine):
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     stem = args.name or f"{date}-{machine['slug']}" + ("-quick" if args.quick else "") + (
@@ -145,6 +173,10 @@ def main(argv=None):
 
     from . import machine, model_bench, ops_bench, report
     from .timing import Budget, copy_bandwidth_gbs
+
+    if args.dry_run:
+        print(describe_plan(plan(args, device), device))
+        return 0
 
     if device == "cuda":
         torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
