@@ -1,0 +1,105 @@
+"""What the benchmarks ran on: CPU, GPU, library versions, and a short slug for file names."""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import sys
+
+import torch
+
+
+def cpu_model() -> str:
+    """The CPU's model name from lscpu, else /proc/cpuinfo, else platform.processor()."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        m = re.search(r"^Model name:\s*(.+)$", out, re.M)
+        if m:
+            return m.group(1).strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+        if m:
+            return m.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def last_level_cache_bytes() -> int:
+    """Size of CPU 0's largest cache (from sysfs); 32 MiB when it cannot be read."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for d in os.listdir(base):
+            try:
+                with open(os.path.join(base, d, "size")) as f:
+                    s = f.read().strip()
+            except OSError:
+                continue
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1:], 1)
+            best = max(best, int(s.rstrip("KMG")) * mult)
+    except (OSError, ValueError):
+        pass
+    return best or (32 << 20)
+
+
+def _git_commit() -> str | None:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def slug(text: str) -> str:
+    s = re.sub(r"\(r\)|\(tm\)|cpu @.*$|processor", "", text.lower())
+    s = re.sub(r"[^a-z0-9]+", "-", s).strip("-")
+    return s[:40].strip("-") or "unknown"
+
+
+def info(device: str) -> dict:
+    """Everything about this machine that a reader needs to judge the numbers."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:  # triton is optional
+        triton_version = None
+    try:
+        import dabnet_kernels
+        has_cuda_kernels = dabnet_kernels.has_cuda_kernels()
+    except Exception:
+        has_cuda_kernels = None
+    d = {
+        "device": device,
+        "cpu_model": cpu_model(),
+        "cpu_logical_cores": os.cpu_count(),
+        "cpu_usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "last_level_cache_bytes": last_level_cache_bytes(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "triton": triton_version,
+        "dabnet_cuda_kernels_built": has_cuda_kernels,
+        "git_commit": _git_commit(),
+        "gpu_model": None,
+    }
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        d.update(gpu_model=p.name, gpu_count=torch.cuda.device_count(),
+                 gpu_memory_bytes=p.total_memory, gpu_sm_count=p.multi_processor_count,
+                 gpu_capability=f"{p.major}.{p.minor}",
+                 gpu_l2_bytes=getattr(p, "L2_cache_size", None))
+    d["slug"] = slug(d["gpu_model"] if device == "cuda" else d["cpu_model"])
+    if device == "cpu":
+        d["slug"] = f"cpu-{d['slug']}-{d['cpu_usable_cores']}c"
+    return d

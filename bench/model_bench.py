@@ -1,0 +1,311 @@
+"""DABNet end to end: inference at the paper's Table 5 resolutions and one training step,
+fused (dabnet.DABNet(fused=True)) against the plain model (eager, channels_last, torch.compile,
+CUDA graphs on GPU).
+
+Whether a "fused" model really runs dabnet kernels is not taken on trust: one forward is traced
+with a dispatch mode that counts the dabnet:: / dabnet_triton:: op calls, and the count is stored
+with the numbers (0 means the model ran plain PyTorch ops only, and is labelled so).
+"""
+from __future__ import annotations
+
+import gc
+import time
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .timing import Budget, first_call_s, time_fn
+
+# DABNet's row of the paper's Table 5 (GTX 1080Ti, batch 1), for context in the report.
+PAPER_TABLE5_MS = {"256x512": 6, "512x1024": 10, "1024x2048": 36}
+RESOLUTIONS = ((256, 512), (512, 1024), (1024, 2048))
+CLASSES = 19
+
+
+class _KernelCounter(TorchDispatchMode):
+    """Counts the dabnet ops that reach the dispatcher during a forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "namespace", "") in ("dabnet", "dabnet_triton"):
+            self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dabnet_kernel_calls(model, x) -> dict:
+    counter = _KernelCounter()
+    with torch.no_grad(), counter:
+        model(x)
+    return dict(counter.counts)
+
+
+
+
+def build(fused: bool, device: str, dtype=torch.float32, layout="nchw", state=None):
+    """DABNet(classes=19, fused=...) with the given weights, on device, in eval mode."""
+    from dabnet import DABNet
+
+    torch.manual_seed(0)
+    m = DABNet(classes=CLASSES, fused=fused)
+    if state is not None:
+        m.load_state_dict(state)
+    m = m.to(device=device, dtype=dtype).eval()
+    if layout == "cl":
+        m = m.to(memory_format=torch.channels_last)
+    return m
+
+
+def _image(res, batch, device, dtype, layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, 3, *res, generator=g).to(device=device, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "cl" else x
+
+
+def _cuda_graph(model, x):
+    """model(x) captured in a CUDA graph on a static input; returns the replay function."""
+    static_x = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.no_grad():
+        for _ in range(3):  # warm-up outside the capture (allocations, autotuning, lazy init)
+            model(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g), torch.no_grad():
+        static_y = model(static_x)
+    return g.replay, static_y
+
+
+def inference_variants(device: str, with_compile: bool):
+    """(name, fused, layout, how) for every inference variant this device runs."""
+    v = [("eager", False, "nchw", "eager"), ("eager-cl", False, "cl", "eager"),
+         ("fused", True, "nchw", "eager"), ("fused-cl", True, "cl", "eager")]
+    if device == "cuda":
+        v += [("eager+cudagraph", False, "nchw", "cudagraph"),
+              ("fused+cudagraph", True, "nchw", "cudagraph")]
+    if with_compile:
+        v += [("compile", False, "nchw", "compile"), ("fused+compile", True, "nchw", "compile")]
+        if device == "cuda":
+            v += [("compile+cudagraphs", False, "nchw", "reduce-overhead")]
+    return v
+
+
+def _error(e):
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+
+def bench_inference(device: str, resolutions, compile_resolutions, budget: Budget,
+                    progress=True, which="all", deadline=None, on_result=None) -> list:
+    """Inference variants at each resolution (which: "all", "plain" = no torch.compile, or
+    "compile" = the torch.compile variants only). No run starts after `deadline`."""
+    from tqdm import tqdm
+
+    dtype = torch.float32
+    state = build(False, "cpu").state_dict()
+    _randomize_bn_state(state)
+    jobs = [(res, v) for res in resolutions
+            for v in inference_variants(device, res in compile_resolutions)
+            if which == "all" or (v[3] in ("eager", "cudagraph")) == (which == "plain")]
+    out, ref = [], {}
+    if which == "compile":  # the eager outputs the compiled ones are compared with
+        jobs = [(res, ("eager", False, "nchw", "eager-ref")) for res in
+                dict.fromkeys(r for r, _ in jobs)] + jobs
+    bar = tqdm(jobs, desc=f"DABNet inference on {device}", unit="run", disable=not progress,
+               dynamic_ncols=True)
+    for res, (name, fused, layout, how) in bar:
+        if deadline is not None and time.time() > deadline:
+            break
+        bar.set_postfix_str(f"{res[0]}x{res[1]} {name}", refresh=False)
+        rec = {"res": list(res), "batch": 1, "dtype": "fp32", "variant": name, "fused": fused,
+               "layout": layout, "how": how, "paper_1080ti_ms": PAPER_TABLE5_MS.get(
+                   f"{res[0]}x{res[1]}")}
+        ref_only = how == "eager-ref"
+        try:
+            model = build(fused, device, dtype, layout, state)
+            rec["model_fused_attr"] = getattr(model, "fused", None)
+            x = _image(res, 1, device, dtype, layout)
+            how = "eager" if ref_only else how  # eager-ref: only the compiled runs' baseline
+            rec["how"] = how
+            if how in ("eager", "cudagraph"):
+                rec["dabnet_kernel_calls"] = dabnet_kernel_calls(model, x)
+            with torch.no_grad():
+                if how == "eager":
+                    fn = lambda: model(x)  # noqa: E731
+                    y = fn()
+                elif how == "cudagraph":
+                    fn, y = _cuda_graph(model, x)
+                    fn()
+                else:
+                    torch._dynamo.reset()
+                    cm = torch.compile(model, mode=None if how == "compile" else how)
+                    if how == "reduce-overhead":
+                        def fn():
+                            torch.compiler.cudagraph_mark_step_begin()
+                            return cm(x)
+                    else:
+                        fn = lambda: cm(x)  # noqa: E731
+                    rec["compile_s"] = first_call_s(fn, device)
+                    y = fn()
+                y = y.float().clone()
+                if name == "eager":
+                    ref[res] = y
+                if res in ref and name != "eager":
+                    rec["max_abs_diff_vs_eager"] = (y - ref[res]).abs().max().item()
+                st = time_fn(fn, device, budget)
+            rec.update(st.as_dict())
+            rec["fps"] = 1e3 / st.median_ms
+        except Exception as e:  # recorded and reported, the run goes on
+            rec["error"] = _error(e)
+        if ref_only:
+            rec["reference_only"] = True
+        out.append(rec)
+        if on_result and not ref_only:
+            on_result(rec)
+        model = None
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    eager = {tuple(r["res"]): r.get("median_ms") for r in out if r["variant"] == "eager"}
+    for r in out:
+        e = eager.get(tuple(r["res"]))
+        if e and r.get("median_ms"):
+            # Against the eager time of the same pass (the compiled runs time their own).
+            r["speedup_vs_eager"] = e / r["median_ms"]
+            r["eager_ms_same_pass"] = e
+    return [r for r in out if not r.get("reference_only")]
+
+
+def _randomize_bn_state(state):
+    g = torch.Generator().manual_seed(0)
+    for k, v in state.items():
+        if k.endswith("running_mean"):
+            v.copy_(torch.rand(v.shape, generator=g) * 0.2 - 0.1)
+        elif k.endswith("running_var"):
+            v.copy_(torch.rand(v.shape, generator=g) + 0.5)
+
+
+def _rss_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _reset_cpu_peak() -> bool:
+    """Resets the process's peak RSS (VmHWM) by writing 5 to /proc/self/clear_refs (Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _train_setup(fused, device, layout, res, batch):
+    """A fresh model in training mode, its SGD optimizer, an image batch with its labels, and
+    step(): forward, cross-entropy (ignore 255), backward, update."""
+    model = build(fused, device, torch.float32, layout).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = _image(res, batch, device, torch.float32, layout)
+    g = torch.Generator().manual_seed(1)
+    target = torch.randint(0, CLASSES, (batch, *res), generator=g)
+    target[:, :8] = 255  # some ignored pixels, as in Cityscapes
+    target = target.to(device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), target, ignore_index=255)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return model, step, x
+
+
+def cpu_train_peak(fused: bool, layout: str, res, batch: int) -> dict:
+    """In this process: RSS growth to the peak over the first two CPU training steps."""
+    model, step, _x = _train_setup(fused, "cpu", layout, tuple(res), batch)
+    gc.collect()
+    base = _rss_bytes("VmRSS")
+    if not _reset_cpu_peak():
+        return {"memory_method": "not measured: /proc/self/clear_refs not writable"}
+    step()
+    step()
+    peak = _rss_bytes("VmHWM")
+    return {"peak_bytes": peak, "peak_over_base_bytes": peak - base,
+            "memory_method": "peak RSS over 2 steps, fresh process (VmHWM after clear_refs)"}
+
+
+def _cpu_peak_in_fresh_process(fused, layout, res, batch) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import json, bench.model_bench as M; print(json.dumps(M.cpu_train_peak("
+            f"{fused!r}, {layout!r}, {tuple(res)!r}, {batch!r})))")
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=900, cwd=root, env=env)
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError, OSError) as e:
+        return {"memory_method": f"not measured: the measuring process failed ({_error(e)})"}
+
+
+def bench_train_step(device: str, res, batch: int, layouts, budget: Budget,
+                     progress=True, deadline=None) -> list:
+    """One SGD step (forward, cross-entropy, backward, update) of a fresh model, fused vs not."""
+    from tqdm import tqdm
+
+    out = []
+    jobs = [(fused, layout) for layout in layouts for fused in (False, True)]
+    for fused, layout in tqdm(jobs, desc=f"DABNet training step on {device}", unit="run",
+                              disable=not progress, dynamic_ncols=True):
+        if deadline is not None and time.time() > deadline:
+            break
+        rec = {"res": list(res), "batch": batch, "dtype": "fp32", "fused": fused,
+               "layout": layout, "variant": ("fused" if fused else "eager") +
+               ("-cl" if layout == "cl" else "")}
+        try:
+            model, step, x = _train_setup(fused, device, layout, res, batch)
+            rec["model_fused_attr"] = getattr(model, "fused", None)
+            with torch.no_grad():
+                rec["dabnet_kernel_calls"] = dabnet_kernel_calls(model.eval(), x[:1])
+            model.train()
+            # Peak memory of the first two steps of a fresh model (the optimizer's momentum
+            # buffers appear in the first). GPU: the allocator's peak over what was allocated
+            # before. CPU: in a fresh process per variant (in this one, memory freed by the
+            # previous variant would be reused and hide the difference), the peak RSS over the
+            # RSS before: coarser, it counts allocator caches too.
+            if device == "cuda":
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                rec["first_loss"] = step().item()
+                step()
+                torch.cuda.synchronize()
+                rec["peak_bytes"] = torch.cuda.max_memory_allocated()
+                rec["peak_over_base_bytes"] = rec["peak_bytes"] - base
+                rec["memory_method"] = "torch.cuda.max_memory_allocated over 2 steps"
+            else:
+                rec["first_loss"] = step().item()
+                step()
+                rec.update(_cpu_peak_in_fresh_process(fused, layout, res, batch))
+            st = time_fn(step, device, budget)
+            rec.update(st.as_dict())
+        except Exception as e:
+            rec["error"] = _error(e)
+        out.append(rec)
+        model = step = None
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return out
