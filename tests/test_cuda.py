@@ -427,6 +427,33 @@ def test_reductions_are_deterministic(layout):
             assert torch.equal(a, b)
 
 
+@requires_cuda
+@pytest.mark.skipif(torch.cuda.is_available()
+                    and torch.cuda.get_device_properties(0).total_memory < 24 << 30,
+                    reason="needs a GPU with 24 GiB")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_more_than_2_pow_31_elements(layout):
+    """64-bit offsets: the last rows of the last channel of a tensor past 2^31 elements."""
+    shape = (1, 4, 16384, 32769)  # 2^31 + 65536 elements
+    x = torch.empty(shape, dtype=torch.float16, device="cuda",
+                    memory_format=torch.channels_last if layout == "channels_last"
+                    else torch.contiguous_format)
+    x.normal_()
+    w = dw_weight(4, "h", torch.float16)
+    out = torch.ops.dabnet.dwconv3(x, w, 3)
+    tail = x[:, 3:, -8:, :].float()
+    want = reference.dwconv3(tail, w[3:].float(), 3)[:, :, -5:, :]
+    torch.testing.assert_close(out[:, 3:, -5:, :].float(), want, **TOL[torch.float16])
+    del out
+    p = bn_params(4, torch.float32)
+    out, mean, var = torch.ops.dabnet.bn_prelu(x, p.weight, p.bias, None, None, p.prelu_weight,
+                                               True, 1e-3)
+    last = x[:, 3].float()
+    torch.testing.assert_close(mean[3], last.mean(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var[3], last.var(unbiased=False), rtol=1e-5, atol=1e-5)
+    assert not torch.isnan(out[:, 3, -2:, :]).any()
+
+
 # ------------------------------------------------------------------ devices and streams
 @requires_cuda
 def test_side_stream():

@@ -50,7 +50,7 @@ struct Tap3Op {
       a = ch.slope;
     }
 #pragma unroll
-    for (int j = 0; j < 3; ++j) k[j] = acc_t(w[c * 3 + (flip ? 2 - j : j)]) * scale;
+    for (int j = 0; j < 3; ++j) k[j] = acc_t(w[int64_t(c) * 3 + (flip ? 2 - j : j)]) * scale;
   }
   __device__ void operator()(const Cursor& cur, int c) const {
     const int64_t o = in.g.offset(cur.n, c, cur.h, cur.w);
