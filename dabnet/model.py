@@ -166,6 +166,15 @@ class DABNet(nn.Module):
             convert(self, inplace=True)
 
     def forward(self, x):
+        return self._fit(x, labels=False)
+
+    @torch.no_grad()
+    def predict(self, x):
+        """Per-pixel class labels (N, H, W), int64: forward(x).argmax(1). The fused model on CPU
+        computes them from the 1/8-scale logits without materializing the full-size ones."""
+        return self._fit(x, labels=True)
+
+    def _fit(self, x, labels):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"DABNet expects an (N, 3, H, W) image batch, got {shape}")
@@ -175,17 +184,29 @@ class DABNet(nn.Module):
                              f"shape {tuple(x.shape)} and dtype {x.dtype}")
         pad_h, pad_w = _pad_to_fit(H), _pad_to_fit(W)
         if pad_h or pad_w:
-            return self._forward(F.pad(x, (0, pad_w, 0, pad_h)))[:, :, :H, :W]
-        return self._forward(x)
+            return self._forward(F.pad(x, (0, pad_w, 0, pad_h)), labels)[..., :H, :W]
+        return self._forward(x, labels)
 
-    def _forward(self, x):
+    def _forward(self, x, labels=False):
         stem = self.init_conv(x)
-        cat0 = self.bn_prelu_1(torch.cat([stem, self.down_1(x)], 1))
+        cat0 = _cat_bn_prelu(self.bn_prelu_1, [stem, self.down_1(x)])
         b1_in = self.downsample_1(cat0)
         b1_out = self.DAB_Block_1(b1_in)
-        cat1 = self.bn_prelu_2(torch.cat([b1_out, b1_in, self.down_2(x)], 1))
+        cat1 = _cat_bn_prelu(self.bn_prelu_2, [b1_out, b1_in, self.down_2(x)])
         b2_in = self.downsample_2(cat1)
         b2_out = self.DAB_Block_2(b2_in)
-        cat2 = self.bn_prelu_3(torch.cat([b2_out, b2_in, self.down_3(x)], 1))
+        cat2 = _cat_bn_prelu(self.bn_prelu_3, [b2_out, b2_in, self.down_3(x)])
         out = self.classifier(cat2)
-        return F.interpolate(out, x.shape[2:], mode="bilinear", align_corners=False)
+        size = tuple(x.shape[2:])
+        if self.fused:
+            from dabnet_kernels import ops
+
+            return ops.upsample_argmax(out, size) if labels else ops.upsample_bilinear(out, size)
+        out = F.interpolate(out, size, mode="bilinear", align_corners=False)
+        return out.argmax(1) if labels else out
+
+
+def _cat_bn_prelu(unit, xs):
+    """unit(torch.cat(xs, 1)); a fused BN-PReLU reads the pieces without concatenating them."""
+    fused = getattr(unit, "forward_cat", None)
+    return fused(xs) if fused is not None else unit(torch.cat(xs, 1))

@@ -136,6 +136,12 @@ class FusedBNPReLU(nn.Module):
     def forward(self, x):
         return _bn_prelu(x, self.bn, self.acti)
 
+    def forward_cat(self, xs):
+        """self(torch.cat(xs, 1)); in eval one kernel reads the pieces (no concatenation)."""
+        rm, rv, nbt = _bn_state(self.bn)
+        return ops.cat_bn_prelu(xs, self.bn.weight, self.bn.bias, rm, rv, self.acti.weight,
+                                self.bn.training, self.bn.momentum, self.bn.eps, nbt)
+
 
 class FusedConvBNPReLU(nn.Module):
     """Depthwise 3x1 or 1x3 conv, BatchNorm2d, PReLU in one op (``ops.dwconv3_bn_prelu``).

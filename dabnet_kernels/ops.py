@@ -254,8 +254,6 @@ def cat_bn_prelu(xs: Sequence[Tensor], weight: Optional[Tensor], bias: Optional[
     for k, t in enumerate(xs):
         _check_x(t, f"xs[{k}]")
         _check_same(t, xs[0], f"xs[{k}]")
-        if t.dtype != xs[0].dtype:
-            raise ValueError(f"xs[{k}] has dtype {t.dtype} but xs[0] has dtype {xs[0].dtype}")
         if t.shape[0] != xs[0].shape[0] or t.shape[2:] != xs[0].shape[2:]:
             raise ValueError(f"xs[{k}] has shape {tuple(t.shape)}, which cannot be concatenated "
                              f"along channels with {tuple(xs[0].shape)}")
@@ -263,7 +261,8 @@ def cat_bn_prelu(xs: Sequence[Tensor], weight: Optional[Tensor], bias: Optional[
         any(t.requires_grad for t in xs)
         or any(t is not None and t.requires_grad for t in (weight, bias, prelu_weight)))
     x0 = xs[0]
-    if (training or needs_grad or running_mean is None or x0.device.type != "cpu"
+    mixed = any(t.dtype != x0.dtype for t in xs)  # torch.cat promotes (e.g. under autocast)
+    if (training or needs_grad or mixed or running_mean is None or x0.device.type != "cpu"
             or ops_for(x0) is None):
         return bn_prelu(torch.cat(list(xs), 1), weight, bias, running_mean, running_var,
                         prelu_weight, training, momentum, eps, num_batches_tracked)
@@ -281,7 +280,8 @@ def _check_size(size):
     if isinstance(size, int):
         size = (size, size)
     size = tuple(size)
-    if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in size):
+    if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, (int, torch.SymInt))
+                             or s <= 0 for s in size):
         raise ValueError(f"size must be two positive ints (H, W), got {size!r}")
     return size
 

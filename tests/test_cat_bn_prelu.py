@@ -52,13 +52,21 @@ def test_opcheck():
 
 @pytest.mark.parametrize("bad,msg", [
     (lambda: [torch.randn(2, 3, 6, 7), torch.randn(2, 3, 6, 8)], "cannot be concatenated"),
-    (lambda: [torch.randn(2, 3, 6, 7), torch.randn(2, 3, 6, 7, dtype=torch.float64)], "dtype"),
     (lambda: [], "non-empty"),
 ])
 def test_bad_inputs(bad, msg):
     p = bn_params(6, torch.float32)
     with pytest.raises(ValueError, match=msg):
         ops.cat_bn_prelu(bad(), *p[:5], False)
+
+
+def test_mixed_dtypes_promote_like_torch_cat():
+    xs = [torch.randn(2, 3, 6, 7, dtype=torch.bfloat16), torch.randn(2, 3, 6, 7)]
+    p = bn_params(6, torch.float32)
+    with torch.no_grad():
+        out = ops.cat_bn_prelu(xs, *p[:5], False)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, reference.bn_prelu(torch.cat(xs, 1), *p[:5], False))
 
 
 def test_wrong_parameter_length():

@@ -224,3 +224,34 @@ def test_autocast_bfloat16(training):
         err_ref = (results[1][k] - truth).norm() / truth.norm()
         err_fused = (results[2][k] - truth).norm() / truth.norm()
         assert err_fused <= 2 * err_ref + 1e-3, (k, err_fused.item(), err_ref.item())
+
+
+def test_predict_gives_forward_argmax_labels():
+    torch.manual_seed(0)
+    plain = DABNet(19).eval()
+    fused = DABNet(19, fused=True).eval()
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 37, 50)
+    with torch.no_grad():
+        logits = plain(x)
+    top2 = logits.topk(2, dim=1).values
+    decided = top2[:, 0] - top2[:, 1] > 1e-4  # labels of near-ties may differ by rounding
+    for model in (plain, fused):
+        labels = model.predict(x)
+        assert labels.shape == (2, 37, 50) and labels.dtype == torch.long
+        assert torch.equal(labels[decided], logits.argmax(1)[decided])
+
+
+def test_fused_eval_uses_cat_and_upsample_kernels(monkeypatch):
+    from dabnet_kernels import ops
+
+    calls = []
+    for name in ("cat_bn_prelu", "upsample_bilinear", "upsample_argmax"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    model = DABNet(19, fused=True).eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 64))
+        model.predict(torch.randn(1, 3, 32, 64))
+    assert calls.count("cat_bn_prelu") == 6
+    assert calls.count("upsample_bilinear") == 1 and calls.count("upsample_argmax") == 1
