@@ -59,7 +59,8 @@ def _want_cuda():
 def _extension():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp-simd: honour `#pragma omp simd` (vectorized reductions) without the OpenMP runtime.
-    cxx = ["-O3", "-fopenmp-simd", "-Wall", "-Wno-unused-function"]
+    # -fno-trapping-math: lets selects between float values vectorize (no result changes).
+    cxx = ["-O3", "-fopenmp-simd", "-fno-trapping-math", "-Wall", "-Wno-unused-function"]
     if _want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         # --warn-on-spills: a register spill in any kernel is a build warning.

@@ -22,14 +22,14 @@ void batch_stats(const scalar_t* x, const Geo& g, std::vector<double>& mean,
   mean.assign(g.C, 0.0);
   var.assign(g.C, 0.0);
   channel_reduce<1, acc_t>(
-      g, [&](int64_t i, int64_t) { return std::array<acc_t, 1>{acc_t(x[i])}; }, mean.data());
+      g, [&](int64_t i, int64_t, acc_t& s, acc_t&, acc_t&) { s += acc_t(x[i]); }, mean.data());
   for (auto& m : mean) m /= M;
   std::vector<acc_t> m_acc(mean.begin(), mean.end());
   channel_reduce<1, acc_t>(
       g,
-      [&](int64_t i, int64_t c) {
+      [&](int64_t i, int64_t c, acc_t& s, acc_t&, acc_t&) {
         const acc_t v = acc_t(x[i]) - m_acc[c];
-        return std::array<acc_t, 1>{v * v};
+        s += v * v;
       },
       var.data());
   for (auto& v : var) v /= M;
@@ -125,13 +125,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_prelu_backward(
     if (x.numel() > 0 && (training || mask[1] || mask[2] || mask[3])) {
       channel_reduce<3, acc_t>(
           g,
-          [&](int64_t i, int64_t c) {
+          [&](int64_t i, int64_t c, acc_t& s0, acc_t& s1, acc_t& s2) {
             const acc_t xv = acc_t(xp[i]), gv = acc_t(gp[i]);
             const acc_t y = xv * scale[c] + shift[c];
-            // PyTorch's PReLU derivative: 1 for y > 0, the slope otherwise (as 0/1 masks: no branch).
-            const acc_t pos = acc_t(y > acc_t(0)), gy = gv * (pos + (acc_t(1) - pos) * slope[c]);
-            return std::array<acc_t, 3>{gy, gy * (xv - mean[c]) * invstd[c],
-                                        (acc_t(1) - pos) * gv * y};
+            // PyTorch's PReLU derivative: 1 for y > 0, the slope otherwise. Selects between values
+            // computed unconditionally, so the loop vectorizes (see prelu in loops.h).
+            const bool pos = y > acc_t(0);
+            const acc_t a = slope[c], ga = gv * a, gneg = gv * y;
+            const acc_t gy = pos ? gv : ga;
+            s0 += gy;
+            s1 += gy * (xv - mean[c]) * invstd[c];
+            s2 += pos ? acc_t(0) : gneg;
           },
           sums.data());
     }
@@ -145,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_prelu_backward(
       channel_map(g, [&](int64_t i, int64_t c) {
         const acc_t xv = acc_t(xp[i]), gv = acc_t(gp[i]);
         const acc_t y = xv * scale[c] + shift[c];
-        const acc_t pos = acc_t(y > acc_t(0)), gy = gv * (pos + (acc_t(1) - pos) * slope[c]);
+        const acc_t a = slope[c], ga = gv * a, gy = y > acc_t(0) ? gv : ga;
         const acc_t xhat = (xv - mean[c]) * invstd[c];
         gxp[i] = scalar_t(scale[c] * (gy - k1[c] - xhat * k2[c]));
       });

@@ -150,11 +150,14 @@ void run_tap3(const T* x, out_t* out, const Geo& g, int axis, int64_t d, const a
 
 constexpr int64_t kBlock = 512;  // elements summed in acc_t before spilling into double
 
-// Sums K per-channel quantities over (N, H, W): f(offset, channel) -> std::array<acc_t, K>.
+// Sums K (1 to 3) per-channel quantities over (N, H, W): f(offset, channel, s0, s1, s2) adds an
+// element's quantities to the acc_t sums s0..s2 (by reference: returning an array kept GCC from
+// vectorizing the loop).
 // out is [K][C] doubles. The order of summation is fixed (independent of the thread count), so
 // results are deterministic.
 template <int K, typename acc_t, typename F>
 void channel_reduce(const Geo& g, F f, double* out) {
+  static_assert(K >= 1 && K <= 3, "channel_reduce sums one to three quantities");
   const int64_t C = g.C, HW = g.H * g.W;
   if (!g.cl) {
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
@@ -163,16 +166,15 @@ void channel_reduce(const Geo& g, F f, double* out) {
         for (int64_t n = 0; n < g.N; ++n) {
           const int64_t base = (n * C + c) * HW;
           for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
-            acc_t s[K] = {};
+            acc_t s0 = 0, s1 = 0, s2 = 0;
             const int64_t i1 = std::min(HW, i0 + kBlock);
-            // Lets the compiler split the sums across SIMD lanes (a float sum is not
-            // reassociated otherwise); the block order stays fixed, so results stay deterministic.
-#pragma omp simd reduction(+ : s[:K])
-            for (int64_t i = i0; i < i1; ++i) {
-              const auto v = f(base + i, c);
-              for (int k = 0; k < K; ++k) s[k] += v[k];
-            }
-            for (int k = 0; k < K; ++k) tot[k] += s[k];
+            // omp simd lets the compiler split the sums across SIMD lanes (a float sum is never
+            // reassociated otherwise) and if-convert f's selects; block order stays fixed.
+#pragma omp simd reduction(+ : s0, s1, s2)
+            for (int64_t i = i0; i < i1; ++i) f(base + i, c, s0, s1, s2);
+            tot[0] += s0;
+            if constexpr (K > 1) tot[1] += s1;
+            if constexpr (K > 2) tot[2] += s2;
           }
         }
         for (int k = 0; k < K; ++k) out[k * C + c] = tot[k];
@@ -191,7 +193,8 @@ void channel_reduce(const Geo& g, F f, double* out) {
         std::fill(s.begin(), s.end(), acc_t(0));
         for (int64_t q = b0; q < std::min(q1, b0 + kBlock / 8); ++q)
           for (int64_t c = 0; c < C; ++c) {
-            const auto v = f(q * C + c, c);
+            acc_t v[3] = {0, 0, 0};
+            f(q * C + c, c, v[0], v[1], v[2]);
             for (int k = 0; k < K; ++k) s[k * C + c] += v[k];
           }
         for (int64_t i = 0; i < K * C; ++i) P[i] += s[i];
