@@ -95,4 +95,38 @@ inline void check_neck(const at::Tensor& x, const at::Tensor& weight, const at::
   TORCH_CHECK(dilation >= 1, "dabnet: dilation must be >= 1, got ", dilation);
 }
 
+// grad_out of a backward op: same device, dtype and shape as the forward input x.
+inline void check_grad(const at::Tensor& grad_out, const at::Tensor& x) {
+  check_input(x);
+  check_input(grad_out, "grad_out");
+  check_like(grad_out, x, "grad_out");
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "dabnet: grad_out has shape ", grad_out.sizes(),
+              " but the input has shape ", x.sizes());
+}
+
+// Every argument of bn_prelu_backward but the flags.
+inline void check_bn_prelu_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                    const at::Tensor& weight, const at::Tensor& bias,
+                                    const at::Tensor& prelu_weight, const at::Tensor& mean,
+                                    const at::Tensor& var) {
+  check_grad(grad_out, x);
+  check_bn_prelu(x, weight, bias, prelu_weight);
+  check_vec(mean, x, "mean");
+  check_vec(var, x, "var");
+}
+
+// Every argument of dwconv3_bn_prelu; returns the conv's axis as check_dw_weight.
+inline int check_dwconv3_bn_prelu(const at::Tensor& x, const at::Tensor& conv_weight,
+                                  int64_t dilation, const at::Tensor& weight,
+                                  const at::Tensor& bias,
+                                  const c10::optional<at::Tensor>& running_mean,
+                                  const c10::optional<at::Tensor>& running_var,
+                                  const at::Tensor& prelu_weight, bool training) {
+  check_input(x);
+  const int axis = check_dw_weight(conv_weight, x, dilation, "conv_weight");
+  check_bn_prelu(x, weight, bias, prelu_weight);
+  check_stats(running_mean, running_var, x, training);
+  return axis;
+}
+
 }  // namespace dabnet

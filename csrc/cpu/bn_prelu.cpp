@@ -91,14 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_prelu_backward(
     const at::Tensor& grad_out, const at::Tensor& x_, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& prelu_weight, const at::Tensor& mean_,
     const at::Tensor& var_, bool training, double eps, std::array<bool, 4> mask) {
-  check_input(x_);
-  check_input(grad_out, "grad_out");
-  check_like(grad_out, x_, "grad_out");
-  TORCH_CHECK(grad_out.sizes() == x_.sizes(), "dabnet: grad_out has shape ", grad_out.sizes(),
-              " but the input has shape ", x_.sizes());
-  check_bn_prelu(x_, weight, bias, prelu_weight);
-  check_vec(mean_, x_, "mean");
-  check_vec(var_, x_, "var");
+  check_bn_prelu_backward(grad_out, x_, weight, bias, prelu_weight, mean_, var_);
   bool cl;
   const at::Tensor x = canonical(x_, cl);
   const at::Tensor gout = grad_out.contiguous(fmt(cl));

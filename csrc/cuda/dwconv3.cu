@@ -110,11 +110,7 @@ at::Tensor dwconv3(const at::Tensor& x_, const at::Tensor& weight, int64_t dilat
 std::tuple<at::Tensor, at::Tensor> dwconv3_backward(const at::Tensor& grad_out,
                                                     const at::Tensor& x_, const at::Tensor& weight,
                                                     int64_t dilation, std::array<bool, 2> mask) {
-  check_input(x_);
-  check_input(grad_out, "grad_out");
-  check_like(grad_out, x_, "grad_out");
-  TORCH_CHECK(grad_out.sizes() == x_.sizes(), "dabnet: grad_out has shape ", grad_out.sizes(),
-              " but the input has shape ", x_.sizes());
+  check_grad(grad_out, x_);
   const int axis = check_dw_weight(weight, x_, dilation);
   const c10::cuda::CUDAGuard guard(x_.device());
   bool cl;

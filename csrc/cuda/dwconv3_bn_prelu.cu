@@ -15,10 +15,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv3_bn_prelu(
     const at::Tensor& bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, const at::Tensor& prelu_weight, bool training,
     double eps) {
-  check_input(x_);
-  const int axis = check_dw_weight(conv_weight, x_, dilation, "conv_weight");
-  check_bn_prelu(x_, weight, bias, prelu_weight);
-  check_stats(running_mean, running_var, x_, training);
+  const int axis = check_dwconv3_bn_prelu(x_, conv_weight, dilation, weight, bias, running_mean,
+                                          running_var, prelu_weight, training);
   if (training)
     return bn_prelu(dwconv3(x_, conv_weight, dilation), weight, bias, running_mean, running_var,
                     prelu_weight, training, eps);
