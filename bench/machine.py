@@ -73,8 +73,9 @@ def info(device: str) -> dict:
     try:
         import dabnet_kernels
         has_cuda_kernels = dabnet_kernels.has_cuda_kernels()
+        cpu_isa = dabnet_kernels.cpu_isa()
     except Exception:
-        has_cuda_kernels = None
+        has_cuda_kernels = cpu_isa = None
     d = {
         "device": device,
         "cpu_model": cpu_model(),
@@ -90,6 +91,7 @@ def info(device: str) -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "triton": triton_version,
         "dabnet_cuda_kernels_built": has_cuda_kernels,
+        "dabnet_cpu_isa": cpu_isa,
         "git_commit": _git_commit(),
         "gpu_model": None,
     }

@@ -35,7 +35,7 @@ def main(argv=None):
     dev = (m["gpu_model"] if device == "cuda"
            else f"{m['cpu_model']} ({m['cpu_usable_cores']} cores)")
     print(f"\ndabnet ops vs reference (F.conv2d groups=C / F.batch_norm / F.prelu) on {dev}, "
-          f"torch {m['torch']}:\n")
+          f"torch {m['torch']}, CPU kernels: {m['dabnet_cpu_isa']}:\n")
     print(report.quick_table({"ops": recs}))
     return 0
 

@@ -3,6 +3,14 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+namespace dabnet {
+namespace cpu {
+std::string isa_name();  // cpu/isa.cpp
+}  // namespace cpu
+}  // namespace dabnet
+
 // A Python module named _C that does nothing but load this library (and with it the registrations).
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
@@ -46,4 +54,6 @@ TORCH_LIBRARY(dabnet, m) {
   // Labels of the bilinear (align_corners=False) upsampling of logits to (out_h, out_w): argmax
   // over classes without materializing the upsampled logits. Returns int64 (N, out_h, out_w).
   m.def("upsample_argmax(Tensor logits, int out_h, int out_w) -> Tensor");
+  // The instruction set the CPU kernels were picked for at load time: "avx2" or "base".
+  m.def("cpu_isa() -> str", &dabnet::cpu::isa_name);
 }

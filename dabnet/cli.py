@@ -252,6 +252,9 @@ def cmd_info(a):
           f"at 2 FLOPs per MAC); dense 3x3 {m['dense'] / 1e9:.2f} G, 1x1 "
           f"{m['pointwise'] / 1e9:.2f} G, depthwise {m['depthwise'] / 1e9:.3f} G")
     print(f"dabnet_kernels backend on {device}: {r['backend']}")
+    if r["backend"] == "cpu":
+        import dabnet_kernels
+        print(f"CPU kernels built for: {dabnet_kernels.cpu_isa()}")
     if a.fps:
         fps, ms = measure_fps(model, a.size, 1, device, 10, a.fps_iters,
                               progress=not a.no_progress)

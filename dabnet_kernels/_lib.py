@@ -14,6 +14,12 @@ except ImportError as e:  # pragma: no cover - depends on the installation
 _ext_path = _C.__file__
 
 
+def cpu_isa() -> str:
+    """The build of the C++ CPU kernels this process runs: "avx2" (AVX2+FMA) or "base" (picked
+    when the library loads; DABNET_CPU_ISA=base in the environment forces the baseline)."""
+    return torch.ops.dabnet.cpu_isa()
+
+
 def has_cuda_kernels() -> bool:
     """Whether the built extension holds the CUDA kernels (true even with no GPU visible)."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("dabnet::dwconv3", "CUDA")

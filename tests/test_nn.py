@@ -349,3 +349,35 @@ def test_bad_input_is_a_clear_error():
 
 def test_package_exports():
     assert dabnet_kernels.convert is convert and dabnet_kernels.fusion_plan is fusion_plan
+
+
+def test_fused_dab_module_refolds_when_parameters_change():
+    """The eval kernel's folded parameters are kept between calls; every way of changing a
+    parameter or buffer must show in the next output."""
+    ref = randomize_bn_prelu(AuthorsDAB(8, 2)).double().eval()
+    fused = FusedDABModule.from_module(copy.deepcopy(ref))
+    x = torch.randn(2, 8, 6, 5, dtype=torch.float64)
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), ref(x), **F64)
+
+    check()
+    check()  # from the kept fold
+    assert "_fold_cache" in fused.__dict__
+    changes = [
+        lambda m: m.bn_relu_2.bn.weight.mul_(1.5),                      # in place
+        lambda m: m.ddconv3x1.conv.weight.add_(0.25),                   # a conv weight
+        lambda m: m.dconv1x3.bn_prelu.bn.running_var.mul_(2.0),         # a buffer
+        lambda m: setattr(m.dconv3x1.bn_prelu.acti, "weight",           # a replaced parameter
+                          nn.Parameter(torch.full((4,), 0.7, dtype=torch.float64))),
+    ]
+    for change in changes:
+        with torch.no_grad():
+            change(ref)
+            change(fused)
+        check()
+    state = randomize_bn_prelu(AuthorsDAB(8, 2)).double().state_dict()
+    ref.load_state_dict(state)
+    fused.load_state_dict(state)
+    check()

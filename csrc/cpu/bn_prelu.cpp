@@ -5,11 +5,13 @@
 #include <cmath>
 
 #include "../checks.h"
+#include "isa.h"
 #include "kernels.h"
 #include "loops.h"
 
 namespace dabnet {
 namespace cpu {
+inline namespace DABNET_CPU_ISA {  // see isa.h
 
 namespace {
 
@@ -160,10 +162,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_prelu_backward(
   return {gx, gw, gb, ga};
 }
 
+}  // namespace DABNET_CPU_ISA
 }  // namespace cpu
 }  // namespace dabnet
 
+// Registered once, from the baseline build (isa.h).
+#ifndef DABNET_CPU_VARIANT
+DABNET_CPU_DECLARE(bn_prelu)
+DABNET_CPU_DECLARE(bn_prelu_backward)
+
 TORCH_LIBRARY_IMPL(dabnet, CPU, m) {
-  m.impl("bn_prelu", &dabnet::cpu::bn_prelu);
-  m.impl("bn_prelu_backward", &dabnet::cpu::bn_prelu_backward);
+  m.impl("bn_prelu", DABNET_CPU_KERNEL(bn_prelu));
+  m.impl("bn_prelu_backward", DABNET_CPU_KERNEL(bn_prelu_backward));
 }
+#endif

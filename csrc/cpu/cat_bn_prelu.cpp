@@ -5,10 +5,12 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "isa.h"
 #include "loops.h"
 
 namespace dabnet {
 namespace cpu {
+inline namespace DABNET_CPU_ISA {  // see isa.h
 
 at::Tensor cat_bn_prelu(at::TensorList xs, const at::Tensor& scale, const at::Tensor& shift,
                         const at::Tensor& slope) {
@@ -71,7 +73,15 @@ at::Tensor cat_bn_prelu(at::TensorList xs, const at::Tensor& scale, const at::Te
   return out;
 }
 
+}  // namespace DABNET_CPU_ISA
 }  // namespace cpu
 }  // namespace dabnet
 
-TORCH_LIBRARY_IMPL(dabnet, CPU, m) { m.impl("cat_bn_prelu", &dabnet::cpu::cat_bn_prelu); }
+// Registered once, from the baseline build (isa.h).
+#ifndef DABNET_CPU_VARIANT
+DABNET_CPU_DECLARE(cat_bn_prelu)
+
+TORCH_LIBRARY_IMPL(dabnet, CPU, m) {
+  m.impl("cat_bn_prelu", DABNET_CPU_KERNEL(cat_bn_prelu));
+}
+#endif

@@ -1,14 +1,55 @@
-// Eval-mode DAB neck on CPU in one pass over memory. For each output row, the first convs of both
-// branches (3x1 and dilated 3x1, BN folded in, PReLU) are computed into row buffers from the input
-// rows they need (h±1, h±d; these stay in cache), then the 1x3 convs read those buffers, and the
-// branch sum goes through the final BN-PReLU straight into the output.
+// Eval-mode DAB neck on CPU in one pass over memory. Per output row, one loop computes the first
+// convs of both branches (3x1 and dilated 3x1, BN folded in, PReLU) into two row buffers from the
+// input rows they need (h±1, h±d: these stay in cache); a second loop reads those buffers for both
+// 1x3 convs, sums the branches and applies the final BN-PReLU straight into the output.
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "isa.h"
 #include "loops.h"
 
 namespace dabnet {
 namespace cpu {
+inline namespace DABNET_CPU_ISA {  // see isa.h
+
+namespace {
+
+// One channel's 3-tap conv with its BatchNorm folded in, then PReLU. Held by value in the loops, so
+// its five numbers live in registers (through pointers the compiler would reload them, as the
+// output might alias them).
+template <typename acc_t>
+struct Tap3 {
+  acc_t w0, w1, w2, bias, slope;
+  Tap3(const std::vector<acc_t>& prm, int64_t C, int64_t c)  // prm: [w0 | w1 | w2 | bias | slope]
+      : w0(prm[c]), w1(prm[C + c]), w2(prm[2 * C + c]), bias(prm[3 * C + c]), slope(prm[4 * C + c]) {}
+  acc_t operator()(acc_t a, acc_t b, acc_t c) const {
+    return prelu(bias + w0 * a + w1 * b + w2 * c, slope);
+  }
+};
+
+// NCHW: the neck of one channel's row. up1/dn1 and upd/dnd are the rows h-1/h+1 and h-d/h+d (or
+// zero rows); t1/t2 are scratch rows with zero borders of 1 and dd = min(d, W) on each side (a
+// shift of W or more reads only the border).
+template <typename T, typename acc_t>
+void neck_row(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ up1,
+              const T* __restrict__ dn1, const T* __restrict__ upd, const T* __restrict__ dnd,
+              acc_t* __restrict__ t1, acc_t* __restrict__ t2, int64_t W, int64_t dd,
+              const Tap3<acc_t> k[4], acc_t scale, acc_t shift, acc_t slope) {
+  const Tap3<acc_t> k0 = k[0], k1 = k[1], k2 = k[2], k3 = k[3];
+  acc_t* m1 = t1 + 1;  // based on t1/t2: the second loop reads what the first one writes
+  acc_t* m2 = t2 + dd;
+  for (int64_t i = 0; i < W; ++i) {
+    const acc_t v = acc_t(x[i]);
+    m1[i] = k0(acc_t(up1[i]), v, acc_t(dn1[i]));
+    m2[i] = k2(acc_t(upd[i]), v, acc_t(dnd[i]));
+  }
+  for (int64_t i = 0; i < W; ++i) {
+    const acc_t y = k1(t1[i], t1[i + 1], t1[i + 2]) + k3(t2[i], t2[i + dd], t2[i + 2 * dd]);
+    out[i] = T(prelu(scale * y + shift, slope));
+  }
+}
+
+}  // namespace
 
 at::Tensor dab_neck(const at::Tensor& x_, const at::Tensor& weight, const at::Tensor& bias,
                     const at::Tensor& slope, const at::Tensor& out_scale,
@@ -35,43 +76,29 @@ at::Tensor dab_neck(const at::Tensor& x_, const at::Tensor& weight, const at::Te
                fa = to_vec<acc_t>(out_slope, C);
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    auto final_run = [&](scalar_t* o, const acc_t* b1, const acc_t* b2, int64_t c0, bool vec, int64_t n) {
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t c = vec ? i : c0;
-        const acc_t y = fs[c] * (b1[i] + b2[i]) + ft[c];
-        o[i] = scalar_t(prelu(y, fa[c]));
-      }
-    };
     if (!cl) {
       at::parallel_for(0, g.N * C, 1, [&](int64_t begin, int64_t end) {
-        // t1/t2: first-conv rows with zero padding of 1 and dd; the second convs read them shifted.
-        std::vector<acc_t> t1(W + 2, 0), t2(W + 2 * dd, 0), b1(W), b2(W), zacc(W, 0);
+        std::vector<acc_t> t1(W + 2, 0), t2(W + 2 * dd, 0);
         std::vector<scalar_t> zero(W, scalar_t(0));
+        const scalar_t* z = zero.data();
         for (int64_t p = begin; p < end; ++p) {
           const int64_t c = p % C;
-          const scalar_t* xp_ = xp + p * H * W;
+          const Tap3<acc_t> k[4] = {{prm[0], C, c}, {prm[1], C, c}, {prm[2], C, c}, {prm[3], C, c}};
+          const scalar_t* xq = xp + p * H * W;
           for (int64_t h = 0; h < H; ++h) {
-            const scalar_t* r = xp_ + h * W;
-            tap3_run<true, false>(t1.data() + 1, h >= 1 ? r - W : zero.data(), r,
-                                  h + 1 < H ? r + W : zero.data(), prm[0].data() + c, C, W);
-            tap3_run<true, false>(t2.data() + dd, h >= d ? r - d * W : zero.data(), r,
-                                  h + d < H ? r + d * W : zero.data(), prm[2].data() + c, C, W);
-            tap3_run<true, false>(b1.data(), t1.data(), t1.data() + 1, t1.data() + 2,
-                                  prm[1].data() + c, C, W);
-            if (d < W)
-              tap3_run<true, false>(b2.data(), t2.data(), t2.data() + dd, t2.data() + 2 * dd,
-                                    prm[3].data() + c, C, W);
-            else
-              tap3_run<true, false>(b2.data(), zacc.data(), t2.data() + dd, zacc.data(),
-                                    prm[3].data() + c, C, W);
-            final_run(op + p * H * W + h * W, b1.data(), b2.data(), c, false, W);
+            const scalar_t* r = xq + h * W;
+            neck_row(op + p * H * W + h * W, r, h >= 1 ? r - W : z, h + 1 < H ? r + W : z,
+                     h >= d ? r - d * W : z, h + d < H ? r + d * W : z, t1.data(), t2.data(), W,
+                     dd, k, fs[c], ft[c], fa[c]);
           }
         }
       });
     } else {
       at::parallel_for(0, g.N * H, 1, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> t1(W * C), t2(W * C), b1(C), b2(C), zacc(C, 0);
+        std::vector<acc_t> t1(W * C), t2(W * C), zacc(C, 0);
         std::vector<scalar_t> zero(C, scalar_t(0));
+        const acc_t *p1 = prm[1].data(), *p3 = prm[3].data();
+        const acc_t *s_ = fs.data(), *t_ = ft.data(), *a_ = fa.data();
         for (int64_t r = begin; r < end; ++r) {
           // First convs (along H) for every pixel of the row...
           row_runs(xp, g, 0, 1, r, zero.data(), [&](int64_t off, const scalar_t* a, const scalar_t* b,
@@ -82,15 +109,22 @@ at::Tensor dab_neck(const at::Tensor& x_, const at::Tensor& weight, const at::Te
                                                     const scalar_t* c, int64_t n) {
             tap3_run<true, true>(t2.data() + (off - r * W * C), a, b, c, prm[2].data(), C, n);
           });
-          // ...then the second convs (along W) over those rows, and the final BN-PReLU.
+          // ...then both second convs (along W), their sum and the final BN-PReLU, per pixel.
           for (int64_t w = 0; w < W; ++w) {
             const acc_t* m1 = t1.data() + w * C;
             const acc_t* m2 = t2.data() + w * C;
-            tap3_run<true, true>(b1.data(), w >= 1 ? m1 - C : zacc.data(), m1,
-                                 w + 1 < W ? m1 + C : zacc.data(), prm[1].data(), C, C);
-            tap3_run<true, true>(b2.data(), w >= d ? m2 - d * C : zacc.data(), m2,
-                                 w + d < W ? m2 + d * C : zacc.data(), prm[3].data(), C, C);
-            final_run(op + (r * W + w) * C, b1.data(), b2.data(), 0, true, C);
+            const acc_t* __restrict__ a1 = w >= 1 ? m1 - C : zacc.data();
+            const acc_t* __restrict__ c1 = w + 1 < W ? m1 + C : zacc.data();
+            const acc_t* __restrict__ a2 = w >= d ? m2 - d * C : zacc.data();
+            const acc_t* __restrict__ c2 = w + d < W ? m2 + d * C : zacc.data();
+            scalar_t* __restrict__ o = op + (r * W + w) * C;
+            for (int64_t i = 0; i < C; ++i) {
+              const acc_t y1 = prelu(p1[3 * C + i] + p1[i] * a1[i] + p1[C + i] * m1[i] +
+                                         p1[2 * C + i] * c1[i], p1[4 * C + i]);
+              const acc_t y2 = prelu(p3[3 * C + i] + p3[i] * a2[i] + p3[C + i] * m2[i] +
+                                         p3[2 * C + i] * c2[i], p3[4 * C + i]);
+              o[i] = scalar_t(prelu(s_[i] * (y1 + y2) + t_[i], a_[i]));
+            }
           }
         }
       });
@@ -99,7 +133,14 @@ at::Tensor dab_neck(const at::Tensor& x_, const at::Tensor& weight, const at::Te
   return out;
 }
 
+}  // namespace DABNET_CPU_ISA
 }  // namespace cpu
 }  // namespace dabnet
+// Registered once, from the baseline build (isa.h).
+#ifndef DABNET_CPU_VARIANT
+DABNET_CPU_DECLARE(dab_neck)
 
-TORCH_LIBRARY_IMPL(dabnet, CPU, m) { m.impl("dab_neck", &dabnet::cpu::dab_neck); }
+TORCH_LIBRARY_IMPL(dabnet, CPU, m) {
+  m.impl("dab_neck", DABNET_CPU_KERNEL(dab_neck));
+}
+#endif

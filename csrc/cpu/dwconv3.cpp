@@ -2,11 +2,13 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "isa.h"
 #include "kernels.h"
 #include "loops.h"
 
 namespace dabnet {
 namespace cpu {
+inline namespace DABNET_CPU_ISA {  // see isa.h
 
 at::Tensor dwconv3(const at::Tensor& x_, const at::Tensor& weight, int64_t dilation) {
   check_input(x_);
@@ -110,10 +112,17 @@ std::tuple<at::Tensor, at::Tensor> dwconv3_backward(const at::Tensor& grad_out,
   return {grad_x, grad_w};
 }
 
+}  // namespace DABNET_CPU_ISA
 }  // namespace cpu
 }  // namespace dabnet
 
+// Registered once, from the baseline build (isa.h).
+#ifndef DABNET_CPU_VARIANT
+DABNET_CPU_DECLARE(dwconv3)
+DABNET_CPU_DECLARE(dwconv3_backward)
+
 TORCH_LIBRARY_IMPL(dabnet, CPU, m) {
-  m.impl("dwconv3", &dabnet::cpu::dwconv3);
-  m.impl("dwconv3_backward", &dabnet::cpu::dwconv3_backward);
+  m.impl("dwconv3", DABNET_CPU_KERNEL(dwconv3));
+  m.impl("dwconv3_backward", DABNET_CPU_KERNEL(dwconv3_backward));
 }
+#endif

@@ -6,11 +6,13 @@
 #include <cmath>
 
 #include "../checks.h"
+#include "isa.h"
 #include "kernels.h"
 #include "loops.h"
 
 namespace dabnet {
 namespace cpu {
+inline namespace DABNET_CPU_ISA {  // see isa.h
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv3_bn_prelu(
     const at::Tensor& x_, const at::Tensor& conv_weight, int64_t dilation, const at::Tensor& weight,
@@ -44,7 +46,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv3_bn_prelu(
   return {out, running_mean->to(sopt, false, /*copy=*/true), running_var->to(sopt, false, true)};
 }
 
+}  // namespace DABNET_CPU_ISA
 }  // namespace cpu
 }  // namespace dabnet
 
-TORCH_LIBRARY_IMPL(dabnet, CPU, m) { m.impl("dwconv3_bn_prelu", &dabnet::cpu::dwconv3_bn_prelu); }
+// Registered once, from the baseline build (isa.h).
+#ifndef DABNET_CPU_VARIANT
+DABNET_CPU_DECLARE(dwconv3_bn_prelu)
+
+TORCH_LIBRARY_IMPL(dabnet, CPU, m) {
+  m.impl("dwconv3_bn_prelu", DABNET_CPU_KERNEL(dwconv3_bn_prelu));
+}
+#endif

@@ -3,6 +3,7 @@
 //   NHWC  : a "run" is the C channels of one pixel (params indexed by position in the run).
 // Every inner loop walks a contiguous run, so the compiler vectorizes it in both layouts.
 #pragma once
+#include "isa.h"
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -17,6 +18,7 @@
 
 namespace dabnet {
 namespace cpu {
+inline namespace DABNET_CPU_ISA {  // see isa.h
 
 struct Geo {
   int64_t N, C, H, W;
@@ -225,5 +227,6 @@ void channel_map(const Geo& g, F f) {
   }
 }
 
+}  // namespace DABNET_CPU_ISA
 }  // namespace cpu
 }  // namespace dabnet

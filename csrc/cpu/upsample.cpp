@@ -7,10 +7,12 @@
 #include <cmath>
 
 #include "../checks.h"
+#include "isa.h"
 #include "loops.h"
 
 namespace dabnet {
 namespace cpu {
+inline namespace DABNET_CPU_ISA {  // see isa.h
 
 namespace {
 
@@ -144,10 +146,17 @@ at::Tensor upsample_argmax(const at::Tensor& x_, int64_t out_h, int64_t out_w) {
   return labels;
 }
 
+}  // namespace DABNET_CPU_ISA
 }  // namespace cpu
 }  // namespace dabnet
 
+// Registered once, from the baseline build (isa.h).
+#ifndef DABNET_CPU_VARIANT
+DABNET_CPU_DECLARE(upsample_bilinear)
+DABNET_CPU_DECLARE(upsample_argmax)
+
 TORCH_LIBRARY_IMPL(dabnet, CPU, m) {
-  m.impl("upsample_bilinear", &dabnet::cpu::upsample_bilinear);
-  m.impl("upsample_argmax", &dabnet::cpu::upsample_argmax);
+  m.impl("upsample_bilinear", DABNET_CPU_KERNEL(upsample_bilinear));
+  m.impl("upsample_argmax", DABNET_CPU_KERNEL(upsample_argmax));
 }
+#endif

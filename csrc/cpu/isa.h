@@ -1,0 +1,38 @@
+// CPU instruction sets. On x86-64 every kernel file in csrc/cpu is compiled twice: once for the
+// baseline ISA (SSE2) into namespace dabnet::cpu::base, and once more, from a generated wrapper
+// (setup.py, see prelude.h), for AVX2+FMA into dabnet::cpu::avx2. The registration, compiled only in
+// the baseline build, picks one when the library loads. Distinct namespaces keep the two builds'
+// inline functions and template instances from being merged by the linker.
+#pragma once
+
+#ifndef DABNET_CPU_ISA
+#define DABNET_CPU_ISA base
+#endif
+
+namespace dabnet {
+namespace cpu {
+
+// True when the AVX2 kernels are built, the CPU has AVX2 and FMA, and DABNET_CPU_ISA is not
+// "base" in the environment (which forces the baseline kernels, e.g. to test them).
+bool use_avx2();
+
+}  // namespace cpu
+}  // namespace dabnet
+
+// The kernel to register for function f of dabnet::cpu: the AVX2 build's when use_avx2().
+#ifdef DABNET_WITH_AVX2
+#define DABNET_CPU_KERNEL(f) \
+  (::dabnet::cpu::use_avx2() ? &::dabnet::cpu::avx2::f : &::dabnet::cpu::base::f)
+// Declares the AVX2 build's twin of base::f (same type; defined in the AVX2 translation unit).
+#define DABNET_CPU_DECLARE(f)                   \
+  namespace dabnet {                            \
+  namespace cpu {                               \
+  namespace avx2 {                              \
+  decltype(::dabnet::cpu::base::f) f;           \
+  }                                             \
+  }                                             \
+  }
+#else
+#define DABNET_CPU_KERNEL(f) (&::dabnet::cpu::base::f)
+#define DABNET_CPU_DECLARE(f)
+#endif
