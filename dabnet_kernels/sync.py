@@ -88,14 +88,6 @@ def batch_stats(x: Tensor, group=None, differentiable: bool = False):
     return mean.to(acc), var.to(acc), n
 
 
-def _update_running(bn_stats, mean, var, n, momentum):
-    """Running statistics from the global batch statistics: ops' update with the global count."""
-    running_mean, running_var, num_batches_tracked = bn_stats
-    if running_mean is not None:
-        ops._update_running(running_mean, running_var, mean, var, n, momentum,
-                            num_batches_tracked)
-
-
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the batch of every rank of ``process_group``
     (None: the default group), like nn.SyncBatchNorm but on any device and process-group backend.
@@ -108,9 +100,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         self._check_input_dim(x)
         mean, var, n = batch_stats(x, self.process_group, differentiable=True)
-        if self.track_running_stats:
-            _update_running((self.running_mean, self.running_var, self.num_batches_tracked),
-                            mean.detach(), var.detach(), n, self.momentum)
+        if self.track_running_stats:  # nn.BatchNorm2d's update, with the global count
+            ops._update_running(self.running_mean, self.running_var, mean.detach(), var.detach(),
+                                n, self.momentum, self.num_batches_tracked)
         y = (x.to(mean.dtype) - _channel_view(mean, x)) * _channel_view(
             torch.rsqrt(var + self.eps), x)
         if self.affine:
@@ -241,5 +233,7 @@ def sync_bn_prelu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         raise RuntimeError("sync_bn_prelu needs an initialised torch.distributed process group")
     out, mean, var, n = _SyncBNPReLU.apply(x, conv_weight, weight, bias, prelu_weight, dilation,
                                            eps, group, _Kernels(ops_for(x)))
-    _update_running((running_mean, running_var, num_batches_tracked), mean, var, n, momentum)
+    if running_mean is not None:
+        ops._update_running(running_mean, running_var, mean, var, n, momentum,
+                            num_batches_tracked)
     return out

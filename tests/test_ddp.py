@@ -60,7 +60,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _spawn(fn, tmp_path, *args):
+def _spawn(fn, *args):
     """Runs fn(rank, *args) in 2 gloo processes; a failed assertion in either fails the test."""
     mp.spawn(_init_and_run, args=(fn, _free_port(), args), nprocs=2, join=True)
 
@@ -155,8 +155,7 @@ def _bn_worker(rank):
                     with torch.no_grad():
                         out_l = _run_unit(kind, local, xs[rank])
                     assert not torch.allclose(out_l, out), what
-                    refs = {n: p for n, p in (("weight", bn.weight), ("bias", bn.bias),
-                                              ("acti", acti.weight))}
+                    refs = dict(weight=bn.weight, bias=bn.bias, acti=acti.weight)
                     mine = dict(weight=fused_bn.weight, bias=fused_bn.bias,
                                 acti=(synced.bn_prelu.acti if kind == "conv" else synced.acti).weight)
                     theirs = dict(weight=gbn.weight, bias=gbn.bias, acti=gacti.weight)
@@ -180,14 +179,19 @@ def _bn_worker(rank):
                     for mod in (synced, local, bn, acti, gbn, gacti, conv, gconv):
                         if mod is not None:
                             mod.zero_grad()
+                # Eval: the running statistics, on the fused kernels.
+                synced.eval(), bn.eval(), acti.eval()
+                with torch.no_grad(), use_backend(backend):
+                    pre = conv(xs[rank]) if conv is not None else xs[rank]
+                    _close(_run_unit(kind, synced, xs[rank]), acti(bn(pre)), f"{what}: eval")
 
 
-def test_synced_fused_bn_prelu_matches_global_batch_norm(tmp_path):
+def test_synced_fused_bn_prelu_matches_global_batch_norm():
     """The fused BN-PReLU (plain, after a depthwise conv, and forward_cat) with a
     GlobalBatchNorm2d child on 2 ranks with different inputs: outputs, input and parameter
     gradients and running statistics (momentum 0.1 and None) equal GlobalBatchNorm2d + nn.PReLU
     and one process on the concatenated batch, on the C++ and the reference backends."""
-    _spawn(_bn_worker, tmp_path)
+    _spawn(_bn_worker)
 
 
 def _model_worker(rank):
@@ -237,6 +241,9 @@ def _model_worker(rank):
     losses, fused = results["fused"]
     losses_u, unfused = results["unfused"]
     _close(losses, losses_u, "losses", 1e-9)
+    x = data[0][rank][0]
+    with torch.no_grad():  # eval (dab_neck kernel) with the synchronised BatchNorm children
+        _close(models["fused"].eval()(x), single.eval()(x), "eval output", 1e-8)
     assert fused.keys() == unfused.keys() == state.keys()
     for k, v in state.items():
         _close(fused[k].double(), unfused[k].double(), f"{k}: fused vs unfused", 1e-8)
@@ -246,20 +253,21 @@ def _model_worker(rank):
     assert differs, "per-rank statistics should differ from the global ones"
 
 
-def test_synced_fused_dabnet_ddp_matches_unfused(tmp_path):
+def test_synced_fused_dabnet_ddp_matches_unfused():
     """A fused DABNet (float64, 2x3x32x32 per rank) trained 2 steps under DDP with
     convert_sync_bn takes the steps of the unfused one with GlobalBatchNorm2d and of one process
     on both batches; without sync BN its running statistics differ."""
-    _spawn(_model_worker, tmp_path)
+    _spawn(_model_worker)
 
 
 def test_sync_bn_prelu_single_rank_is_training_bn_prelu():
     """With one rank the synchronised path is plain training-mode BN-PReLU: the fused module
     does not take it, and sync_bn_prelu itself (forced) equals ops.bn_prelu / dwconv3_bn_prelu
-    in outputs, every gradient and running statistics."""
+    in outputs, every gradient and running statistics (C++, reference and, where installed,
+    Triton backends; NCHW and channels_last)."""
     from dabnet.distributed import convert_sync_bn
     from dabnet_kernels import ops
-    from dabnet_kernels.backend import use_backend
+    from dabnet_kernels.backend import triton_available, use_backend
     from dabnet_kernels.sync import spans_ranks, sync_bn_prelu
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -270,13 +278,16 @@ def test_sync_bn_prelu_single_rank_is_training_bn_prelu():
         x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
         assert torch.equal(m(x), plain(x))
         assert torch.equal(m.bn.running_var, plain.bn.running_var)
-        for backend in ("cpu", "reference"):
+        backends = ["cpu", "reference"] + (["triton"] if triton_available() else [])
+        for backend in backends:
             for conv in (False, True):
                 for momentum in (0.2, None):
                     f64 = dict(dtype=torch.float64)
                     tensors = [torch.randn(3, 4, 5, 6, **f64), torch.randn(4, 1, 1, 3, **f64),
                                torch.rand(4, **f64) + 0.5, torch.randn(4, **f64),
                                torch.rand(4, **f64) * 0.5]
+                    if momentum is None:
+                        tensors[0] = tensors[0].to(memory_format=torch.channels_last)
                     grad = torch.randn(3, 4, 5, 6, dtype=torch.float64)
                     running = [torch.rand(4, **f64),
                                torch.rand(4, **f64) + 1, torch.tensor(2)]
