@@ -1,9 +1,9 @@
 """Multi-process training helpers: torchrun environment, per-rank sampling, and batch-norm
 statistics synchronised across ranks.
 
-nn.SyncBatchNorm runs on CUDA only; GlobalBatchNorm2d does the same job on any device and any
-process-group backend (gloo on CPU included): it all-reduces per-channel sums with a
-differentiable all-reduce, so autograd also sums the backward's reductions across ranks."""
+nn.SyncBatchNorm runs on CUDA only; dabnet_kernels.sync.GlobalBatchNorm2d does the same job on any
+device and any process-group backend (gloo on CPU included). The fused modules of
+dabnet_kernels.nn synchronise their own statistics when their BatchNorm child is either."""
 from __future__ import annotations
 
 import os
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from dabnet_kernels.sync import GlobalBatchNorm2d
 
 
 @dataclass
@@ -71,59 +73,20 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; its gradient is the sum over ranks of the incoming gradients (every
-    rank's loss depends on every rank's input through the shared statistics)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-class GlobalBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics cover the batch of every rank."""
-
-    def forward(self, x):
-        if not (self.training and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1):
-            return super().forward(x)
-        c = x.shape[1]
-        xf = x.float()
-        count = xf.new_tensor([x.numel() // c])
-        stats = _AllReduceSum.apply(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)  # biased, as BN normalises with
-        if self.track_running_stats:
-            with torch.no_grad():
-                m = self.momentum if self.momentum is not None else 0.1
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1),
-                                                  alpha=m)
-                self.num_batches_tracked += 1
-        y = (xf - mean[:, None, None]) * torch.rsqrt(var + self.eps)[:, None, None]
-        if self.affine:
-            y = y * self.weight[:, None, None] + self.bias[:, None, None]
-        return y.to(x.dtype)
-
-
 def convert_sync_bn(module: nn.Module, device_type: str) -> nn.Module:
     """Every BatchNorm2d synchronised across ranks: nn.SyncBatchNorm on CUDA, GlobalBatchNorm2d
-    elsewhere. State_dict keys are unchanged."""
+    elsewhere. This covers the fused modules too (their BatchNorm children are swapped in the
+    same way, and they then synchronise their fused BN-PReLU in training). State_dict keys are
+    unchanged."""
     if device_type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if type(module) is nn.BatchNorm2d:
         new = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
                                 module.track_running_stats)
-        new.load_state_dict(module.state_dict())
+        # The very parameters and buffers (their dtype and device included), as
+        # nn.SyncBatchNorm.convert_sync_batchnorm keeps them.
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            setattr(new, name, getattr(module, name))
         new.train(module.training)
         return new
     for name, child in module.named_children():

@@ -168,12 +168,9 @@ def train(cfg: TrainConfig) -> dict:
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     epochs = math.ceil(total / steps_per_epoch)
 
-    # Under DDP the fused modules' BN statistics would be per-rank; the unfused model with
-    # synchronised BN is used instead (same state_dict), unless --no-sync-bn.
-    fused = cfg.fused and not (env.enabled and cfg.sync_bn)
-    if cfg.fused and not fused:
-        log("[dabnet] DDP with synchronised BN: training the unfused modules (the fused BN "
-            "kernels would keep per-rank batch statistics); pass --no-sync-bn to keep fused")
+    # Under DDP with sync BN the fused modules synchronise their BN-PReLU statistics too
+    # (dabnet_kernels.sync), so --fused trains the fused modules either way.
+    fused = cfg.fused
     model = DABNet(info.num_classes, fused=fused).to(device)
     if env.enabled and cfg.sync_bn:
         model = D.convert_sync_bn(model, device.type)

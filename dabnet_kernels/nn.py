@@ -5,6 +5,10 @@ nn.PReLU) under the same attribute names, so parameters, buffers and state_dict 
 change: checkpoints load with ``strict=True`` into either form. Only ``forward`` differs: it calls
 :mod:`dabnet_kernels.ops` with the children's tensors and with BatchNorm's own settings (eps,
 momentum including None, track_running_stats, num_batches_tracked, each BN's training flag).
+A BatchNorm child may also be an nn.SyncBatchNorm or a dabnet_kernels.sync.GlobalBatchNorm2d (as
+``nn.SyncBatchNorm.convert_sync_batchnorm`` or ``dabnet.distributed.convert_sync_bn`` leave it):
+in training under a process group of several ranks the fused module then normalises with the
+statistics of every rank's batch (``sync.sync_bn_prelu``), on any device and backend.
 
     FusedBNPReLU       .bn, .acti                         ops.bn_prelu
     FusedConvBNPReLU   .conv (depthwise 3x1 / 1x3),       ops.dwconv3_bn_prelu
@@ -29,7 +33,7 @@ from typing import List, NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from . import ops
+from . import ops, sync
 from .reference import BNPReLUParams
 
 __all__ = ["FusedBNPReLU", "FusedConvBNPReLU", "FusedDABModule", "FusedSequential", "Swap",
@@ -58,8 +62,13 @@ def dw3_dilation(conv) -> Optional[int]:
     return d
 
 
+# BatchNorms with nn.BatchNorm2d's forward on 4-D input; the synchronised ones make the fused
+# modules synchronise their training statistics across ranks (dabnet_kernels.sync).
+_BN_TYPES = (nn.BatchNorm2d, *sync.SYNC_BN_TYPES)
+
+
 def _is_bn(m, channels=None) -> bool:
-    return type(m) is nn.BatchNorm2d and (channels is None or m.num_features == channels)
+    return type(m) in _BN_TYPES and (channels is None or m.num_features == channels)
 
 
 def _is_prelu(m, channels) -> bool:
@@ -87,12 +96,6 @@ def _bn_state(bn):
     return rm, rv, nbt
 
 
-def _bn_prelu(x, bn, acti):
-    rm, rv, nbt = _bn_state(bn)
-    return ops.bn_prelu(x, bn.weight, bn.bias, rm, rv, acti.weight, bn.training, bn.momentum,
-                        bn.eps, nbt)
-
-
 def _conv_weight(w, x):
     """The conv weight in x's dtype under autocast (as nn.Conv2d gets it); else unchanged, so that
     a genuine dtype mismatch is still an error."""
@@ -101,11 +104,24 @@ def _conv_weight(w, x):
     return w
 
 
-def _conv_bn_prelu(x, conv, bn, acti):
+def _bn_prelu(x, bn, acti, conv=None):
+    """acti(bn(x)), or acti(bn(conv(x))) for a depthwise 3-tap conv, as one op; synchronised across
+    ranks when bn is a synchronised BatchNorm in training (sync.spans_ranks)."""
     rm, rv, nbt = _bn_state(bn)
+    if sync.spans_ranks(bn):
+        cw, d = (None, 1) if conv is None else (_conv_weight(conv.weight, x), dw3_dilation(conv))
+        return sync.sync_bn_prelu(x, bn.weight, bn.bias, rm, rv, acti.weight, bn.momentum,
+                                  bn.eps, nbt, bn.process_group, cw, d)
+    if conv is None:
+        return ops.bn_prelu(x, bn.weight, bn.bias, rm, rv, acti.weight, bn.training,
+                            bn.momentum, bn.eps, nbt)
     return ops.dwconv3_bn_prelu(x, _conv_weight(conv.weight, x), dw3_dilation(conv), bn.weight,
                                 bn.bias, rm, rv, acti.weight, bn.training, bn.momentum, bn.eps,
                                 nbt)
+
+
+def _conv_bn_prelu(x, conv, bn, acti):
+    return _bn_prelu(x, bn, acti, conv)
 
 
 # --------------------------------------------------------------------------------- modules
@@ -124,7 +140,8 @@ class FusedBNPReLU(nn.Module):
     @classmethod
     def from_modules(cls, bn: nn.BatchNorm2d, acti: nn.PReLU) -> "FusedBNPReLU":
         if not _bn_pair_ok(bn, acti):
-            raise ValueError(f"FusedBNPReLU needs an nn.BatchNorm2d and an nn.PReLU with 1 or "
+            raise ValueError(f"FusedBNPReLU needs an nn.BatchNorm2d (or nn.SyncBatchNorm, "
+                             f"GlobalBatchNorm2d) and an nn.PReLU with 1 or "
                              f"num_features slopes, got {type(bn).__name__} and "
                              f"{type(acti).__name__}")
         self = cls.__new__(cls)
@@ -138,6 +155,8 @@ class FusedBNPReLU(nn.Module):
 
     def forward_cat(self, xs):
         """self(torch.cat(xs, 1)); in eval one kernel reads the pieces (no concatenation)."""
+        if sync.spans_ranks(self.bn):
+            return _bn_prelu(torch.cat(list(xs), 1), self.bn, self.acti)
         rm, rv, nbt = _bn_state(self.bn)
         return ops.cat_bn_prelu(xs, self.bn.weight, self.bn.bias, rm, rv, self.acti.weight,
                                 self.bn.training, self.bn.momentum, self.bn.eps, nbt)
