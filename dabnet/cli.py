@@ -21,6 +21,10 @@ def size_arg(text: str):
     return h, w
 
 
+def mean_arg(text: str):
+    return "auto" if text == "auto" else floats_arg(text)
+
+
 def floats_arg(text: str):
     try:
         return tuple(float(v) for v in text.split(","))
@@ -84,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-split", default="val")
     t.add_argument("--eval-scale", type=float, default=1.0,
                    help="validation input scale (e.g. 0.5: Cityscapes at 512x1024)")
-    t.add_argument("--mean", type=floats_arg, help="R,G,B mean to subtract (0..255; default: "
-                   "the dataset's)")
+    t.add_argument("--mean", type=mean_arg,
+                   help="R,G,B mean to subtract (0..255), or 'auto' to measure it on the "
+                        "training split (default: Cityscapes and synthetic use their known "
+                        "means, CamVid is measured); stored in the checkpoint")
     t.add_argument("--synthetic-length", type=int, help="synthetic training images (default 1000)")
     t.add_argument("--synthetic-size", type=size_arg, default=(128, 256))
     _common(t, checkpoint_required=None)

@@ -75,9 +75,11 @@ DATASETS = {
     # Cityscapes mean from the authors' release (given there in BGR order).
     "cityscapes": DatasetInfo("cityscapes", CITYSCAPES_CLASSES, CITYSCAPES_PALETTE,
                               (73.158, 82.909, 72.392), (512, 1024)),
-    # CamVid: a rough street-scene estimate, not measured on CamVid; override with --mean.
+    # CamVid: no published mean; training measures it on the training split (measure_mean, as
+    # the authors' data step does) and stores it in the checkpoint. This placeholder only serves
+    # a dataset built without a checkpoint or a measurement.
     "camvid": DatasetInfo("camvid", CAMVID_CLASSES, CAMVID_PALETTE,
-                          (110.0, 112.0, 108.0), (360, 480)),
+                          (110.0, 112.0, 108.0), (360, 480), {"measure_mean": True}),
     # Synthetic: measured over 200 generated 128x256 scenes (99.1, 124.0, 106.4).
     "synthetic": DatasetInfo("synthetic", SYNTHETIC_CLASSES, SYNTHETIC_PALETTE,
                              (99.0, 124.0, 106.0), (128, 256)),
@@ -179,6 +181,22 @@ class SegDataset(torch.utils.data.Dataset):
             img, label = self.transform(img, label, rng, self.mean)
         label = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
         return to_tensor(img, self.mean), label, self.name_of(i)
+
+
+def measure_mean(ds: SegDataset, progress: bool = True) -> tuple:
+    """Per-channel (R, G, B) mean of every pixel of every image of `ds` (0..255), before any
+    augmentation: the statistic the authors' code computes over the training split."""
+    from tqdm import tqdm
+
+    total, count = np.zeros(3, np.float64), 0
+    for i in tqdm(range(len(ds)), desc="measuring the dataset mean", unit="img",
+                  disable=not progress):
+        img = ds.load(i)[0]
+        total += img.reshape(-1, 3).sum(0, dtype=np.float64)
+        count += img.shape[0] * img.shape[1]
+    if count == 0:
+        raise ValueError("cannot measure the mean of an empty dataset")
+    return tuple(float(v) for v in total / count)
 
 
 class Cityscapes(SegDataset):

@@ -24,7 +24,7 @@ import torch
 
 from . import distributed as D
 from .checkpoint import load_checkpoint, load_weights, save_atomic, state_dict_of
-from .data import SCALES, build_dataset
+from .data import SCALES, build_dataset, measure_mean
 from .evaluate import autocast, evaluate
 from .losses import SegCrossEntropy
 from .model import DABNet
@@ -151,9 +151,16 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out_dir)
     log = print if env.is_main else (lambda *a, **k: None)
 
-    kw = dict(seed=cfg.seed, mean=cfg.mean, synthetic_size=tuple(cfg.synthetic_size))
+    kw = dict(seed=cfg.seed, mean=None if cfg.mean == "auto" else cfg.mean,
+              synthetic_size=tuple(cfg.synthetic_size))
     train_set = build_dataset(cfg.dataset, cfg.data_root, "train", train=True, crop=cfg.crop,
                               scales=cfg.scales, synthetic_length=cfg.synthetic_length, **kw)
+    if cfg.mean == "auto" or (cfg.mean is None and train_set.info.extra.get("measure_mean")):
+        # Every rank measures the same files: the same mean everywhere, no communication.
+        train_set.mean = measure_mean(train_set, progress=cfg.progress and env.is_main)
+        kw["mean"] = train_set.mean
+        log(f"[dabnet] dataset mean (R, G, B) measured on the training split: "
+            f"{', '.join(f'{m:.2f}' for m in train_set.mean)}")
     val_set = None
     if cfg.val_every:
         val_set = build_dataset(cfg.dataset, cfg.data_root, cfg.val_split, train=False,

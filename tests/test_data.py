@@ -124,3 +124,13 @@ def test_bad_paths_and_corrupt_files(tmp_path):
     write_png(img_path, np.zeros((10, 10, 3)))  # size differs from its 24x32 label
     with pytest.raises(RuntimeError, match="label is"):
         ds[0]
+
+
+def test_measure_mean_is_the_pixel_mean_of_the_split(tmp_path):
+    root = fake_camvid(tmp_path, "train", n=3, size=(10, 14))
+    files = sorted((root / "train").glob("*.png"))
+    pixels = np.concatenate([np.asarray(data.Image.open(f).convert("RGB")).reshape(-1, 3)
+                             for f in files]).astype(np.float64)
+    got = data.measure_mean(build_dataset("camvid", str(root), "train"), progress=False)
+    np.testing.assert_allclose(got, pixels.mean(0), rtol=1e-12)
+    assert got != data.dataset_info("camvid").mean  # really measured, not the placeholder

@@ -114,3 +114,13 @@ def test_time_limit_stops_like_an_interrupt(tmp_path):
     r = train(tiny_cfg(tmp_path, max_steps=4, time_limit_s=0.0))
     assert r["stopped_early"] and r["iteration"] == 1
     assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 1
+
+
+def test_camvid_mean_is_measured_and_kept_in_the_checkpoint(tmp_path):
+    from dabnet.data import build_dataset, measure_mean
+    root = fake_camvid(tmp_path / "cv", n=4)
+    r = train(tiny_cfg(tmp_path, dataset="camvid", data_root=str(root), max_steps=1, val_every=0))
+    want = measure_mean(build_dataset("camvid", str(root), "train"), progress=False)
+    meta = load_checkpoint(tmp_path / "last.pt")["meta"]
+    assert tuple(meta["mean"]) == pytest.approx(want, rel=1e-12)
+    assert r["iteration"] == 1
