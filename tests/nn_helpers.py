@@ -86,7 +86,7 @@ def assert_as_accurate(truth: nn.Module, ref: nn.Module, test: nn.Module, x: tor
             dtype = next(m.parameters()).dtype
             xx = x.to(dtype).clone().requires_grad_()
             out = m(xx)
-            g = torch.randn(out.shape, dtype=torch.float64) if g is None else g
+            g = torch.randn(out.shape, dtype=torch.float64, device=out.device) if g is None else g
             out.backward(g.to(dtype))
             res.append((out, xx.grad, dict(m.named_buffers())))
         check("output", res[0][0], res[1][0], res[2][0])

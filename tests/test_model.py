@@ -95,6 +95,25 @@ def test_fused_float32_as_accurate_as_unfused(training):
                        training=training)
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+
+
+@CUDA
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_matches_unfused_on_cuda(training):
+    """The same comparisons on the GPU: float64 through the CUDA kernels (cuDNN for the rest),
+    and float32 as accurate as PyTorch's own float32 against float64."""
+    ref, fused = pair()
+    x = torch.randn(2, 3, 32, 64, dtype=torch.float64)
+    assert_same_steps(ref.cuda(), fused.cuda(), x.cuda(), steps=3, training=training, **F64)
+    truth = randomize_bn_prelu(DABNet(19)).double().cuda()
+    ref32 = copy.deepcopy(truth).float()
+    fused32 = DABNet(19, fused=True).cuda()
+    fused32.load_state_dict(ref32.state_dict(), strict=True)
+    assert_as_accurate(truth, ref32, fused32, torch.randn(2, 3, 32, 64, device="cuda"),
+                       steps=1 if training else 3, training=training)
+
+
 def test_eval_no_grad_runs_the_fused_neck_and_matches(monkeypatch):
     ref, fused = pair()
     ref.eval()

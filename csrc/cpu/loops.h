@@ -151,6 +151,7 @@ void run_tap3(const T* x, out_t* out, const Geo& g, int axis, int64_t d, const a
 }
 
 constexpr int64_t kBlock = 512;  // elements summed in acc_t before spilling into double
+constexpr int kLanes = 8;        // partial sums per block (see channel_reduce)
 
 // Sums K (1 to 3) per-channel quantities over (N, H, W): f(offset, channel, s0, s1, s2) adds an
 // element's quantities to the acc_t sums s0..s2 (by reference: returning an array kept GCC from
@@ -163,20 +164,26 @@ void channel_reduce(const Geo& g, F f, double* out) {
   const int64_t C = g.C, HW = g.H * g.W;
   if (!g.cl) {
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      const F fl(f);  // a local copy: its captures are visibly loop-invariant
       for (int64_t c = begin; c < end; ++c) {
         std::array<double, K> tot{};
         for (int64_t n = 0; n < g.N; ++n) {
           const int64_t base = (n * C + c) * HW;
           for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
-            acc_t s0 = 0, s1 = 0, s2 = 0;
+            // kLanes independent partial sums (a float sum is never reassociated by the
+            // compiler): the lane loop maps onto SIMD registers, and the order stays fixed, so
+            // the result does not depend on the ISA or the thread count.
+            acc_t s0[kLanes] = {}, s1[kLanes] = {}, s2[kLanes] = {};
             const int64_t i1 = std::min(HW, i0 + kBlock);
-            // omp simd lets the compiler split the sums across SIMD lanes (a float sum is never
-            // reassociated otherwise) and if-convert f's selects; block order stays fixed.
-#pragma omp simd reduction(+ : s0, s1, s2)
-            for (int64_t i = i0; i < i1; ++i) f(base + i, c, s0, s1, s2);
-            tot[0] += s0;
-            if constexpr (K > 1) tot[1] += s1;
-            if constexpr (K > 2) tot[2] += s2;
+            int64_t i = i0;
+            for (; i + kLanes <= i1; i += kLanes)
+              for (int l = 0; l < kLanes; ++l) fl(base + i + l, c, s0[l], s1[l], s2[l]);
+            for (int l = 0; i < i1; ++i, ++l) fl(base + i, c, s0[l], s1[l], s2[l]);
+            for (int l = 0; l < kLanes; ++l) {
+              tot[0] += s0[l];
+              if constexpr (K > 1) tot[1] += s1[l];
+              if constexpr (K > 2) tot[2] += s2[l];
+            }
           }
         }
         for (int k = 0; k < K; ++k) out[k * C + c] = tot[k];
