@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> dwconv3_backward(const at::Tensor& grad_out,
                              int64_t len) {
                            acc_t s0 = 0, s1 = 0, s2 = 0;
                            const scalar_t* gr = gp + off;
-                           // omp simd: split the sums across SIMD lanes (_Pragma: this is inside a macro).
+                           // split the sums across SIMD lanes (_Pragma: inside a macro)
                            _Pragma("omp simd reduction(+ : s0, s1, s2)")
                            for (int64_t i = 0; i < len; ++i) {
                              s0 += acc_t(gr[i]) * acc_t(a[i]);
