@@ -177,6 +177,7 @@ void channel_reduce(const Geo& g, F f, double* out) {
             const int64_t i1 = std::min(HW, i0 + kBlock);
             int64_t i = i0;
             for (; i + kLanes <= i1; i += kLanes)
+#pragma omp simd
               for (int l = 0; l < kLanes; ++l) fl(base + i + l, c, s0[l], s1[l], s2[l]);
             for (int l = 0; i < i1; ++i, ++l) fl(base + i, c, s0[l], s1[l], s2[l]);
             for (int l = 0; l < kLanes; ++l) {
