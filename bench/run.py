@@ -110,8 +110,9 @@ def plan(args, device):
             compile_res = list(C.RESOLUTIONS) if args.full else [(512, 1024)]
             train = dict(res=(512, 1024), batch=8, layouts=["nchw", "cl"])
         else:
-            inf_res = list(C.RESOLUTIONS) if args.full else [(256, 512)]
-            compile_res = [(256, 512)]
+            # 512x1024 is the resolution the CPU targets are stated at (issue 7).
+            inf_res = list(C.RESOLUTIONS) if args.full else [(256, 512), (512, 1024)]
+            compile_res = [(256, 512), (512, 1024)]
             train = dict(res=(256, 512), batch=8 if args.full else 2, layouts=["nchw"])
     if compile_setting == "none":
         compile_res = []
