@@ -5,6 +5,7 @@ that a results file does not hold.
     python -m bench.report FILE.json ...        # markdown for these files
     python -m bench.report --write README.md    # rewrite README between the bench markers
     python -m bench.report --level all          # every op case (default: a compact table)
+    python -m bench.report --compare OLD NEW    # what got slower between two results files
 """
 from __future__ import annotations
 
@@ -196,6 +197,57 @@ def render(results, level="compact") -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
+# ----------------------------------------------------------------------------- regressions
+def _timings(res):
+    """{key: (our median ms, the same pass's baseline median ms)} for every op case and backend
+    of ours (baseline: the reference) and every model variant (baseline: eager)."""
+    out = {}
+    for r in res.get("ops", []):
+        ref = (r["impls"].get("reference") or {}).get("median_ms")
+        for name, v in r["impls"].items():
+            if name not in BASELINES and "median_ms" in v:
+                out[("op", r["op"], r["mode"], r["label"], name)] = (v["median_ms"], ref)
+    model = res.get("model", {})
+    for kind in ("inference", "train"):
+        recs = [r for r in model.get(kind, []) if "median_ms" in r]
+        eager = {tuple(r["res"]): r["median_ms"] for r in recs if r["variant"] == "eager"}
+        for r in recs:
+            out[(kind, f"{r['res'][0]}x{r['res'][1]}", r["variant"])] = (
+                r["median_ms"], eager.get(tuple(r["res"])))
+    return out
+
+
+def compare(old: dict, new: dict, threshold: float = 1.2) -> list:
+    """Cases in both results files, slowest change first. `slower` is new/old of our median;
+    `drift` the same ratio for the baseline timed in the same pass (reference or eager), i.e. how
+    much the machine itself moved. `regressed`: ours got slower by more than `threshold` and the
+    baseline did not slow down with it (slower / drift > threshold too): a noisy baseline that got
+    faster does not flag an unchanged kernel, and a machine that got slower does not flag all."""
+    a, b = _timings(old), _timings(new)
+    rows = []
+    for k in a.keys() & b.keys():
+        (o, o_base), (n, n_base) = a[k], b[k]
+        drift = n_base / o_base if o_base and n_base else None
+        slower = n / o
+        rows.append(dict(key=k, old_ms=o, new_ms=n, slower=slower, drift=drift,
+                         regressed=slower > threshold and slower / (drift or 1.0) > threshold))
+    return sorted(rows, key=lambda r: -r["slower"] / (r["drift"] or 1.0))
+
+
+def compare_table(rows, threshold: float, all_rows: bool = False) -> str:
+    shown = rows if all_rows else [r for r in rows if r["regressed"]]
+    body = [[" ".join(str(x) for x in r["key"]), f"{r['old_ms']:.3g}", f"{r['new_ms']:.3g}",
+             f"{r['slower']:.2f}x", f"{r['drift']:.2f}x" if r["drift"] else "-",
+             "REGRESSED" if r["regressed"] else ""] for r in shown]
+    n = sum(r["regressed"] for r in rows)
+    head = (f"{len(rows)} cases in both files; {n} slower by more than {threshold:.2f}x, also "
+            "net of the baseline's own drift")
+    if not body:
+        return head + "\n"
+    return head + ":\n\n" + _table(["case", "old ms", "new ms", "new/old", "baseline new/old",
+                                      ""], body) + "\n"
+
+
 def write_readme(readme: str, markdown: str) -> None:
     """Replaces what lies between START and END in `readme` with `markdown`."""
     with open(readme) as f:
@@ -220,7 +272,24 @@ def main(argv=None):
                         "key (every key shape, dtype and layout) or all")
     p.add_argument("--plots", action="store_true",
                    help="also (re)draw the PNG plots next to each results file")
+    p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"),
+                   help="compare two results files instead: list the cases that got slower (exit "
+                        "status 1 if any did)")
+    p.add_argument("--threshold", type=float, default=1.2,
+                   help="with --compare: the slowdown, net of the baseline's drift, that counts "
+                        "as a regression (default 1.2)")
+    p.add_argument("--all", action="store_true", help="with --compare: list every common case")
     args = p.parse_args(argv)
+    if args.threshold <= 0:
+        raise SystemExit("bench.report: --threshold must be positive")
+    if args.compare:
+        try:
+            old, new = (load(f) for f in args.compare)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"bench.report: cannot read results file: {e}")
+        rows = compare(old, new, args.threshold)
+        print(compare_table(rows, args.threshold, args.all), end="")
+        return 1 if any(r["regressed"] for r in rows) else 0
     results = [load(f) for f in args.files] if args.files else latest()
     if not results:
         raise SystemExit("no results files: run `python -m bench.run` first")

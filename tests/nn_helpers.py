@@ -5,9 +5,12 @@ import torch.nn as nn
 
 
 @torch.no_grad()
-def randomize_bn_prelu(model: nn.Module) -> nn.Module:
+def randomize_bn_prelu(model: nn.Module, kinks: bool = True) -> nn.Module:
     """Non-default BatchNorm affine parameters / running statistics and PReLU slopes of both
-    signs, so that the tests see every term (fresh modules have weight 1, bias 0, ...)."""
+    signs, so that the tests see every term (fresh modules have weight 1, bias 0, ...).
+    kinks=False sets every PReLU slope to 1 instead, for float32 accuracy tests (see
+    assert_as_accurate): PReLU is then the identity in value, with no kink that rounding can move
+    a pre-activation across; the slope's gradient is still computed and compared."""
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             if m.affine:
@@ -17,7 +20,7 @@ def randomize_bn_prelu(model: nn.Module) -> nn.Module:
                 m.running_mean.normal_(0.0, 0.3)
                 m.running_var.uniform_(0.5, 1.5)
         elif isinstance(m, nn.PReLU):
-            m.weight.normal_(0.0, 0.4)
+            m.weight.normal_(0.0, 0.4) if kinks else m.weight.fill_(1.0)
     return model
 
 
@@ -58,26 +61,24 @@ def assert_same_steps(a: nn.Module, b: nn.Module, x: torch.Tensor, steps: int = 
                 p.grad = None
 
 
-def assert_as_accurate(truth: nn.Module, ref: nn.Module, test: nn.Module, x: torch.Tensor,
-                       steps: int = 1, training: bool = True, lr: float = 0.005,
-                       factor: float = 4.0, rel: float = 1e-5):
-    """Low-precision check: `test` and `ref` (e.g. fused and unfused float32 copies) run in lock
-    step with a float64 `truth`; at every step the relative error (Frobenius norm) of each
-    output, input gradient, parameter gradient and buffer of `test` must be at most
-    factor * (ref's relative error) + rel. Comparing two float32 runs directly says little: BN
-    backward cancels heavily, and training steps amplify rounding (see tests/test_model.py)."""
+def accuracy_errors(truth: nn.Module, ref: nn.Module, test: nn.Module, x: torch.Tensor,
+                    steps: int = 1, training: bool = True, lr: float = 0.005) -> dict:
+    """Runs `ref` and `test` (e.g. unfused and fused float32 copies) in lock step with a float64
+    `truth` and returns {"step s, what": (ref's error, test's error)}: the relative error
+    (Frobenius norm) against truth of each output, input gradient, parameter gradient and
+    buffer, at every step."""
     mods = (truth, ref, test)
     for m in mods:
         m.train(training)
     params = [dict(m.named_parameters()) for m in mods]
     assert params[0].keys() == params[1].keys() == params[2].keys()
+    errs = {}
 
-    def check(what, t, r, s):
+    def record(what, t, r, s):
         t, r, s = t.double(), r.double(), s.double()
         scale = max(t.norm().item(), 1e-30)
-        bound = factor * (r - t).norm().item() / scale + rel
-        err = (s - t).norm().item() / scale
-        assert err <= bound, f"step {step}, {what}: relative error {err:.3g} > bound {bound:.3g}"
+        errs[f"step {step}, {what}"] = ((r - t).norm().item() / scale,
+                                        (s - t).norm().item() / scale)
 
     for step in range(steps):
         g = None
@@ -89,13 +90,41 @@ def assert_as_accurate(truth: nn.Module, ref: nn.Module, test: nn.Module, x: tor
             g = torch.randn(out.shape, dtype=torch.float64, device=out.device) if g is None else g
             out.backward(g.to(dtype))
             res.append((out, xx.grad, dict(m.named_buffers())))
-        check("output", res[0][0], res[1][0], res[2][0])
-        check("input gradient", res[0][1], res[1][1], res[2][1])
+        record("output", res[0][0], res[1][0], res[2][0])
+        record("input gradient", res[0][1], res[1][1], res[2][1])
         for name in params[0]:
-            check(f"grad of {name}", *(p[name].grad for p in params))
+            record(f"grad of {name}", *(p[name].grad for p in params))
         for name, buf in res[0][2].items():
-            check(f"buffer {name}", buf, res[1][2][name], res[2][2][name])
+            record(f"buffer {name}", buf, res[1][2][name], res[2][2][name])
         with torch.no_grad():
             for p in (q for d in params for q in d.values()):
                 p -= lr * p.grad.clamp(-1, 1)
                 p.grad = None
+    return errs
+
+
+def assert_as_accurate(make, seeds=range(3), steps: int = 1, training: bool = True,
+                       lr: float = 0.005, factor: float = 4.0, rel: float = 1e-5):
+    """Low-precision check. make(seed) -> (truth, ref, test, x), see accuracy_errors. For every
+    quantity, the median over seeds of test's error must be at most factor * (the median of
+    ref's error) + rel.
+    Build the models with randomize_bn_prelu(..., kinks=False). With real PReLU slopes the
+    comparison is a lottery, not a measure of accuracy: a pre-activation within rounding of the
+    kink takes the other slope in one float32 run and not in the other, and the BN backward
+    spreads that over the whole channel. Measured on DABNet at 32x64: PyTorch's own float32 input
+    gradient was 2e-5 from float64 for some seeds and 1e-2 for others, and which seeds were
+    unlucky changed with the order of summation (an AVX2 build of the same kernels). Without
+    kinks both are near 8e-7 on every seed. The median covers the rarer ties that remain, such
+    as max-pooling. Branch choices themselves are checked in float64 (assert_same_steps) and by
+    gradcheck."""
+    per_seed = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        per_seed.append(accuracy_errors(*make(seed), steps=steps, training=training, lr=lr))
+    bad = []
+    for key in per_seed[0]:
+        r = torch.tensor([e[key][0] for e in per_seed]).median().item()
+        t = torch.tensor([e[key][1] for e in per_seed]).median().item()
+        if not t <= factor * r + rel:
+            bad.append(f"{key}: median relative error {t:.3g} > bound {factor * r + rel:.3g}")
+    assert not bad, "\n".join(bad)

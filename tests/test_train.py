@@ -89,10 +89,13 @@ def test_save_atomic_keeps_the_old_file_on_failure(tmp_path):
 
 
 def test_sigint_sets_the_stop_flag():
+    # The handler in place before is restored: Python's default, or SIG_IGN when the process
+    # was started in the background by a shell.
+    before = signal.getsignal(signal.SIGINT)
     with _StopFlag() as flag:
         os.kill(os.getpid(), signal.SIGINT)
         assert flag.stop
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_sigint_during_training_writes_a_checkpoint_and_stops(tmp_path, monkeypatch):

@@ -39,6 +39,23 @@ void batch_stats(const scalar_t* x, const Geo& g, std::vector<double>& mean,
 
 std::vector<double> to_double(const at::Tensor& v, int64_t C) { return to_vec<double>(v, C); }
 
+// The folded BN y = x * scale + shift, computed identically by the forward and the backward (which
+// recomputes y to choose PReLU's branch: see affine in loops.h), from the statistics as the
+// forward returns them (rounded to stat_type), in double.
+template <typename acc_t>
+void fold_bn(const std::vector<double>& w, const std::vector<double>& b,
+             const std::vector<double>& mean, const std::vector<double>& var, double eps,
+             std::vector<acc_t>& scale, std::vector<acc_t>& shift) {
+  const size_t C = w.size();
+  scale.resize(C);
+  shift.resize(C);
+  for (size_t c = 0; c < C; ++c) {
+    const double s = w[c] / std::sqrt(var[c] + eps);
+    scale[c] = acc_t(s);
+    shift[c] = acc_t(b[c] - mean[c] * s);
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_prelu(
@@ -69,17 +86,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_prelu(
       mean = to_double(*running_mean, C);
       var = to_double(*running_var, C);
     }
-    const auto w = to_double(weight, C), b = to_double(bias, C);
-    std::vector<acc_t> scale(C), shift(C);
+    // The statistics as returned (and as the backward will see them).
+    using stat_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     for (int64_t c = 0; c < C; ++c) {
-      const double s = w[c] / std::sqrt(var[c] + eps);
-      scale[c] = acc_t(s);
-      shift[c] = acc_t(b[c] - mean[c] * s);
+      mean[c] = double(stat_t(mean[c]));
+      var[c] = double(stat_t(var[c]));
     }
+    const auto w = to_double(weight, C), b = to_double(bias, C);
+    std::vector<acc_t> scale, shift;
+    fold_bn(w, b, mean, var, eps, scale, shift);
     const auto slope = to_vec<acc_t>(prelu_weight, C);
     scalar_t* op = out.data_ptr<scalar_t>();
     channel_map(g, [&](int64_t i, int64_t c) {
-      const acc_t y = acc_t(xp[i]) * scale[c] + shift[c];
+      const acc_t y = affine(acc_t(xp[i]), scale[c], shift[c]);
       op[i] = scalar_t(prelu(y, slope[c]));
     });
   });
@@ -108,13 +127,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_prelu_backward(
     const scalar_t* gp = gout.data_ptr<scalar_t>();
     const auto w = to_double(weight, C), b = to_double(bias, C), mu = to_double(mean_, C),
                vr = to_double(var_, C);
-    std::vector<acc_t> scale(C), shift(C), mean(C), invstd(C);
+    std::vector<acc_t> scale, shift, mean(C), invstd(C);
+    fold_bn(w, b, mu, vr, eps, scale, shift);
     for (int64_t c = 0; c < C; ++c) {
-      const double is = 1.0 / std::sqrt(vr[c] + eps);
-      invstd[c] = acc_t(is);
+      invstd[c] = acc_t(1.0 / std::sqrt(vr[c] + eps));
       mean[c] = acc_t(mu[c]);
-      scale[c] = acc_t(w[c] * is);
-      shift[c] = acc_t(b[c] - mu[c] * w[c] * is);
     }
     const auto slope = to_vec<acc_t>(prelu_weight, C);
     if (x.numel() > 0 && (training || mask[1] || mask[2] || mask[3])) {
@@ -122,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_prelu_backward(
           g,
           [&](int64_t i, int64_t c, acc_t& s0, acc_t& s1, acc_t& s2) {
             const acc_t xv = acc_t(xp[i]), gv = acc_t(gp[i]);
-            const acc_t y = xv * scale[c] + shift[c];
+            const acc_t y = affine(xv, scale[c], shift[c]);
             // PyTorch's PReLU derivative: 1 for y > 0, the slope otherwise. Selects between values
             // computed unconditionally, so the loop vectorizes (see prelu in loops.h).
             const bool pos = y > acc_t(0);
@@ -143,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_prelu_backward(
       scalar_t* gxp = gx.data_ptr<scalar_t>();
       channel_map(g, [&](int64_t i, int64_t c) {
         const acc_t xv = acc_t(xp[i]), gv = acc_t(gp[i]);
-        const acc_t y = xv * scale[c] + shift[c];
+        const acc_t y = affine(xv, scale[c], shift[c]);
         const acc_t a = slope[c], ga = gv * a, gy = y > acc_t(0) ? gv : ga;
         const acc_t xhat = (xv - mean[c]) * invstd[c];
         gxp[i] = scalar_t(scale[c] * (gy - k1[c] - xhat * k2[c]));

@@ -45,6 +45,19 @@ inline acc_t prelu(acc_t y, acc_t slope) {
   return std::max(y, acc_t(0)) + slope * std::min(y, acc_t(0));
 }
 
+// x * s + t rounded the same way in every loop. A backward that recomputes a BN output must pick
+// the PReLU branch its forward picked; whether the compiler contracts x * s + t into an FMA is
+// otherwise decided per loop, and a pre-activation within rounding of 0 then flips sides.
+// DABNET_CPU_FMA: defined by the AVX2+FMA build (setup.py), where std::fma is one instruction.
+template <typename acc_t>
+inline acc_t affine(acc_t x, acc_t s, acc_t t) {
+#ifdef DABNET_CPU_FMA
+  return std::fma(x, s, t);
+#else
+  return x * s + t;  // no FMA instruction to contract into
+#endif
+}
+
 // Tap parameters [w0 | w1 | w2 | bias | slope] (see tap3_run) from a depthwise (C,1,3,1)/(C,1,1,3)
 // weight. flip reverses the taps (the adjoint, for grad_input). scale/shift fold an eval-mode
 // BatchNorm into the taps; slope is the PReLU slope (length C).

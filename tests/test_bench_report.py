@@ -1,0 +1,59 @@
+"""bench.report --compare: flags a kernel that got slower, not a machine that did."""
+import copy
+import json
+
+import pytest
+
+from bench import report
+
+
+def _results(ours_ms, ref_ms, eager_ms=100.0, fused_ms=80.0):
+    op = dict(op="dwconv3", mode="fwd", label="512x1024 b1 d2 3x1 N1 fp32 nchw",
+              impls={"cpu": {"median_ms": ours_ms}, "reference": {"median_ms": ref_ms}})
+    inf = [dict(res=[256, 512], variant="eager", median_ms=eager_ms),
+           dict(res=[256, 512], variant="fused", median_ms=fused_ms)]
+    return {"ops": [op], "model": {"inference": inf}}
+
+
+def _flagged(old, new, threshold=1.2):
+    return {r["key"] for r in report.compare(old, new, threshold) if r["regressed"]}
+
+
+def test_kernel_slowdown_is_flagged():
+    old = _results(1.0, 3.0)
+    flagged = _flagged(old, _results(2.0, 3.0))
+    assert flagged == {("op", "dwconv3", "fwd", "512x1024 b1 d2 3x1 N1 fp32 nchw", "cpu")}
+    assert _flagged(old, _results(1.0, 3.0, fused_ms=120.0)) == {("inference", "256x512",
+                                                                    "fused")}
+
+
+def test_machine_drift_and_noisy_baselines_are_not_flagged():
+    old = _results(1.0, 3.0)
+    # Everything 1.5x slower: the machine, not the kernel.
+    assert _flagged(old, _results(1.5, 4.5, eager_ms=150.0, fused_ms=120.0)) == set()
+    # The baseline got faster by noise while ours stayed put.
+    assert _flagged(old, _results(1.0, 1.0, eager_ms=50.0)) == set()
+    # Small changes stay under the threshold.
+    assert _flagged(old, _results(1.1, 3.0)) == set()
+
+
+def test_cases_missing_from_one_file_are_skipped():
+    old, new = _results(1.0, 3.0), _results(5.0, 3.0)
+    new["ops"][0]["label"] = "another shape"
+    assert {r["key"][0] for r in report.compare(old, new)} == {"inference"}
+
+
+def test_cli_exit_status_and_table(tmp_path, capsys):
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    base = _results(1.0, 3.0)
+    old.write_text(json.dumps(base))
+    slow = copy.deepcopy(base)
+    slow["ops"][0]["impls"]["cpu"]["median_ms"] = 3.0
+    new.write_text(json.dumps(slow))
+    assert report.main(["--compare", str(old), str(new)]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSED" in out and "3.00x" in out
+    assert report.main(["--compare", str(old), str(old)]) == 0
+    assert "0 slower" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="cannot read"):
+        report.main(["--compare", str(old), str(tmp_path / "missing.json")])
