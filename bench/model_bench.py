@@ -180,6 +180,63 @@ def bench_inference(device: str, resolutions, compile_resolutions, budget: Budge
     return [r for r in out if not r.get("reference_only")]
 
 
+def bench_conv_floor(device: str, resolutions, budget: Budget, progress=True,
+                     deadline=None) -> list:
+    """The dense convolutions alone: every Conv2d of the fused model that is not a depthwise
+    3-tap one (the 3x3 init/downsampling/DAB convs and the 1x1 convs, i.e. what dabnet does not
+    replace), run back to back through PyTorch (oneDNN on CPU, cuDNN on GPU) on the activations
+    they see in a real forward, per layout. No fusion of the remaining, memory-bound ops can
+    bring the model below this time; the fastest fused variant's time over it is how much of
+    the model is left to fuse. Also their MACs and the rate they run at."""
+    from tqdm import tqdm
+
+    from dabnet.info import count_macs
+
+    state = build(False, "cpu").state_dict()
+    _randomize_bn_state(state)
+    out = []
+    jobs = [(res, layout) for res in resolutions for layout in ("nchw", "cl")]
+    for res, layout in tqdm(jobs, desc=f"dense convolutions alone on {device}", unit="run",
+                            disable=not progress, dynamic_ncols=True):
+        if deadline is not None and time.time() > deadline:
+            break
+        rec = {"res": list(res), "batch": 1, "dtype": "fp32", "layout": layout,
+               "variant": "dense convs only" + ("-cl" if layout == "cl" else "")}
+        try:
+            model = build(True, device, torch.float32, layout, state)
+            convs, seen = [], []
+            for m in model.modules():
+                if isinstance(m, torch.nn.Conv2d) and not (
+                        m.groups == m.in_channels > 1 and m.kernel_size in ((3, 1), (1, 3))):
+                    convs.append(m)
+            hooks = [m.register_forward_hook(lambda m, i, o: seen.append((m, i[0].clone())))
+                     for m in convs]
+            x = _image(res, 1, device, torch.float32, layout)
+            with torch.no_grad():
+                model(x)
+            for h in hooks:
+                h.remove()
+            macs = count_macs(build(False, "cpu", state=state), res)
+            rec["convs"] = len(seen)
+            rec["macs"] = macs["dense"] + macs["pointwise"]
+            rec["macs_share_of_model"] = rec["macs"] / macs["total"]
+
+            def fn():
+                with torch.no_grad():
+                    for m, inp in seen:
+                        m(inp)
+
+            st = time_fn(fn, device, budget)
+            rec.update(st.as_dict())
+            rec["gmacs_per_s"] = rec["macs"] / st.median_ms / 1e6
+        except Exception as e:
+            rec["error"] = _error(e)
+        out.append(rec)
+        model = seen = None
+        gc.collect()
+    return out
+
+
 def _randomize_bn_state(state):
     g = torch.Generator().manual_seed(0)
     for k, v in state.items():

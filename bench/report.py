@@ -167,6 +167,24 @@ def model_tables(res) -> str:
         out.append("DABNet inference, batch 1, fp32:\n\n" + _table(
             ["input", "variant", "dabnet kernel calls", "ms (IQR)", "FPS", "vs eager",
              "max diff vs eager", "compile s", "paper, GTX 1080Ti ms"], rows))
+    floor = [r for r in model.get("conv_floor", []) if r.get("median_ms")]
+    if floor:
+        rows = []
+        for r in floor:
+            same = [v for v in inf if v["res"] == r["res"] and v.get("median_ms")]
+            fused = min((v["median_ms"] for v in same if v.get("fused")), default=None)
+            base = min((v["median_ms"] for v in same if not v.get("fused")), default=None)
+            rows.append([f"{r['res'][0]}x{r['res'][1]}", r["variant"], str(r["convs"]),
+                         f"{r['macs'] / 1e9:.2f} ({100 * r['macs_share_of_model']:.0f}%)",
+                         _ms(r), f"{r['gmacs_per_s']:.1f}",
+                         f"{fused:.1f}" if fused else "-",
+                         f"{base / 2:.1f}" if base else "-"])
+        out.append("The dense 3x3 and 1x1 convolutions alone (through PyTorch, on the "
+                   "activations of a real forward): a floor for the whole model that fusing "
+                   "the other ops cannot go below:\n\n" + _table(
+                       ["input", "run", "convs", "GMACs (share of model)", "ms (IQR)",
+                        "GMAC/s", "fastest fused variant ms", "half the fastest plain variant ms"],
+                       rows))
     tr = model.get("train", [])
     if tr:
         rows = [[f"{r['batch']}x3x{r['res'][0]}x{r['res'][1]}", _variant(r), _calls(r), _ms(r),

@@ -253,6 +253,10 @@ def main(argv=None):
                 device, t["res"], t["batch"], t["layouts"], budget.scaled(10.0),
                 progress=not args.no_progress, deadline=deadline(0.95))
             save(res, path)
+        res["model"]["conv_floor"] = model_bench.bench_conv_floor(
+            device, p["inference_res"], mbudget, progress=not args.no_progress,
+            deadline=deadline(0.95))
+        save(res, path)
         if p["compile_res"]:
             model_bench.bench_inference(device, p["inference_res"], p["compile_res"], mbudget,
                                         which="compile", **common)

@@ -57,3 +57,27 @@ def test_cli_exit_status_and_table(tmp_path, capsys):
     assert "0 slower" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="cannot read"):
         report.main(["--compare", str(old), str(tmp_path / "missing.json")])
+
+
+def test_conv_floor_times_every_dense_conv_and_renders():
+    """bench_conv_floor runs exactly the model's non-depthwise convolutions (3 init + 2
+    downsampling + 9 DAB modules x (3x3 + 1x1) + classifier = 24), and the report sets the
+    floor against the model variants of the same input."""
+    from bench import model_bench
+    from bench.timing import Budget
+
+    recs = model_bench.bench_conv_floor("cpu", [(32, 64)], Budget(cpu_min_run_s=0.01),
+                                        progress=False)
+    assert [r["layout"] for r in recs] == ["nchw", "cl"]
+    for r in recs:
+        assert "error" not in r, r.get("error")
+        assert r["convs"] == 24
+        assert 0.8 < r["macs_share_of_model"] < 1.0  # the paper: depthwise convs are cheap
+        assert r["median_ms"] > 0 and r["gmacs_per_s"] > 0
+    inf = [dict(res=[32, 64], variant=v, fused=f, median_ms=ms, iqr_ms=0.1)
+           for v, f, ms in (("eager", False, 10.0), ("compile", False, 8.0),
+                            ("fused-cl", True, 7.0))]
+    text = report.model_tables({"model": {"inference": inf, "conv_floor": recs}})
+    assert "dense 3x3 and 1x1 convolutions alone" in text
+    row = next(line for line in text.splitlines() if "dense convs only-cl" in line)
+    assert "| 7.0 |" in row and "| 4.0 |" in row  # fastest fused, half the fastest plain

@@ -49,6 +49,26 @@ void neck_row(T* __restrict__ out, const T* __restrict__ x, const T* __restrict_
   }
 }
 
+// NHWC: one pixel's second convs (along W) of both branches from the first convs' rows (a/m/c:
+// the pixels at w-1, w, w+1 and w-d, w, w+d), their sum and the final BN-PReLU, over C channels.
+// A function of its own so that every pointer is __restrict__: inline in the row loop, GCC
+// did not vectorize it.
+template <typename T, typename acc_t>
+void neck_pixel(T* __restrict__ o, const acc_t* __restrict__ a1, const acc_t* __restrict__ m1,
+                const acc_t* __restrict__ c1, const acc_t* __restrict__ a2,
+                const acc_t* __restrict__ m2, const acc_t* __restrict__ c2,
+                const acc_t* __restrict__ p1, const acc_t* __restrict__ p3,
+                const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
+                const acc_t* __restrict__ slope, int64_t C) {
+  for (int64_t i = 0; i < C; ++i) {
+    const acc_t y1 = prelu(p1[3 * C + i] + p1[i] * a1[i] + p1[C + i] * m1[i] + p1[2 * C + i] * c1[i],
+                           p1[4 * C + i]);
+    const acc_t y2 = prelu(p3[3 * C + i] + p3[i] * a2[i] + p3[C + i] * m2[i] + p3[2 * C + i] * c2[i],
+                           p3[4 * C + i]);
+    o[i] = T(prelu(scale[i] * (y1 + y2) + shift[i], slope[i]));
+  }
+}
+
 }  // namespace
 
 at::Tensor dab_neck(const at::Tensor& x_, const at::Tensor& weight, const at::Tensor& bias,
@@ -113,18 +133,9 @@ at::Tensor dab_neck(const at::Tensor& x_, const at::Tensor& weight, const at::Te
           for (int64_t w = 0; w < W; ++w) {
             const acc_t* m1 = t1.data() + w * C;
             const acc_t* m2 = t2.data() + w * C;
-            const acc_t* __restrict__ a1 = w >= 1 ? m1 - C : zacc.data();
-            const acc_t* __restrict__ c1 = w + 1 < W ? m1 + C : zacc.data();
-            const acc_t* __restrict__ a2 = w >= d ? m2 - d * C : zacc.data();
-            const acc_t* __restrict__ c2 = w + d < W ? m2 + d * C : zacc.data();
-            scalar_t* __restrict__ o = op + (r * W + w) * C;
-            for (int64_t i = 0; i < C; ++i) {
-              const acc_t y1 = prelu(p1[3 * C + i] + p1[i] * a1[i] + p1[C + i] * m1[i] +
-                                         p1[2 * C + i] * c1[i], p1[4 * C + i]);
-              const acc_t y2 = prelu(p3[3 * C + i] + p3[i] * a2[i] + p3[C + i] * m2[i] +
-                                         p3[2 * C + i] * c2[i], p3[4 * C + i]);
-              o[i] = scalar_t(prelu(s_[i] * (y1 + y2) + t_[i], a_[i]));
-            }
+            neck_pixel(op + (r * W + w) * C, w >= 1 ? m1 - C : zacc.data(), m1,
+                       w + 1 < W ? m1 + C : zacc.data(), w >= d ? m2 - d * C : zacc.data(), m2,
+                       w + d < W ? m2 + d * C : zacc.data(), p1, p3, s_, t_, a_, C);
           }
         }
       });

