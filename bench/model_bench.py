@@ -195,6 +195,11 @@ def bench_conv_floor(device: str, resolutions, budget: Budget, progress=True,
     state = build(False, "cpu").state_dict()
     _randomize_bn_state(state)
     out = []
+    # The machine's fp32 matrix-multiply rate, the yardstick for the convolutions' rate.
+    n = 2048 if device == "cpu" else 8192
+    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+    mm = n ** 3 / time_fn(lambda: a @ b, device, budget).median_ms / 1e6
+    a = b = None
     jobs = [(res, layout) for res in resolutions for layout in ("nchw", "cl")]
     for res, layout in tqdm(jobs, desc=f"dense convolutions alone on {device}", unit="run",
                             disable=not progress, dynamic_ncols=True):
@@ -229,6 +234,7 @@ def bench_conv_floor(device: str, resolutions, budget: Budget, progress=True,
             st = time_fn(fn, device, budget)
             rec.update(st.as_dict())
             rec["gmacs_per_s"] = rec["macs"] / st.median_ms / 1e6
+            rec["matmul_gmacs_per_s"] = mm  # a (n x n) @ (n x n), fp32
         except Exception as e:
             rec["error"] = _error(e)
         out.append(rec)

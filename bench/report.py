@@ -177,13 +177,15 @@ def model_tables(res) -> str:
             rows.append([f"{r['res'][0]}x{r['res'][1]}", r["variant"], str(r["convs"]),
                          f"{r['macs'] / 1e9:.2f} ({100 * r['macs_share_of_model']:.0f}%)",
                          _ms(r), f"{r['gmacs_per_s']:.1f}",
+                         f"{r['matmul_gmacs_per_s']:.1f}" if r.get("matmul_gmacs_per_s") else "-",
                          f"{fused:.1f}" if fused else "-",
                          f"{base / 2:.1f}" if base else "-"])
         out.append("The dense 3x3 and 1x1 convolutions alone (through PyTorch, on the "
                    "activations of a real forward): a floor for the whole model that fusing "
                    "the other ops cannot go below:\n\n" + _table(
                        ["input", "run", "convs", "GMACs (share of model)", "ms (IQR)",
-                        "GMAC/s", "fastest fused variant ms", "half the fastest plain variant ms"],
+                        "GMAC/s", "fp32 matmul GMAC/s", "fastest fused variant ms",
+                        "half the fastest plain variant ms"],
                        rows))
     tr = model.get("train", [])
     if tr:

@@ -73,7 +73,7 @@ def test_conv_floor_times_every_dense_conv_and_renders():
         assert "error" not in r, r.get("error")
         assert r["convs"] == 24
         assert 0.8 < r["macs_share_of_model"] < 1.0  # the paper: depthwise convs are cheap
-        assert r["median_ms"] > 0 and r["gmacs_per_s"] > 0
+        assert r["median_ms"] > 0 and r["gmacs_per_s"] > 0 and r["matmul_gmacs_per_s"] > 0
     inf = [dict(res=[32, 64], variant=v, fused=f, median_ms=ms, iqr_ms=0.1)
            for v, f, ms in (("eager", False, 10.0), ("compile", False, 8.0),
                             ("fused-cl", True, 7.0))]

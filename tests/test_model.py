@@ -22,6 +22,22 @@ def pair(dtype=torch.float64, classes=19):
     return ref, fused
 
 
+@pytest.mark.parametrize("size", [(64, 128), (37, 53)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_input_injection_pyramid_equals_pooling_the_image(size, layout):
+    """forward pools each injection level from the one before; the authors pool the image afresh
+    each time. Bit-identical, and each level's shape is the one the concatenations expect."""
+    model = DABNet(19)
+    x = torch.rand(2, 3, *size).contiguous(memory_format=layout)
+    levels = model.injections(x)
+    for k, (got, down) in enumerate(zip(levels, (model.down_1, model.down_2, model.down_3)), 1):
+        want = x
+        for _ in range(k):
+            want = F.avg_pool2d(want, 3, stride=2, padding=1)
+        assert torch.equal(down(x), want)
+        assert torch.equal(got, want), f"level {k}"
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_parameter_count_and_authors_state_dict_names(fused):
     model = DABNet(19, fused=fused)
