@@ -54,33 +54,49 @@ struct Segments {
 };
 
 
+// The geometry of one upsampling, and the first of its two passes: blending the two source rows
+// of an output row (one class at a time, w values).
+template <typename scalar_t>
+struct Bilinear {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N, K, h, w, out_h;
+  const Lerp<acc_t> ly, lx;
+  const Segments seg;
+  const scalar_t* L;
+  Bilinear(const at::Tensor& x, int64_t oh, int64_t ow)
+      : N(x.size(0)), K(x.size(1)), h(x.size(2)), w(x.size(3)), out_h(oh), ly(h, oh), lx(w, ow),
+        seg(lx), L(x.data_ptr<scalar_t>()) {}
+  int64_t nseg() const { return int64_t(seg.i0.size()); }
+  // row[i * stride] for i < w: class k's source rows for output row r (= n*out_h + y), blended.
+  void blend_rows(int64_t r, int64_t k, acc_t* row, int64_t stride) const {
+    const int64_t n = r / out_h, y = r % out_h;
+    const acc_t a = ly.l0[y], b = ly.l1[y];
+    const scalar_t* p0 = L + ((n * K + k) * h + ly.i0[y]) * w;
+    const scalar_t* p1 = L + ((n * K + k) * h + ly.i1[y]) * w;
+    for (int64_t i = 0; i < w; ++i) row[i * stride] = a * acc_t(p0[i]) + b * acc_t(p1[i]);
+  }
+};
+
 // Calls f(r, k, vals) for every output row r (= n*out_h + y) and class k, vals being the out_w
 // upsampled values: the two source rows are blended first (w values), then gathered along W.
 template <typename scalar_t, typename F>
 void bilinear_rows(const at::Tensor& x, int64_t out_h, int64_t out_w, F f) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t N = x.size(0), K = x.size(1), h = x.size(2), w = x.size(3);
-  const Lerp<acc_t> ly(h, out_h), lx(w, out_w);
-  const Segments seg(lx);
-  const int64_t nseg = int64_t(seg.i0.size());
-  const scalar_t* L = x.data_ptr<scalar_t>();
-  at::parallel_for(0, N * out_h, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row(w), val(out_w);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / out_h, y = r % out_h;
-      const acc_t a = ly.l0[y], b = ly.l1[y];
-      for (int64_t k = 0; k < K; ++k) {
-        const scalar_t* p0 = L + ((n * K + k) * h + ly.i0[y]) * w;
-        const scalar_t* p1 = L + ((n * K + k) * h + ly.i1[y]) * w;
-        for (int64_t i = 0; i < w; ++i) row[i] = a * acc_t(p0[i]) + b * acc_t(p1[i]);
-        for (int64_t sg = 0; sg < nseg; ++sg) {
+  const Bilinear<scalar_t> bl(x, out_h, out_w);
+  const auto& seg = bl.seg;
+  const auto& lx = bl.lx;
+  at::parallel_for(0, bl.N * out_h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(bl.w), val(out_w);
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t k = 0; k < bl.K; ++k) {
+        bl.blend_rows(r, k, row.data(), 1);
+        for (int64_t sg = 0; sg < bl.nseg(); ++sg) {
           const acc_t u = row[seg.i0[sg]], v = row[seg.i1[sg]];
           for (int64_t o = seg.begin[sg]; o < seg.begin[sg + 1]; ++o)
             val[o] = lx.l0[o] * u + lx.l1[o] * v;
         }
         f(r, k, val.data());
       }
-    }
   });
 }
 
@@ -91,27 +107,19 @@ void bilinear_rows(const at::Tensor& x, int64_t out_h, int64_t out_w, F f) {
 template <typename scalar_t>
 void bilinear_rows_cl(const at::Tensor& x, scalar_t* out, int64_t out_h, int64_t out_w) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t N = x.size(0), K = x.size(1), h = x.size(2), w = x.size(3);
-  const Lerp<acc_t> ly(h, out_h), lx(w, out_w);
-  const Segments seg(lx);
-  const int64_t nseg = int64_t(seg.i0.size());
-  const scalar_t* L = x.data_ptr<scalar_t>();
-  at::parallel_for(0, N * out_h, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row(w * K);
+  const Bilinear<scalar_t> bl(x, out_h, out_w);
+  const int64_t K = bl.K;
+  const auto& seg = bl.seg;
+  at::parallel_for(0, bl.N * out_h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(bl.w * K);
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / out_h, y = r % out_h;
-      const acc_t a = ly.l0[y], b = ly.l1[y];
-      for (int64_t k = 0; k < K; ++k) {
-        const scalar_t* p0 = L + ((n * K + k) * h + ly.i0[y]) * w;
-        const scalar_t* p1 = L + ((n * K + k) * h + ly.i1[y]) * w;
-        for (int64_t i = 0; i < w; ++i) row[i * K + k] = a * acc_t(p0[i]) + b * acc_t(p1[i]);
-      }
+      for (int64_t k = 0; k < K; ++k) bl.blend_rows(r, k, row.data() + k, K);
       scalar_t* dst = out + r * out_w * K;
-      for (int64_t sg = 0; sg < nseg; ++sg) {
+      for (int64_t sg = 0; sg < bl.nseg(); ++sg) {
         const acc_t* __restrict__ u = row.data() + seg.i0[sg] * K;
         const acc_t* __restrict__ v = row.data() + seg.i1[sg] * K;
         for (int64_t o = seg.begin[sg]; o < seg.begin[sg + 1]; ++o) {
-          const acc_t l0 = lx.l0[o], l1 = lx.l1[o];
+          const acc_t l0 = bl.lx.l0[o], l1 = bl.lx.l1[o];
           scalar_t* __restrict__ d = dst + o * K;
           for (int64_t k = 0; k < K; ++k) d[k] = scalar_t(l0 * u[k] + l1 * v[k]);
         }
