@@ -25,6 +25,27 @@ def test_eval_fused_matches_reference(shape, dilation, layout):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dilation", [1, 3, 16])
+@pytest.mark.parametrize("slopes", ["unit", "mixed"])
+def test_eval_fused_slopes_in_and_out_of_unit_interval(slopes, dilation, layout):
+    """The CPU kernel runs a cheaper PReLU, max(y, slope*y), for channels whose slopes all lie in
+    [0, 1] (the usual case: PReLU starts at 0.25); random slopes of both signs rarely hit it."""
+    C = 6
+    x = make_input((2, C, 11, 13), layout)
+    weights, bns = neck_params(C)
+    for k, p in enumerate(bns):
+        p.prelu_weight.copy_(torch.rand(C, dtype=torch.float64))
+        p.prelu_weight[0], p.prelu_weight[1] = 0.0, 1.0  # the interval's ends
+        if slopes == "mixed":  # channels 2 and 3 leave it, each through one of its 5 slopes
+            p.prelu_weight[2] = 1.5 if k == 1 else p.prelu_weight[2]
+            p.prelu_weight[3] = -0.2 if k == 4 else p.prelu_weight[3]
+    with torch.no_grad():
+        out = ops.dab_neck(x, weights, bns, dilation)
+        ref = reference.dab_neck(x, weights, bns, dilation)
+    torch.testing.assert_close(out, ref, **tol(x.dtype))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dilation", [2, 16])
 def test_eval_fused_float32_single_slope(dilation, layout):
     x = make_input((2, 32, 32, 64), layout, torch.float32)

@@ -22,15 +22,17 @@ struct Tap3 {
   acc_t w0, w1, w2, bias, slope;
   Tap3(const std::vector<acc_t>& prm, int64_t C, int64_t c)  // prm: [w0 | w1 | w2 | bias | slope]
       : w0(prm[c]), w1(prm[C + c]), w2(prm[2 * C + c]), bias(prm[3 * C + c]), slope(prm[4 * C + c]) {}
-  acc_t operator()(acc_t a, acc_t b, acc_t c) const {
-    return prelu(bias + w0 * a + w1 * b + w2 * c, slope);
+  template <bool UNIT>
+  acc_t apply(acc_t a, acc_t b, acc_t c) const {
+    return act<UNIT>(bias + w0 * a + w1 * b + w2 * c, slope);
   }
+  bool unit() const { return unit_slope(slope); }
 };
 
 // NCHW: the neck of one channel's row. up1/dn1 and upd/dnd are the rows h-1/h+1 and h-d/h+d (or
 // zero rows); t1/t2 are scratch rows with zero borders of 1 and dd = min(d, W) on each side (a
 // shift of W or more reads only the border).
-template <typename T, typename acc_t>
+template <bool UNIT, typename T, typename acc_t>
 void neck_row(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ up1,
               const T* __restrict__ dn1, const T* __restrict__ upd, const T* __restrict__ dnd,
               acc_t* __restrict__ t1, acc_t* __restrict__ t2, int64_t W, int64_t dd,
@@ -40,12 +42,13 @@ void neck_row(T* __restrict__ out, const T* __restrict__ x, const T* __restrict_
   acc_t* m2 = t2 + dd;
   for (int64_t i = 0; i < W; ++i) {
     const acc_t v = acc_t(x[i]);
-    m1[i] = k0(acc_t(up1[i]), v, acc_t(dn1[i]));
-    m2[i] = k2(acc_t(upd[i]), v, acc_t(dnd[i]));
+    m1[i] = k0.template apply<UNIT>(acc_t(up1[i]), v, acc_t(dn1[i]));
+    m2[i] = k2.template apply<UNIT>(acc_t(upd[i]), v, acc_t(dnd[i]));
   }
   for (int64_t i = 0; i < W; ++i) {
-    const acc_t y = k1(t1[i], t1[i + 1], t1[i + 2]) + k3(t2[i], t2[i + dd], t2[i + 2 * dd]);
-    out[i] = T(prelu(scale * y + shift, slope));
+    const acc_t y = k1.template apply<UNIT>(t1[i], t1[i + 1], t1[i + 2]) +
+                    k3.template apply<UNIT>(t2[i], t2[i + dd], t2[i + 2 * dd]);
+    out[i] = T(act<UNIT>(scale * y + shift, slope));
   }
 }
 
@@ -104,12 +107,16 @@ at::Tensor dab_neck(const at::Tensor& x_, const at::Tensor& weight, const at::Te
         for (int64_t p = begin; p < end; ++p) {
           const int64_t c = p % C;
           const Tap3<acc_t> k[4] = {{prm[0], C, c}, {prm[1], C, c}, {prm[2], C, c}, {prm[3], C, c}};
+          const bool unit = k[0].unit() && k[1].unit() && k[2].unit() && k[3].unit() &&
+                            unit_slope(fa[c]);
           const scalar_t* xq = xp + p * H * W;
           for (int64_t h = 0; h < H; ++h) {
             const scalar_t* r = xq + h * W;
-            neck_row(op + p * H * W + h * W, r, h >= 1 ? r - W : z, h + 1 < H ? r + W : z,
-                     h >= d ? r - d * W : z, h + d < H ? r + d * W : z, t1.data(), t2.data(), W,
-                     dd, k, fs[c], ft[c], fa[c]);
+            // The common case, every slope of this channel in [0, 1], runs the cheaper PReLU.
+            (unit ? neck_row<true, scalar_t, acc_t> : neck_row<false, scalar_t, acc_t>)(
+                op + p * H * W + h * W, r, h >= 1 ? r - W : z, h + 1 < H ? r + W : z,
+                h >= d ? r - d * W : z, h + d < H ? r + d * W : z, t1.data(), t2.data(), W, dd, k,
+                fs[c], ft[c], fa[c]);
           }
         }
       });
