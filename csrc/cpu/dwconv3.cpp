@@ -43,21 +43,29 @@ std::tuple<at::Tensor, at::Tensor> dwconv3_backward(const at::Tensor& grad_out,
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = g.data_ptr<scalar_t>();
-    if (mask[0] && x.numel() > 0) {
+    const auto fprm = tap_params<acc_t>(weight, C, /*flip=*/true);
+    // NCHW with grad_w: one pass over the planes computes both gradients (below). Otherwise:
+    if (mask[0] && x.numel() > 0 && (cl || !mask[1])) {
       // d/dx of sum_k w_k x[i + (k-1)d] is the same stencil with w reversed.
-      const auto prm = tap_params<acc_t>(weight, C, /*flip=*/true);
-      run_tap3<false>(gp, grad_x.data_ptr<scalar_t>(), geo, axis, dilation, prm.data());
+      run_tap3<false>(gp, grad_x.data_ptr<scalar_t>(), geo, axis, dilation, fprm.data());
     }
     if (mask[1]) {
       // grad_w[c][k] = sum over (n, h, w) of g * x shifted by (k-1)d: three dot products per run.
       std::vector<double> acc(3 * C, 0.0);
       if (x.numel() > 0 && !cl) {
+        scalar_t* gxp = mask[0] ? grad_x.data_ptr<scalar_t>() : nullptr;
         at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-          std::vector<scalar_t> pad(geo.W + 2 * std::min(dilation, geo.W), scalar_t(0)),
-              zero(geo.W, scalar_t(0));
+          std::vector<scalar_t> edge(2 * geo.W), zero(geo.W, scalar_t(0));
           for (int64_t c = begin; c < end; ++c)
-            for (int64_t n = 0; n < geo.N; ++n)
-              plane_runs(xp, geo, axis, dilation, n * C + c, pad.data(), zero.data(),
+            for (int64_t n = 0; n < geo.N; ++n) {
+              // grad_x of this plane first: its grad_out is then still in cache for grad_w.
+              if (gxp)
+                plane_runs(gp, geo, axis, dilation, n * C + c, edge.data(), zero.data(),
+                           [&](int64_t off, const scalar_t* a, const scalar_t* b,
+                               const scalar_t* cc, int64_t len) {
+                             tap3_run<false, false>(gxp + off, a, b, cc, fprm.data() + c, C, len);
+                           });
+              plane_runs(xp, geo, axis, dilation, n * C + c, edge.data(), zero.data(),
                          [&](int64_t off, const scalar_t* a, const scalar_t* b, const scalar_t* cc,
                              int64_t len) {
                            acc_t s0 = 0, s1 = 0, s2 = 0;
@@ -73,6 +81,7 @@ std::tuple<at::Tensor, at::Tensor> dwconv3_backward(const at::Tensor& grad_out,
                            acc[C + c] += s1;
                            acc[2 * C + c] += s2;
                          });
+            }
         });
       } else if (x.numel() > 0) {
         // Rows are split into a fixed number of chunks, summed in order: deterministic.
