@@ -56,6 +56,21 @@ def test_eval_fused_float32_single_slope(dilation, layout):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_fold_mixed_parameter_forms():
+    """fold_dab_neck stacks the five BNs' vectors at once; BNs without affine parameters
+    (affine=False) and a single PReLU slope next to per-channel ones take the general path of
+    that stacking."""
+    C = 5
+    x = make_input((2, C, 9, 10))
+    weights, bns = neck_params(C)
+    bns[1] = bns[1]._replace(weight=None, bias=None)
+    bns[2] = bns[2]._replace(prelu_weight=torch.tensor([0.3], dtype=torch.float64))
+    with torch.no_grad():
+        out = ops.dab_neck(x, weights, bns, 2)
+        ref = reference.dab_neck(x, weights, bns, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
 def test_fused_kernel_is_used_in_eval(monkeypatch):
     calls = []
     real = torch.ops.dabnet.dab_neck
