@@ -308,8 +308,11 @@ class FusedDABModule(nn.Module):
         return ns.dab_neck(y, *cache[2], self.dilation)
 
     def forward(self, x):
-        y = self.conv3x3(self.bn_relu_1(x))
-        return self.conv1x1(self.neck(y)) + x
+        y = self.conv1x1(self.neck(self.conv3x3(self.bn_relu_1(x))))
+        if (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and y is not x
+                and y._base is None and y.shape == x.shape and y.dtype == x.dtype):
+            return y.add_(x)  # the residual into the conv's own fresh output: no new buffer
+        return y + x
 
 
 _FUSED = (FusedBNPReLU, FusedConvBNPReLU, FusedDABModule, FusedSequential)
