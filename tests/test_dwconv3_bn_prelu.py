@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from dabnet_kernels import ops, reference
+from conftest import requires_cuda
 from helpers import DILATIONS, LAYOUTS, bn_params, clone_params, dw_weight, make_input, tol
 
 
@@ -52,3 +53,31 @@ def test_gradcheck(along, layout, training):
                                     p.running_var.clone(), a, training)
 
     assert torch.autograd.gradcheck(f, (x, w, bw, bb, a))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_eval_backward_takes_the_forwards_prelu_branch(dtype, layout, device):
+    """In eval (e.g. fine-tuning with frozen BatchNorm) the backward recomputes the conv, then the
+    BN output, to pick PReLU's branch; the forward must round and normalize the same way, or
+    pre-activations within rounding of 0 get the other branch's gradient (in bfloat16, hundreds
+    of pixels per million did when the forward folded BN into the taps). With only the centre
+    tap, grad_x = tap * scale * (1 where the output is positive, else the slope)."""
+    torch.manual_seed(0)
+    C = 16
+    x = make_input((1, C, 128, 128), layout, torch.float32).to(device, dtype).requires_grad_()
+    w = torch.zeros(C, 1, 1, 3)
+    w[:, 0, 0, 1] = torch.rand(C) + 0.5
+    w = w.to(device, dtype)
+    mean, var = torch.randn(C).to(device, dtype), (torch.rand(C) + 0.5).to(device, dtype)
+    opt = dict(dtype=dtype, device=device)
+    one, zero, slope = torch.ones(C, **opt), torch.zeros(C, **opt), torch.full((C,), 0.25, **opt)
+    y = ops.dwconv3_bn_prelu(x, w, 1, one, zero, mean, var, slope, False)
+    y.backward(torch.ones_like(y))
+    scale = w[:, 0, 0, 1].float() / torch.sqrt(var.float() + 1e-3)
+    factor = x.grad.float() / scale.view(1, C, 1, 1)  # 1 or 0.25 (to rounding)
+    nonzero = y.float() != 0  # an output rounded to 0 does not show its branch
+    positive = y.float() > 0
+    wrong = ((factor > 0.6) != positive) & nonzero
+    assert wrong.sum().item() == 0, f"{wrong.sum().item()} pixels took the other branch"

@@ -39,23 +39,6 @@ void batch_stats(const scalar_t* x, const Geo& g, std::vector<double>& mean,
 
 std::vector<double> to_double(const at::Tensor& v, int64_t C) { return to_vec<double>(v, C); }
 
-// The folded BN y = x * scale + shift, computed identically by the forward and the backward (which
-// recomputes y to choose PReLU's branch: see affine in loops.h), from the statistics as the
-// forward returns them (rounded to stat_type), in double.
-template <typename acc_t>
-void fold_bn(const std::vector<double>& w, const std::vector<double>& b,
-             const std::vector<double>& mean, const std::vector<double>& var, double eps,
-             std::vector<acc_t>& scale, std::vector<acc_t>& shift) {
-  const size_t C = w.size();
-  scale.resize(C);
-  shift.resize(C);
-  for (size_t c = 0; c < C; ++c) {
-    const double s = w[c] / std::sqrt(var[c] + eps);
-    scale[c] = acc_t(s);
-    shift[c] = acc_t(b[c] - mean[c] * s);
-  }
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_prelu(

@@ -86,7 +86,7 @@ at::Tensor dab_neck(const at::Tensor& x_, const at::Tensor& weight, const at::Te
   const int64_t C = g.C, H = g.H, W = g.W, dd = std::min(d, W);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dab_neck_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // prm[k]: [w0 | w1 | w2 | bias | slope] of conv k (see tap3_run).
+    // prm[k]: [w0 | w1 | w2 | bias | slope | ...] of conv k (see tap3_run), BN folded in.
     auto wt = weight.detach().to(at::kDouble).contiguous();
     const auto bs = to_vec<acc_t>(bias.reshape({-1}), 4 * C), sl = to_vec<acc_t>(slope.reshape({-1}), 4 * C);
     std::vector<std::vector<acc_t>> prm(4);
@@ -130,11 +130,11 @@ at::Tensor dab_neck(const at::Tensor& x_, const at::Tensor& weight, const at::Te
           // First convs (along H) for every pixel of the row...
           row_runs(xp, g, 0, 1, r, zero.data(), [&](int64_t off, const scalar_t* a, const scalar_t* b,
                                                     const scalar_t* c, int64_t n) {
-            tap3_run<true, true>(t1.data() + (off - r * W * C), a, b, c, prm[0].data(), C, n);
+            tap3_run<kEpiPrelu, true>(t1.data() + (off - r * W * C), a, b, c, prm[0].data(), C, n);
           });
           row_runs(xp, g, 0, d, r, zero.data(), [&](int64_t off, const scalar_t* a, const scalar_t* b,
                                                     const scalar_t* c, int64_t n) {
-            tap3_run<true, true>(t2.data() + (off - r * W * C), a, b, c, prm[2].data(), C, n);
+            tap3_run<kEpiPrelu, true>(t2.data() + (off - r * W * C), a, b, c, prm[2].data(), C, n);
           });
           // ...then both second convs (along W), their sum and the final BN-PReLU, per pixel.
           for (int64_t w = 0; w < W; ++w) {

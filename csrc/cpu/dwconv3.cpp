@@ -21,7 +21,7 @@ at::Tensor dwconv3(const at::Tensor& x_, const at::Tensor& weight, int64_t dilat
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv3_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto prm = tap_params<acc_t>(weight, g.C);
-    run_tap3<false>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g, axis, dilation,
+    run_tap3<kEpiNone>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g, axis, dilation,
                     prm.data());
   });
   return out;
@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor> dwconv3_backward(const at::Tensor& grad_out,
     // NCHW with grad_w: one pass over the planes computes both gradients (below). Otherwise:
     if (mask[0] && x.numel() > 0 && (cl || !mask[1])) {
       // d/dx of sum_k w_k x[i + (k-1)d] is the same stencil with w reversed.
-      run_tap3<false>(gp, grad_x.data_ptr<scalar_t>(), geo, axis, dilation, fprm.data());
+      run_tap3<kEpiNone>(gp, grad_x.data_ptr<scalar_t>(), geo, axis, dilation, fprm.data());
     }
     if (mask[1]) {
       // grad_w[c][k] = sum over (n, h, w) of g * x shifted by (k-1)d: three dot products per run.
@@ -63,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> dwconv3_backward(const at::Tensor& grad_out,
                 plane_runs(gp, geo, axis, dilation, n * C + c, edge.data(), zero.data(),
                            [&](int64_t off, const scalar_t* a, const scalar_t* b,
                                const scalar_t* cc, int64_t len) {
-                             tap3_run<false, false>(gxp + off, a, b, cc, fprm.data() + c, C, len);
+                             tap3_run<kEpiNone, false>(gxp + off, a, b, cc, fprm.data() + c, C, len);
                            });
               plane_runs(xp, geo, axis, dilation, n * C + c, edge.data(), zero.data(),
                          [&](int64_t off, const scalar_t* a, const scalar_t* b, const scalar_t* cc,

@@ -1,4 +1,5 @@
-// dwconv3_bn_prelu on CPU. Eval: BatchNorm folded into the taps, PReLU in the epilogue, one pass.
+// dwconv3_bn_prelu on CPU. Eval: one pass, the conv then BatchNorm and PReLU in its epilogue
+// (computed as the backward recomputes them: see kEpiBnPrelu).
 // Training: the batch statistics of the conv output are needed before anything can be normalized,
 // so it is dwconv3 followed by bn_prelu.
 #include <torch/library.h>
@@ -28,22 +29,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv3_bn_prelu(
   const Geo g(x, cl);
   const int64_t C = g.C;
   at::Tensor out = empty_as(x, cl);
+  // Eval returns copies of the running statistics; the BN is folded from those copies, as the
+  // backward (which receives them) folds it.
+  const auto sopt = x.options().dtype(stat_type(x));
+  at::Tensor mean = running_mean->to(sopt, false, /*copy=*/true),
+             var = running_var->to(sopt, false, /*copy=*/true);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv3_bn_prelu_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto w = to_vec<double>(weight, C), b = to_vec<double>(bias, C),
-               mu = to_vec<double>(*running_mean, C), var = to_vec<double>(*running_var, C);
-    std::vector<double> scale(C), shift(C);
-    for (int64_t c = 0; c < C; ++c) {
-      scale[c] = w[c] / std::sqrt(var[c] + eps);
-      shift[c] = b[c] - mu[c] * scale[c];
-    }
+    std::vector<acc_t> scale, shift;
+    fold_bn(to_vec<double>(weight, C), to_vec<double>(bias, C), to_vec<double>(mean, C),
+            to_vec<double>(var, C), eps, scale, shift);
     const auto slope = to_vec<acc_t>(prelu_weight, C);
-    const auto prm = tap_params<acc_t>(conv_weight, C, false, scale.data(), shift.data(), slope.data());
+    const auto prm = tap_params<acc_t>(conv_weight, C, false, slope.data(), scale.data(),
+                                       shift.data());
     if (x.numel() > 0)
-      run_tap3<true>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g, axis, dilation, prm.data());
+      run_tap3<kEpiBnPrelu>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g, axis, dilation,
+                            prm.data());
   });
-  const auto sopt = x.options().dtype(stat_type(x));
-  return {out, running_mean->to(sopt, false, /*copy=*/true), running_var->to(sopt, false, true)};
+  return {out, mean, var};
 }
 
 }  // namespace DABNET_CPU_ISA

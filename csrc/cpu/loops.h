@@ -11,6 +11,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cmath>
 #include <array>
 #include <vector>
 
@@ -83,30 +84,55 @@ inline acc_t affine(acc_t x, acc_t s, acc_t t) {
 #endif
 }
 
-// Tap parameters [w0 | w1 | w2 | bias | slope] (see tap3_run) from a depthwise (C,1,3,1)/(C,1,1,3)
-// weight. flip reverses the taps (the adjoint, for grad_input). scale/shift fold an eval-mode
-// BatchNorm into the taps; slope is the PReLU slope (length C).
+// Tap parameters [w0 | w1 | w2 | bias | slope | scale | shift] (see tap3_run) from a depthwise
+// (C,1,3,1)/(C,1,1,3) weight. flip reverses the taps (the adjoint, for grad_input). bias: zero
+// (dab_neck, which folds its BatchNorms into the taps, fills it in); slope: the PReLU slope;
+// scale/shift: an eval BatchNorm applied after the rounded conv (kEpiBnPrelu). Each length C.
 template <typename acc_t>
 std::vector<acc_t> tap_params(const at::Tensor& w, int64_t C, bool flip = false,
-                              const double* scale = nullptr, const double* shift = nullptr,
-                              const acc_t* slope = nullptr) {
+                              const acc_t* slope = nullptr, const acc_t* scale = nullptr,
+                              const acc_t* shift = nullptr) {
   auto t = w.detach().reshape({C, 3}).to(at::kDouble).contiguous();
   const double* p = t.data_ptr<double>();
-  std::vector<acc_t> prm(5 * C, acc_t(0));
+  std::vector<acc_t> prm(7 * C, acc_t(0));
   for (int64_t c = 0; c < C; ++c) {
-    for (int k = 0; k < 3; ++k)
-      prm[k * C + c] = acc_t(p[c * 3 + (flip ? 2 - k : k)] * (scale ? scale[c] : 1.0));
-    prm[3 * C + c] = acc_t(shift ? shift[c] : 0.0);
+    for (int k = 0; k < 3; ++k) prm[k * C + c] = acc_t(p[c * 3 + (flip ? 2 - k : k)]);
     prm[4 * C + c] = slope ? slope[c] : acc_t(0);
+    prm[5 * C + c] = scale ? scale[c] : acc_t(1);
+    prm[6 * C + c] = shift ? shift[c] : acc_t(0);
   }
   return prm;
 }
 
-// The 3-tap kernel with its epilogue on one run of n elements:
-//   out[i] = act(bias + w0*a[i] + w1*b[i] + w2*c[i]),  act = PReLU(slope) when ACT.
-// prm is laid out [w0 | w1 | w2 | bias | slope], each block C long. VEC: index the blocks by
+// The folded BN y = x * scale + shift, computed identically wherever a backward recomputes a
+// forward's BN output to choose PReLU's branch (see affine): from the statistics as the forward
+// returns them (rounded to stat_type), in double, then rounded to acc_t.
+template <typename acc_t>
+void fold_bn(const std::vector<double>& w, const std::vector<double>& b,
+             const std::vector<double>& mean, const std::vector<double>& var, double eps,
+             std::vector<acc_t>& scale, std::vector<acc_t>& shift) {
+  const size_t C = w.size();
+  scale.resize(C);
+  shift.resize(C);
+  for (size_t c = 0; c < C; ++c) {
+    const double s = w[c] / std::sqrt(var[c] + eps);
+    scale[c] = acc_t(s);
+    shift[c] = acc_t(b[c] - mean[c] * s);
+  }
+}
+
+// What tap3_run does after the three taps, s = bias + w0*a + w1*b + w2*c:
+constexpr int kEpiNone = 0;   // out = s
+constexpr int kEpiPrelu = 1;  // out = PReLU(s): BatchNorm already folded into taps and bias
+// out = PReLU(affine(out_t(s), scale, shift)): the conv rounded to the output type, then the eval
+// BatchNorm, exactly as the backward recomputes them (dwconv3, then bn_prelu_backward), so that
+// forward and backward pick the same PReLU branch for a pre-activation within rounding of 0.
+constexpr int kEpiBnPrelu = 2;
+
+// The 3-tap kernel with its epilogue EPI (above) on one run of n elements. prm is laid out
+// [w0 | w1 | w2 | bias | slope | scale | shift], each block C long. VEC: index the blocks by
 // position (NHWC run over channels); otherwise prm already points at the run's channel.
-template <bool ACT, bool VEC, typename out_t, typename in_t, typename acc_t>
+template <int EPI, bool VEC, typename out_t, typename in_t, typename acc_t>
 inline void tap3_run(out_t* __restrict__ out, const in_t* __restrict__ a,
                      const in_t* __restrict__ b, const in_t* __restrict__ c,
                      const acc_t* __restrict__ prm, int64_t C, int64_t n) {
@@ -114,7 +140,9 @@ inline void tap3_run(out_t* __restrict__ out, const in_t* __restrict__ a,
     const int64_t j = VEC ? i : 0;
     acc_t s = prm[3 * C + j] + prm[j] * acc_t(a[i]) + prm[C + j] * acc_t(b[i]) +
               prm[2 * C + j] * acc_t(c[i]);
-    if (ACT) s = prelu(s, prm[4 * C + j]);
+    if (EPI == kEpiPrelu) s = prelu(s, prm[4 * C + j]);
+    if (EPI == kEpiBnPrelu)
+      s = prelu(affine(acc_t(out_t(s)), prm[5 * C + j], prm[6 * C + j]), prm[4 * C + j]);
     out[i] = out_t(s);
   }
 }
@@ -173,8 +201,8 @@ inline void row_runs(const T* x, const Geo& g, int axis, int64_t d, int64_t r, c
   }
 }
 
-// out = tap3 (with optional BN-fold bias and PReLU) of x along axis, whole tensor, in parallel.
-template <bool ACT, typename T, typename out_t, typename acc_t>
+// out = tap3 with epilogue EPI (see tap3_run) of x along axis, whole tensor, in parallel.
+template <int EPI, typename T, typename out_t, typename acc_t>
 void run_tap3(const T* x, out_t* out, const Geo& g, int axis, int64_t d, const acc_t* prm) {
   const int64_t C = g.C;
   if (!g.cl) {
@@ -184,7 +212,7 @@ void run_tap3(const T* x, out_t* out, const Geo& g, int axis, int64_t d, const a
         const acc_t* pc = prm + p % C;
         plane_runs(x, g, axis, d, p, edge.data(), zero.data(),
                    [&](int64_t off, const T* a, const T* b, const T* c, int64_t n) {
-                     tap3_run<ACT, false>(out + off, a, b, c, pc, C, n);
+                     tap3_run<EPI, false>(out + off, a, b, c, pc, C, n);
                    });
       }
     });
@@ -194,7 +222,7 @@ void run_tap3(const T* x, out_t* out, const Geo& g, int axis, int64_t d, const a
       for (int64_t r = begin; r < end; ++r)
         row_runs(x, g, axis, d, r, zero.data(),
                  [&](int64_t off, const T* a, const T* b, const T* c, int64_t n) {
-                   tap3_run<ACT, true>(out + off, a, b, c, prm, C, n);
+                   tap3_run<EPI, true>(out + off, a, b, c, prm, C, n);
                  });
     });
   }

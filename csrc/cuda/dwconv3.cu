@@ -27,8 +27,11 @@ struct Taps {
   }
 };
 
-// out = prelu(bias + k0*x[-d] + k1*x[0] + k2*x[+d], a) with k = conv taps (optionally times an
-// eval BN scale, bias its shift, a its PReLU slope); without BN, bias = 0 and a = 1 (identity).
+// conv = k0*x[-d] + k1*x[0] + k2*x[+d] with k = the conv taps (reversed for grad_input). With an
+// eval BN (fold): out = prelu(scalar_t(conv) * scale + shift, slope): the conv rounded to the
+// output type, then normalized, exactly as the backward recomputes them (dwconv3, then
+// bn_prelu's BnBackward), so that forward and backward pick the same PReLU branch even for a
+// pre-activation within rounding of 0 (folding the BN scale into the taps did not).
 template <typename scalar_t>
 struct Tap3Op {
   using acc_t = at::opmath_type<scalar_t>;
@@ -37,26 +40,20 @@ struct Tap3Op {
   const scalar_t* w;  // (C, 3)
   bool flip, fold;
   BnParams<acc_t> bn;
-  acc_t k[3], bias, a;
+  BnChannel<acc_t> ch;
+  acc_t k[3];
 
   __device__ void setup(int c) {
-    acc_t scale = 1;
-    bias = 0;
-    a = 1;
-    if (fold) {
-      const BnChannel<acc_t> ch = bn.channel(c);
-      scale = ch.scale;
-      bias = ch.shift;
-      a = ch.slope;
-    }
+    if (fold) ch = bn.channel(c);
 #pragma unroll
-    for (int j = 0; j < 3; ++j) k[j] = acc_t(w[int64_t(c) * 3 + (flip ? 2 - j : j)]) * scale;
+    for (int j = 0; j < 3; ++j) k[j] = acc_t(w[int64_t(c) * 3 + (flip ? 2 - j : j)]);
   }
   __device__ void operator()(const Cursor& cur, int c) const {
     const int64_t o = in.g.offset(cur.n, c, cur.h, cur.w);
     acc_t v[3];
     in.load(cur, o, v);
-    out[o] = scalar_t(prelu(bias + k[0] * v[0] + k[1] * v[1] + k[2] * v[2], a));
+    const scalar_t conv = scalar_t(k[0] * v[0] + k[1] * v[1] + k[2] * v[2]);
+    out[o] = fold ? scalar_t(prelu(acc_t(conv) * ch.scale + ch.shift, ch.slope)) : conv;
   }
 };
 

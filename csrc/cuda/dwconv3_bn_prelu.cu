@@ -1,5 +1,5 @@
-// dwconv3_bn_prelu on CUDA. Eval: BatchNorm folded into the taps, PReLU in the epilogue, one pass
-// over memory. Training: the batch statistics of the conv output are needed before anything can
+// dwconv3_bn_prelu on CUDA. Eval: one pass over memory, BatchNorm and PReLU in the conv's epilogue
+// (computed as the backward recomputes them: see Tap3Op). Training: the batch statistics of the conv output are needed before anything can
 // be normalized, so it is dwconv3 followed by bn_prelu.
 #include <torch/library.h>
 
