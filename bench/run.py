@@ -152,10 +152,15 @@ def describe_plan(p, device) -> str:
 
 
 def results_path(args, machine):
-    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-    stem = args.name or f"{date}-{machine['slug']}" + ("-quick" if args.quick else "") + (
+    """<date>-<device>[-quick|-full|-smoke].json; a later run the same day gets -<HHMM> (UTC)
+    appended instead of overwriting the earlier record (--name overwrites as asked)."""
+    now = _dt.datetime.now(_dt.timezone.utc)
+    stem = args.name or f"{now:%Y-%m-%d}-{machine['slug']}" + ("-quick" if args.quick else "") + (
         "-full" if args.full else "") + ("-smoke" if args.res else "")
-    return os.path.join(args.out or RESULTS_DIR, stem + ".json")
+    path = os.path.join(args.out or RESULTS_DIR, stem + ".json")
+    if not args.name and os.path.exists(path):
+        path = os.path.join(args.out or RESULTS_DIR, f"{stem}-{now:%H%M}.json")
+    return path
 
 
 def save(res, path):

@@ -81,3 +81,18 @@ def test_conv_floor_times_every_dense_conv_and_renders():
     assert "dense 3x3 and 1x1 convolutions alone" in text
     row = next(line for line in text.splitlines() if "dense convs only-cl" in line)
     assert "| 7.0 |" in row and "| 4.0 |" in row  # fastest fused, half the fastest plain
+
+
+def test_results_path_keeps_an_earlier_run_of_the_same_day(tmp_path):
+    from argparse import Namespace
+
+    from bench.run import results_path
+
+    args = Namespace(name=None, quick=False, full=False, res=None, out=str(tmp_path))
+    machine = {"slug": "cpu-test"}
+    first = results_path(args, machine)
+    assert first.endswith("-cpu-test.json")
+    open(first, "w").close()
+    second = results_path(args, machine)
+    assert second != first and second.startswith(first[:-len(".json")] + "-")
+    assert results_path(Namespace(**{**vars(args), "name": "mine"}), machine).endswith("mine.json")
