@@ -60,11 +60,8 @@ std::tuple<at::Tensor, at::Tensor> dwconv3_backward(const at::Tensor& grad_out,
             for (int64_t n = 0; n < geo.N; ++n) {
               // grad_x of this plane first: its grad_out is then still in cache for grad_w.
               if (gxp)
-                plane_runs(gp, geo, axis, dilation, n * C + c, edge.data(), zero.data(),
-                           [&](int64_t off, const scalar_t* a, const scalar_t* b,
-                               const scalar_t* cc, int64_t len) {
-                             tap3_run<kEpiNone, false>(gxp + off, a, b, cc, fprm.data() + c, C, len);
-                           });
+                tap3_plane<kEpiNone>(gp, gxp, geo, axis, dilation, n * C + c, fprm.data(),
+                                     edge.data(), zero.data());
               plane_runs(xp, geo, axis, dilation, n * C + c, edge.data(), zero.data(),
                          [&](int64_t off, const scalar_t* a, const scalar_t* b, const scalar_t* cc,
                              int64_t len) {

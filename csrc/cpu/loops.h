@@ -11,8 +11,8 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
-#include <cmath>
 #include <array>
+#include <cmath>
 #include <vector>
 
 #include "../layout.h"
@@ -201,6 +201,17 @@ inline void row_runs(const T* x, const Geo& g, int axis, int64_t d, int64_t r, c
   }
 }
 
+// out = tap3 with epilogue EPI of NCHW plane p (= n*C + c) of x; edge, zero: see plane_runs.
+template <int EPI, typename T, typename out_t, typename acc_t>
+inline void tap3_plane(const T* x, out_t* out, const Geo& g, int axis, int64_t d, int64_t p,
+                       const acc_t* prm, T* edge, const T* zero) {
+  const acc_t* pc = prm + p % g.C;
+  plane_runs(x, g, axis, d, p, edge, zero,
+             [&](int64_t off, const T* a, const T* b, const T* c, int64_t n) {
+               tap3_run<EPI, false>(out + off, a, b, c, pc, g.C, n);
+             });
+}
+
 // out = tap3 with epilogue EPI (see tap3_run) of x along axis, whole tensor, in parallel.
 template <int EPI, typename T, typename out_t, typename acc_t>
 void run_tap3(const T* x, out_t* out, const Geo& g, int axis, int64_t d, const acc_t* prm) {
@@ -208,13 +219,8 @@ void run_tap3(const T* x, out_t* out, const Geo& g, int axis, int64_t d, const a
   if (!g.cl) {
     at::parallel_for(0, g.N * C, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> edge(2 * g.W), zero(g.W, T(0));
-      for (int64_t p = begin; p < end; ++p) {
-        const acc_t* pc = prm + p % C;
-        plane_runs(x, g, axis, d, p, edge.data(), zero.data(),
-                   [&](int64_t off, const T* a, const T* b, const T* c, int64_t n) {
-                     tap3_run<EPI, false>(out + off, a, b, c, pc, C, n);
-                   });
-      }
+      for (int64_t p = begin; p < end; ++p)
+        tap3_plane<EPI>(x, out, g, axis, d, p, prm, edge.data(), zero.data());
     });
   } else {
     at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {

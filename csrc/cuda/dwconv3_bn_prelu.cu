@@ -1,6 +1,6 @@
 // dwconv3_bn_prelu on CUDA. Eval: one pass over memory, BatchNorm and PReLU in the conv's epilogue
-// (computed as the backward recomputes them: see Tap3Op). Training: the batch statistics of the conv output are needed before anything can
-// be normalized, so it is dwconv3 followed by bn_prelu.
+// (computed as the backward recomputes them: see Tap3Op). Training: the batch statistics of the
+// conv output are needed before anything can be normalized, so it is dwconv3 followed by bn_prelu.
 #include <torch/library.h>
 
 #include "../checks.h"
