@@ -47,6 +47,22 @@ def last_level_cache_bytes() -> int:
     return best or (32 << 20)
 
 
+# CPU features that change how fast the baselines (oneDNN, ATen's vectorized kernels) and our
+# kernels can run: two machines with the same model name can differ in these (e.g. AVX-512).
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_vector_flags() -> list:
+    """Which of VECTOR_FLAGS /proc/cpuinfo lists (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^flags\s*:\s*(.+)$", f.read(), re.M)
+    except OSError:
+        return []
+    have = set(m.group(1).split()) if m else set()
+    return [f for f in VECTOR_FLAGS if f in have]
+
+
 def _git_commit() -> str | None:
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,6 +100,9 @@ def info(device: str) -> dict:
         else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "last_level_cache_bytes": last_level_cache_bytes(),
+        "cpu_vector_flags": cpu_vector_flags(),
+        # The vector ISA ATen's own CPU kernels dispatch to (the baselines' pointwise ops).
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch": torch.__version__,

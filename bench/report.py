@@ -80,7 +80,9 @@ def _key(rec):
 def machine_line(res) -> str:
     m = res["machine"]
     dev = (f"{m['gpu_model']} (CUDA {m['torch_cuda']})" if m["device"] == "cuda"
-           else f"{m['cpu_model']}, {m['cpu_usable_cores']} cores")
+           else f"{m['cpu_model']}, {m['cpu_usable_cores']} cores"
+           + (f" ({', '.join(m['cpu_vector_flags'])}; ATen kernels: {m['aten_cpu_capability']})"
+              if m.get("cpu_vector_flags") else ""))
     bw = res.get("copy_bandwidth", {}).get("gbs")
     load = res.get("loadavg_start")
     return (f"{dev}; torch {m['torch']}, triton {m['triton']}, Python {m['python']}; measured "
