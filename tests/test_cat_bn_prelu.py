@@ -9,11 +9,14 @@ def _inputs(layout, dtype=torch.float64, sizes=(3, 5, 2)):
     return [make_input((2, c, 6, 7), layout, dtype) for c in sizes]
 
 
+# Channel counts on both sides of the kernel's narrow-input path (<= 4 channels, taken a block of
+# pixels at a time in channels_last) and the wide one (a run per pixel).
+@pytest.mark.parametrize("sizes", [(3, 5, 2), (4, 1, 17)])
 @pytest.mark.parametrize("single_slope", [False, True])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
-def test_eval_matches_cat_then_bn_prelu(layout, single_slope):
-    xs = _inputs(layout)
-    p = bn_params(10, single_slope=single_slope)
+def test_eval_matches_cat_then_bn_prelu(layout, single_slope, sizes):
+    xs = _inputs(layout, sizes=sizes)
+    p = bn_params(sum(sizes), single_slope=single_slope)
     with torch.no_grad():
         out = ops.cat_bn_prelu(xs, *p[:5], False)
     ref = reference.bn_prelu(torch.cat(xs, 1), *p[:5], False)
