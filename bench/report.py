@@ -161,19 +161,24 @@ def model_tables(res) -> str:
     out = []
     inf = model.get("inference", [])
     if inf:
-        rows = [[f"{r['res'][0]}x{r['res'][1]}", _variant(r), _calls(r), _ms(r),
-                 f"{r['fps']:.1f}" if r.get("fps") else "-", _x(r.get("speedup_vs_eager")),
-                 _err(r.get("max_abs_diff_vs_eager")),
+        rows = [[f"{r['res'][0]}x{r['res'][1]}", _variant(r), r.get("dtype", "fp32"), _calls(r),
+                 _ms(r), f"{r['fps']:.1f}" if r.get("fps") else "-",
+                 _x(r.get("speedup_vs_eager")), _err(r.get("max_abs_diff_vs_eager")),
+                 f"{100 * r['label_agreement_vs_eager']:.2f}%"
+                 if r.get("label_agreement_vs_eager") is not None else "-",
                  f"{r['compile_s']:.0f}" if r.get("compile_s") else "-",
                  r.get("paper_1080ti_ms") or "-"] for r in inf]
-        out.append("DABNet inference, batch 1, fp32:\n\n" + _table(
-            ["input", "variant", "dabnet kernel calls", "ms (IQR)", "FPS", "vs eager",
-             "max diff vs eager", "compile s", "paper, GTX 1080Ti ms"], rows))
+        out.append("DABNet inference, batch 1 (vs eager: against eager fp32 NCHW; labels: pixels "
+                   "whose argmax class equals eager fp32's):\n\n" + _table(
+                       ["input", "variant", "dtype", "dabnet kernel calls", "ms (IQR)", "FPS",
+                        "vs eager", "max diff vs eager", "labels as eager", "compile s",
+                        "paper, GTX 1080Ti ms"], rows))
     floor = [r for r in model.get("conv_floor", []) if r.get("median_ms")]
     if floor:
         rows = []
         for r in floor:
-            same = [v for v in inf if v["res"] == r["res"] and v.get("median_ms")]
+            same = [v for v in inf if v["res"] == r["res"] and v.get("median_ms")
+                    and v.get("dtype", "fp32") == "fp32"]  # the floor is fp32 convolutions
             fused = min((v["median_ms"] for v in same if v.get("fused")), default=None)
             base = min((v["median_ms"] for v in same if not v.get("fused")), default=None)
             rows.append([f"{r['res'][0]}x{r['res'][1]}", r["variant"], str(r["convs"]),

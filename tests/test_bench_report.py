@@ -96,3 +96,30 @@ def test_results_path_keeps_an_earlier_run_of_the_same_day(tmp_path):
     second = results_path(args, machine)
     assert second != first and second.startswith(first[:-len(".json")] + "-")
     assert results_path(Namespace(**{**vars(args), "name": "mine"}), machine).endswith("mine.json")
+
+
+def test_inference_bench_runs_every_variant_and_checks_the_labels():
+    """The model benchmark at a tiny input, as `python -m bench.run` runs it: every plain variant
+    (fp32 and the bfloat16 pair) is timed, the fused ones really run dabnet kernels, and each is
+    compared with eager fp32, in values and in predicted labels."""
+    from bench.model_bench import bench_inference, inference_variants
+    from bench.timing import Budget
+
+    recs = bench_inference("cpu", [(32, 64)], [], Budget().scaled(0.05), progress=False,
+                           which="plain")
+    by = {r["variant"]: r for r in recs}
+    assert set(by) == {v[0] for v in inference_variants("cpu", False)}
+    for name, r in by.items():
+        assert "error" not in r, (name, r.get("error"))
+        assert r["median_ms"] > 0
+        assert r["dtype"] == ("bf16" if name.endswith("bf16") else "fp32")
+        if r["fused"]:
+            assert sum(r["dabnet_kernel_calls"].values()) > 0, name
+        if name != "eager":
+            assert 0.0 <= r["label_agreement_vs_eager"] <= 1.0
+    # fp32 variants compute the same function up to rounding: (nearly) every label agrees.
+    for name in ("eager-cl", "fused", "fused-cl"):
+        assert by[name]["max_abs_diff_vs_eager"] < 1e-3, name
+        assert by[name]["label_agreement_vs_eager"] > 0.99, name
+    # bfloat16 keeps 8 bits of mantissa: the logits differ visibly.
+    assert by["fused-cl-bf16"]["max_abs_diff_vs_eager"] > 1e-4
