@@ -196,6 +196,12 @@ class DABNet(nn.Module):
         """down_1(x), down_2(x), down_3(x): the image pooled 1, 2 and 3 times. The authors' code
         pools the image afresh for each; here each level pools the previous one once more: the
         same values, 3 pools instead of 6 (at 512x1024 on 2 CPU cores: 5 ms instead of 15)."""
+        if self.fused:  # the same pools, in a form that is faster on channels_last CPU tensors
+            from dabnet_kernels.ops import avg_pool3x3s2 as pool
+
+            d1 = pool(x)
+            d2 = pool(d1)
+            return d1, d2, pool(d2)
         d1 = self.down_1(x)
         d2 = self.down_2.pool_from(d1, 1)
         return d1, d2, self.down_3.pool_from(d2, 2)

@@ -38,6 +38,34 @@ def test_input_injection_pyramid_equals_pooling_the_image(size, layout):
         assert torch.equal(got, want), f"level {k}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size", [(64, 128), (37, 53), (1, 2)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_injection_pool_of_the_fused_model(layout, size, dtype):
+    """ops.avg_pool3x3s2 (a 1/9 depthwise conv on channels_last CPU tensors, else avg_pool2d) is
+    F.avg_pool2d(3, 2, 1) to rounding, in values and gradients, and keeps the memory format; the
+    fused model's injection levels are those of the unfused one."""
+    x = torch.rand(2, 3, *size, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
+    got = kernel_ops.avg_pool3x3s2(x)
+    want = F.avg_pool2d(x.detach().double(), 3, stride=2, padding=1)
+    tol = dict(rtol=0, atol=1e-12 if dtype == torch.float64 else
+               1e-6 if dtype == torch.float32 else 8e-3)
+    torch.testing.assert_close(got.double(), want, **tol)
+    assert got.dtype == dtype and got.shape == want.shape
+    if size[0] > 1:
+        assert got.is_contiguous(memory_format=layout)
+    g = torch.rand_like(got)
+    (gx,) = torch.autograd.grad(got, x, g)
+    xd = x.detach().double().requires_grad_()
+    (want_gx,) = torch.autograd.grad(F.avg_pool2d(xd, 3, stride=2, padding=1), xd, g.double())
+    torch.testing.assert_close(gx.double(), want_gx, **tol)
+    if dtype == torch.float64:
+        ref, fused = pair()
+        with torch.no_grad():
+            for a, b in zip(fused.injections(x), ref.injections(x)):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_parameter_count_and_authors_state_dict_names(fused):
     model = DABNet(19, fused=fused)
