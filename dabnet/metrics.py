@@ -101,15 +101,17 @@ def _sync(device):
 def measure_fps(model, input_size=(512, 1024), batch=1, device="cpu", warmup=10, iters=100,
                 channels_last=False, progress=False):
     """Frames per second of an eval-mode model: `warmup` untimed runs, synchronize, then the mean
-    time of `iters` runs (the paper: 100 frames, batch 1, one GPU). Returns (fps, ms per frame)."""
+    time of `iters` runs (the paper: 100 frames, batch 1, one GPU). The input takes the dtype and
+    memory format of the model's weights. Returns (fps, ms per frame)."""
     device = torch.device(device)
     if iters < 1:
         raise ValueError("iters must be >= 1")
+    from .evaluate import _input_like_model
+
     model = model.eval().to(device)
-    x = torch.randn(batch, 3, *input_size, device=device)
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
         model = model.to(memory_format=torch.channels_last)
+    x = _input_like_model(model, torch.randn(batch, 3, *input_size, device=device))
     for _ in range(warmup):
         model(x)
     _sync(device)

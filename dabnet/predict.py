@@ -9,7 +9,7 @@ from PIL import Image
 
 from .checkpoint import load_model
 from .data import TRAINID_TO_LABELID, colorize, dataset_info, load_image, to_tensor
-from .evaluate import predict_logits
+from .evaluate import for_inference, predict_logits
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm")
 
@@ -40,11 +40,14 @@ def overlay(img: np.ndarray, color: np.ndarray, alpha=0.5) -> np.ndarray:
 
 @torch.no_grad()
 def predict(checkpoint, inputs, out_dir, dataset=None, device="cpu", label_ids=False,
-            input_scale=1.0, fused=False, alpha=0.5, progress=True, model=None, meta=None):
+            input_scale=1.0, fused=False, alpha=0.5, progress=True, model=None, meta=None,
+            precision="fp32", channels_last=False):
     """Segments every input image; writes <name>_color.png, <name>_overlay.png and, with
-    label_ids (Cityscapes only), <name>_labelIds.png. Returns the list of written files."""
+    label_ids (Cityscapes only), <name>_labelIds.png. Returns the list of written files.
+    precision / channels_last: see evaluate.for_inference (applied to a model loaded here)."""
     if model is None:
         model, meta = load_model(checkpoint, fused=fused, device=device)
+        model = for_inference(model, precision, channels_last)
     meta = meta or {}
     name = dataset or meta.get("dataset") or "cityscapes"
     info = dataset_info(name)

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -64,6 +65,38 @@ def test_train_eval_predict_export(trained, tmp_path, capsys):
     assert main(["export", "-c", str(trained), "-o", str(tmp_path / "m.onnx"), "--size",
                  "32x64"]) == 0
     assert "max abs diff" in capsys.readouterr().out and (tmp_path / "m.onnx").is_file()
+
+
+def test_eval_and_predict_in_bfloat16_channels_last(trained, tmp_path, capsys):
+    """--precision bf16 --channels-last (fused and not): the same files and report, labels
+    (nearly) those of fp32, and the FPS line says what ran."""
+    args = ["-c", str(trained), "--no-progress", "--device", "cpu"]
+    ev = ["eval", *args, "--synthetic-length", "2", "--synthetic-size", "32x64", "--workers", "0"]
+    assert main([*ev, "--json", str(tmp_path / "fp32.json")]) == 0
+    assert main([*ev, "--fused", "--precision", "bf16", "--channels-last", "--fps", "--fps-size",
+                 "32x64", "--fps-iters", "1", "--json", str(tmp_path / "bf16.json")]) == 0
+    assert "bf16, channels_last" in capsys.readouterr().out
+    fp32, bf16 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("fp32", "bf16"))
+    assert bf16["precision"] == "bf16" and bf16["channels_last"] is True
+    assert abs(bf16["pixel_accuracy"] - fp32["pixel_accuracy"]) < 0.02
+
+    write_png(tmp_path / "in" / "street.png", np.random.default_rng(0).integers(0, 256, (32, 48, 3)))
+    colors = {}
+    for name, extra in (("fp32", []), ("bf16", ["--precision", "bf16", "--channels-last"]),
+                        ("bf16-fused", ["--precision", "bf16", "--channels-last", "--fused"])):
+        assert main(["predict", *args, str(tmp_path / "in"), "--out", str(tmp_path / name),
+                     *extra]) == 0
+        colors[name] = np.asarray(Image.open(tmp_path / name / "street_color.png"))
+    for name in ("bf16", "bf16-fused"):
+        same = (colors[name] == colors["fp32"]).all(-1).mean()
+        assert same > 0.9, (name, same)
+
+
+def test_unknown_precision_is_a_clear_error():
+    from dabnet.evaluate import for_inference
+
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+        for_inference(DABNet(19), "fp16")
 
 
 def test_predict_label_ids_for_the_cityscapes_server(tmp_path):
