@@ -100,7 +100,8 @@ def inference_variants(device: str, with_compile: bool):
               ("fused+cudagraph", True, "nchw", "cudagraph", "fp32")]
     if with_compile:
         v += [("compile", False, "nchw", "compile", "fp32"),
-              ("fused+compile", True, "nchw", "compile", "fp32")]
+              ("fused+compile", True, "nchw", "compile", "fp32"),
+              (f"compile{sfx}-bf16", False, layout, "compile", "bf16")]
         if device == "cuda":
             v += [("compile+cudagraphs", False, "nchw", "reduce-overhead", "fp32")]
     return v

@@ -66,6 +66,25 @@ def test_injection_pool_of_the_fused_model(layout, size, dtype):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size", [(8, 12), (7, 9), (2, 5)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_downsampling_max_pool_of_the_fused_model(layout, size, dtype):
+    """ops.max_pool2x2 equals F.max_pool2d(2, 2) exactly (NaN included), odd sizes floored; with a
+    gradient needed it is F.max_pool2d itself (ties: one input gets the gradient)."""
+    x = torch.randn(2, 5, *size).to(dtype).contiguous(memory_format=layout)
+    x[0, 1, 0, 0] = float("nan")
+    with torch.no_grad():
+        got = kernel_ops.max_pool2x2(x)
+    want = F.max_pool2d(x, 2, stride=2)
+    assert got.shape == want.shape and got.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    t = torch.ones(1, 1, 4, 4, requires_grad=True)  # all ties
+    (g,) = torch.autograd.grad(kernel_ops.max_pool2x2(t).sum(), t)
+    (want_g,) = torch.autograd.grad(F.max_pool2d(t, 2, stride=2).sum(), t)
+    assert torch.equal(g, want_g)
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_parameter_count_and_authors_state_dict_names(fused):
     model = DABNet(19, fused=fused)
@@ -317,5 +336,6 @@ def test_fused_eval_uses_cat_and_upsample_kernels(monkeypatch):
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 64))
         model.predict(torch.randn(1, 3, 32, 64))
-    assert calls.count("cat_bn_prelu") == 6
+    # Per forward: the three concatenations of Table 1 and downsample_1's conv + max-pool.
+    assert calls.count("cat_bn_prelu") == 8
     assert calls.count("upsample_bilinear") == 1 and calls.count("upsample_argmax") == 1
