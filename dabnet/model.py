@@ -109,10 +109,12 @@ class DownSamplingBlock(nn.Module):
         if not self.widen:
             return self.bn_prelu(y)
         if getattr(self.bn_prelu, "forward_cat", None) is None:  # the plain model
-            return self.bn_prelu(torch.cat([y, self.max_pool(x)], 1))
-        from dabnet_kernels.ops import max_pool2x2  # the fused model: the same values, faster
+            pooled = self.max_pool(x)
+        else:  # the fused model: the same values, faster
+            from dabnet_kernels.ops import max_pool2x2
 
-        return _cat_bn_prelu(self.bn_prelu, [y, max_pool2x2(x)])
+            pooled = max_pool2x2(x)
+        return _cat_bn_prelu(self.bn_prelu, [y, pooled])
 
 
 class InputInjection(nn.Module):
