@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "../checks.h"
+#include "alloc.h"
 #include "isa.h"
 #include "kernels.h"
 #include "loops.h"
@@ -52,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_prelu(
   const at::Tensor x = canonical(x_, cl);
   const Geo g(x, cl);
   const int64_t C = g.C;
-  at::Tensor out = empty_as(x, cl);
+  at::Tensor out = empty_out_as(x, cl);
   const auto sopt = x.options().dtype(stat_type(x));
   std::vector<double> mean, var;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_prelu_cpu", [&] {
@@ -102,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_prelu_backward(
   const Geo g(x, cl);
   const int64_t C = g.C;
   const double M = double(g.N) * g.H * g.W;
-  at::Tensor gx = mask[0] ? empty_as(x, cl) : at::Tensor();
+  at::Tensor gx = mask[0] ? empty_out_as(x, cl) : at::Tensor();
   std::vector<double> sums(3 * C, 0.0);  // [sum gy | sum gy*xhat | sum g*y over y <= 0]
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_prelu_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

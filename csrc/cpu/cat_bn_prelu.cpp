@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "alloc.h"
 #include "isa.h"
 #include "loops.h"
 
@@ -58,7 +59,7 @@ at::Tensor cat_bn_prelu(at::TensorList xs, const at::Tensor& scale, const at::Te
   bool cl;
   const at::Tensor x0 = canonical(xs[0], cl);
   const int64_t N = x0.size(0), H = x0.size(2), W = x0.size(3), HW = H * W;
-  at::Tensor out = at::empty({N, Ct, H, W}, x0.options().memory_format(fmt(cl)));
+  at::Tensor out = empty_out({N, Ct, H, W}, x0.options().memory_format(fmt(cl)));
   // Checks the parameter vectors against the concatenated channel count.
   const at::Tensor like = at::empty({1, Ct, 1, 1}, x0.options());
   check_vec(scale, like, "scale");

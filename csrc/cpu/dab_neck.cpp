@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "alloc.h"
 #include "isa.h"
 #include "loops.h"
 
@@ -80,7 +81,7 @@ at::Tensor dab_neck(const at::Tensor& x_, const at::Tensor& weight, const at::Te
   check_neck(x_, weight, bias, slope, out_scale, out_shift, out_slope, d);
   bool cl;
   const at::Tensor x = canonical(x_, cl);
-  at::Tensor out = empty_as(x, cl);
+  at::Tensor out = empty_out_as(x, cl);
   if (x.numel() == 0) return out;
   const Geo g(x, cl);
   const int64_t C = g.C, H = g.H, W = g.W, dd = std::min(d, W);

@@ -2,6 +2,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "alloc.h"
 #include "isa.h"
 #include "kernels.h"
 #include "loops.h"
@@ -79,7 +80,7 @@ at::Tensor dwconv3(const at::Tensor& x_, const at::Tensor& weight, int64_t dilat
   const int axis = check_dw_weight(weight, x_, dilation);
   bool cl;
   const at::Tensor x = canonical(x_, cl);
-  at::Tensor out = empty_as(x, cl);
+  at::Tensor out = empty_out_as(x, cl);
   if (x.numel() == 0) return out;
   const Geo g(x, cl);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv3_cpu", [&] {
@@ -101,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> dwconv3_backward(const at::Tensor& grad_out,
   const at::Tensor g = grad_out.contiguous(fmt(cl));
   const Geo geo(x, cl);
   const int64_t C = geo.C;
-  at::Tensor grad_x = mask[0] ? empty_as(x, cl) : at::Tensor();
+  at::Tensor grad_x = mask[0] ? empty_out_as(x, cl) : at::Tensor();
   at::Tensor grad_w;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv3_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "../checks.h"
+#include "alloc.h"
 #include "isa.h"
 #include "kernels.h"
 #include "loops.h"
@@ -28,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv3_bn_prelu(
   const at::Tensor x = canonical(x_, cl);
   const Geo g(x, cl);
   const int64_t C = g.C;
-  at::Tensor out = empty_as(x, cl);
+  at::Tensor out = empty_out_as(x, cl);
   // Eval returns copies of the running statistics; the BN is folded from those copies, as the
   // backward (which receives them) folds it.
   const auto sopt = x.options().dtype(stat_type(x));

@@ -22,3 +22,4 @@
 
 #include "../checks.h"
 #include "../layout.h"
+#include "alloc.h"  // shared by both builds (namespace dabnet::cpu, not ::avx2)

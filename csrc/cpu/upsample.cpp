@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "../checks.h"
+#include "alloc.h"
 #include "isa.h"
 #include "loops.h"
 
@@ -144,7 +145,7 @@ at::Tensor upsample_bilinear(const at::Tensor& x_, int64_t out_h, int64_t out_w)
   const int64_t K = x.size(1);
   bool cl;
   canonical(x_, cl);
-  at::Tensor out = at::empty({x.size(0), K, out_h, out_w}, x.options().memory_format(fmt(cl)));
+  at::Tensor out = empty_out({x.size(0), K, out_h, out_w}, x.options().memory_format(fmt(cl)));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upsample_bilinear", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
@@ -164,7 +165,7 @@ at::Tensor upsample_bilinear(const at::Tensor& x_, int64_t out_h, int64_t out_w)
 at::Tensor upsample_argmax(const at::Tensor& x_, int64_t out_h, int64_t out_w) {
   const at::Tensor x = check_upsample(x_, out_h, out_w, "logits");
   TORCH_CHECK(x.size(1) > 0, "dabnet: upsample_argmax needs at least one class");
-  at::Tensor labels = at::empty({x.size(0), out_h, out_w}, x.options().dtype(at::kLong));
+  at::Tensor labels = empty_out({x.size(0), out_h, out_w}, x.options().dtype(at::kLong));
   if (labels.numel() == 0) return labels;
   int64_t* lab = labels.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upsample_argmax", [&] {

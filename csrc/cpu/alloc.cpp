@@ -1,0 +1,76 @@
+// Large CPU outputs in transparent huge pages. glibc serves an allocation above its mmap threshold
+// (32 MiB at most) with a fresh mmap every time, and each 4 KiB page of it faults on first write:
+// on a 2-core VM that was ~1.7 us a page, 18 of the 21 ms that DABNet's final x8 upsampling (19
+// classes at 512x1024: 40 MB) took. Aligned to 2 MiB and advised MADV_HUGEPAGE, the block faults
+// once per 2 MiB (the kernel's THP setting "madvise", common on servers, honours exactly this).
+// PyTorch does the same for every allocation when THP_MEM_ALLOC_ENABLE=1 is set before it starts;
+// a library cannot set that for its users, so the large outputs of our kernels do it themselves.
+#include "alloc.h"
+
+#include <ATen/EmptyTensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/Allocator.h>
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace dabnet {
+namespace cpu {
+
+namespace {
+
+constexpr size_t kHuge = size_t(2) << 20;  // the x86-64 / arm64 huge page
+constexpr size_t kMinBytes = size_t(8) << 20;  // below this, glibc's heap reuses pages anyway
+
+void free_block(void* p) { std::free(p); }
+
+// DABNET_CPU_HUGE_PAGES=0 in the environment turns this off (read once).
+bool huge_pages_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("DABNET_CPU_HUGE_PAGES");
+    return !(v && std::strcmp(v, "0") == 0);
+  }();
+  return on;
+}
+
+struct HugePageAllocator final : c10::Allocator {
+  c10::DataPtr allocate(size_t n) override {
+    const size_t bytes = (n + kHuge - 1) / kHuge * kHuge;
+    void* p = nullptr;
+    TORCH_CHECK_WITH(OutOfMemoryError, posix_memalign(&p, kHuge, bytes) == 0,
+                     "dabnet: could not allocate ", n, " bytes");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(p, bytes, MADV_HUGEPAGE);  // advice only: where THP is off it changes nothing
+#endif
+    return {p, p, &free_block, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &free_block; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+}  // namespace
+
+at::Tensor empty_out(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  size_t bytes = options.dtype().itemsize();
+  for (const int64_t s : sizes) bytes *= size_t(s);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (bytes >= kMinBytes && huge_pages_enabled() && options.device().is_cpu() &&
+      options.layout() == at::kStrided && !options.pinned_memory()) {
+    static HugePageAllocator alloc;
+    return at::detail::empty_generic(sizes, &alloc, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                     options.dtype().toScalarType(),
+                                     options.memory_format_opt());
+  }
+#endif
+  return at::empty(sizes, options);
+}
+
+}  // namespace cpu
+}  // namespace dabnet

@@ -1,0 +1,87 @@
+"""Large CPU outputs of the kernels are backed by 2 MiB huge pages (csrc/cpu/alloc.cpp): they
+must still be ordinary tensors (right values, resizable, picklable, shareable)."""
+import io
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dabnet_kernels import ops
+
+BIG = (1, 19, 512, 1024)  # DABNet's upsampled logits: 40 MB, above the 8 MiB threshold
+
+
+def _big_output(layout="nchw"):
+    x = torch.randn(1, 19, 64, 128)
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, ops.upsample_bilinear(x, BIG[2:])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_large_output_values_and_format(layout):
+    x, out = _big_output(layout)
+    ref = F.interpolate(x, size=BIG[2:], mode="bilinear", align_corners=False)
+    assert out.shape == BIG and out.stride() == ref.stride()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_large_output_is_an_ordinary_tensor():
+    _, out = _big_output()
+    keep = out.clone()
+    out.resize_(2, *BIG[1:])  # the storage grows through the same allocator
+    assert torch.equal(out[0], keep[0])
+    out[1] = 3.0
+    assert (out[1] == 3.0).all()
+    buf = io.BytesIO()
+    torch.save(out, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf), out)
+    assert torch.equal(out.share_memory_(), out.clone()) and out.is_shared()
+
+
+def _thp_mode():
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    m = re.search(r"\[(\w+)\]", text)
+    return m.group(1) if m else None
+
+
+def _anon_huge_kb(ptr):
+    """AnonHugePages of the mapping of this process holding address ptr (from smaps)."""
+    lines = open("/proc/self/smaps").read().splitlines()
+    inside = False
+    for line in lines:
+        m = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if m:
+            inside = int(m.group(1), 16) <= ptr < int(m.group(2), 16)
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"),
+                    reason="transparent huge pages are off (or not Linux)")
+def test_large_output_sits_in_huge_pages():
+    _, out = _big_output()
+    assert _anon_huge_kb(out.data_ptr()) > 0
+
+
+def test_switch_off_gives_the_same_values():
+    """DABNET_CPU_HUGE_PAGES=0 falls back to at::empty: same numbers, bit for bit."""
+    code = ("import torch, dabnet_kernels.ops as o; torch.manual_seed(0); "
+            "x = torch.randn(1, 19, 64, 128); y = o.upsample_bilinear(x, (512, 1024)); "
+            "print(float(y.double().sum()), float(y.abs().max()))")
+    env = dict(os.environ)
+    outs = []
+    for flag in ("1", "0"):
+        env["DABNET_CPU_HUGE_PAGES"] = flag
+        outs.append(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                   text=True, check=True).stdout.split())
+    assert outs[0] == outs[1] and len(outs[0]) == 2
