@@ -1,6 +1,6 @@
 // Large CPU outputs in transparent huge pages. glibc serves an allocation above its mmap threshold
-// (32 MiB at most) with a fresh mmap every time, and each 4 KiB page of it faults on first write:
-// on a 2-core VM that was ~1.7 us a page, 18 of the 21 ms that DABNet's final x8 upsampling (19
+// (32 MiB at most, see kMinBytes) with a fresh mmap every time, and each 4 KiB page of it faults
+// on first write: on a 2-core VM that was ~1.7 us a page, 18 of the 21 ms that DABNet's final x8 upsampling (19
 // classes at 512x1024: 40 MB) took. Aligned to 2 MiB and advised MADV_HUGEPAGE, the block faults
 // once per 2 MiB (the kernel's THP setting "madvise", common on servers, honours exactly this).
 // PyTorch does the same for every allocation when THP_MEM_ALLOC_ENABLE=1 is set before it starts;
@@ -25,7 +25,12 @@ namespace cpu {
 namespace {
 
 constexpr size_t kHuge = size_t(2) << 20;  // the x86-64 / arm64 huge page
-constexpr size_t kMinBytes = size_t(8) << 20;  // below this, glibc's heap reuses pages anyway
+// glibc's largest mmap threshold (64-bit): a smaller block, once freed, moves the threshold above
+// its size, and the next one comes from the heap, already faulted in. Huge pages from 8 MiB made
+// the fused model at 512x1024 fault 1.7-4.7 thousand times a forward (plus ~50 huge pages) where
+// from 32 MiB it faulted 21 times (plus the logits' 19 huge pages), no faster; and a 16 MB
+// concatenation alone took 4.1-4.9 ms instead of 1.8-2.8 (a fault and 2 MiB zeroed per page).
+constexpr size_t kMinBytes = size_t(32) << 20;
 
 void free_block(void* p) { std::free(p); }
 
