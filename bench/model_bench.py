@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .timing import Budget, first_call_s, time_fn
+from .timing import Budget, quantiles, first_call_s, time_fn
 
 # DABNet's row of the paper's Table 5 (GTX 1080Ti, batch 1), for context in the report.
 PAPER_TABLE5_MS = {"256x512": 6, "512x1024": 10, "1024x2048": 36}
@@ -99,8 +99,10 @@ def inference_variants(device: str, with_compile: bool):
         v += [("eager+cudagraph", False, "nchw", "cudagraph", "fp32"),
               ("fused+cudagraph", True, "nchw", "cudagraph", "fp32")]
     if with_compile:
-        v += [("compile", False, "nchw", "compile", "fp32"),
-              ("fused+compile", True, "nchw", "compile", "fp32"),
+        v += [("compile", False, "nchw", "compile", "fp32")]
+        if device != "cuda":  # channels_last is the faster CPU layout: compile that one too
+            v += [("compile-cl", False, "cl", "compile", "fp32")]
+        v += [("fused+compile", True, "nchw", "compile", "fp32"),
               (f"compile{sfx}-bf16", False, layout, "compile", "bf16")]
         if device == "cuda":
             v += [("compile+cudagraphs", False, "nchw", "reduce-overhead", "fp32")]
@@ -109,6 +111,27 @@ def inference_variants(device: str, with_compile: bool):
 
 def _error(e):
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+
+def _callable(model, x, how, device):
+    """(fn, first output, compile seconds or None): model(x) run the way `how` says (eager, a
+    CUDA graph replay, or torch.compile with that mode), called once."""
+    if how == "eager":
+        fn = lambda: model(x)  # noqa: E731
+        return fn, fn(), None
+    if how == "cudagraph":
+        fn, y = _cuda_graph(model, x)
+        fn()
+        return fn, y, None
+    cm = torch.compile(model, mode=None if how == "compile" else how)
+    if how == "reduce-overhead":
+        def fn():
+            torch.compiler.cudagraph_mark_step_begin()
+            return cm(x)
+    else:
+        fn = lambda: cm(x)  # noqa: E731
+    compile_s = first_call_s(fn, device)
+    return fn, fn(), compile_s
 
 
 def bench_inference(device: str, resolutions, compile_resolutions, budget: Budget,
@@ -145,24 +168,12 @@ def bench_inference(device: str, resolutions, compile_resolutions, budget: Budge
             rec["how"] = how
             if how in ("eager", "cudagraph"):
                 rec["dabnet_kernel_calls"] = dabnet_kernel_calls(model, x)
+            if how not in ("eager", "cudagraph"):
+                torch._dynamo.reset()  # compile_s: a compile from scratch
             with torch.no_grad():
-                if how == "eager":
-                    fn = lambda: model(x)  # noqa: E731
-                    y = fn()
-                elif how == "cudagraph":
-                    fn, y = _cuda_graph(model, x)
-                    fn()
-                else:
-                    torch._dynamo.reset()
-                    cm = torch.compile(model, mode=None if how == "compile" else how)
-                    if how == "reduce-overhead":
-                        def fn():
-                            torch.compiler.cudagraph_mark_step_begin()
-                            return cm(x)
-                    else:
-                        fn = lambda: cm(x)  # noqa: E731
-                    rec["compile_s"] = first_call_s(fn, device)
-                    y = fn()
+                fn, y, compile_s = _callable(model, x, how, device)
+                if compile_s is not None:
+                    rec["compile_s"] = compile_s
                 y = y.float().clone()
                 if name == "eager":
                     ref[res] = (y, y.argmax(1))
@@ -193,6 +204,83 @@ def bench_inference(device: str, resolutions, compile_resolutions, budget: Budge
             r["speedup_vs_eager"] = e / r["median_ms"]
             r["eager_ms_same_pass"] = e
     return [r for r in out if not r.get("reference_only")]
+
+
+BASELINES_FP32 = ("eager", "eager-cl", "compile", "compile-cl")  # plain PyTorch, fp32
+
+
+def bench_interleaved(device: str, res, budget: Budget, with_compile=True, progress=True,
+                      deadline=None, min_rounds: int = 7) -> list:
+    """Every inference variant at one resolution, timed in rounds: each round calls each variant
+    once, in an order rotated from round to round, so that a machine that speeds up or slows down
+    during the run (shared VMs: 20-40% within minutes) moves every variant alike. Per variant:
+    median / quartiles / min of its per-call times, and its speedup over the fp32 plain-PyTorch
+    baseline with the lowest median, as the median over rounds of the ratio of the two calls in
+    the same round. Rounds go on for 10x budget.cpu_min_run_s (CPU) or 10x budget.gpu_rep_ms
+    (GPU) per variant, and at least `min_rounds`."""
+    from tqdm import tqdm
+
+    state = build(False, "cpu").state_dict()
+    _randomize_bn_state(state)
+    variants = inference_variants(device, with_compile)
+    fns, out = {}, {}
+    if with_compile:
+        torch._dynamo.reset()
+    for name, fused, layout, how, dt in tqdm(variants, desc=f"interleaved {res[0]}x{res[1]}: "
+                                             "build", disable=not progress, dynamic_ncols=True):
+        rec = {"res": list(res), "batch": 1, "dtype": dt, "variant": name, "fused": fused,
+               "layout": layout, "how": how}
+        out[name] = rec
+        if deadline is not None and time.time() > deadline:
+            rec["error"] = "skipped: time limit"
+            continue
+        try:
+            model = build(fused, device, DTYPES[dt], layout, state)
+            x = _image(res, 1, device, DTYPES[dt], layout)
+            with torch.no_grad():
+                fn, _, _ = _callable(model, x, how, device)
+                fn()  # warm
+            fns[name] = fn
+        except Exception as e:  # recorded, the others go on
+            rec["error"] = _error(e)
+    names = list(fns)
+    per_variant = (budget.cpu_min_run_s if device != "cuda" else budget.gpu_rep_ms / 1e3) * 10
+    times = {n: [] for n in names}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    t_end = time.perf_counter() + per_variant * len(names)
+    rounds = 0
+    bar = tqdm(desc=f"interleaved {res[0]}x{res[1]}: rounds", unit="round",
+               disable=not progress, dynamic_ncols=True)
+    with torch.no_grad():
+        while names and (rounds < min_rounds or time.perf_counter() < t_end):
+            if rounds >= min_rounds and deadline is not None and time.time() > deadline:
+                break
+            k = rounds % len(names)
+            for n in names[k:] + names[:k]:
+                sync()
+                t0 = time.perf_counter()
+                fns[n]()
+                sync()
+                times[n].append((time.perf_counter() - t0) * 1e3)
+            rounds += 1
+            bar.update()
+    bar.close()
+    fns.clear()
+    gc.collect()
+    for n in names:
+        q25, med, q75 = quantiles(times[n])
+        out[n].update(median_ms=med, q25_ms=q25, q75_ms=q75, iqr_ms=q75 - q25,
+                      min_ms=min(times[n]), n=len(times[n]), rounds=rounds,
+                      timer="interleaved rounds (perf_counter" +
+                      (", cuda synchronize)" if device == "cuda" else ")"))
+    base = [n for n in names if n in BASELINES_FP32]
+    if base:
+        best = min(base, key=lambda n: out[n]["median_ms"])
+        for n in names:
+            ratios = [b / t for b, t in zip(times[best], times[n])]
+            out[n]["baseline"] = best
+            out[n]["speedup_vs_baseline"] = quantiles(ratios)[1]
+    return list(out.values())
 
 
 def bench_conv_floor(device: str, resolutions, budget: Budget, progress=True,

@@ -194,6 +194,22 @@ def model_tables(res) -> str:
                         "GMAC/s", "fp32 matmul GMAC/s", "fastest fused variant ms",
                         "half the fastest plain variant ms"],
                        rows))
+    il = [r for r in model.get("interleaved", []) if r.get("median_ms")]
+    if il:
+        r0 = il[0]
+        rows = [[_variant(r), r.get("dtype", "fp32"), _ms(r), f"{r['min_ms']:.3g}",
+                 _x(r.get("speedup_vs_baseline"))] for r in il]
+        skipped = [f"{r['variant']} ({r['error']})" for r in model.get("interleaved", [])
+                   if r.get("error")]
+        out.append(
+            f"DABNet inference at {r0['res'][0]}x{r0['res'][1]}, batch 1, interleaved: "
+            f"{r0['rounds']} rounds, each calling every variant once in a rotated order, so "
+            f"that drift in the machine's speed hits all alike; vs baseline: the median over "
+            f"rounds of {r0.get('baseline', '-')}'s time (the fp32 plain-PyTorch variant with "
+            f"the lowest median) over the variant's, in the same round"
+            + (f"; not run: {', '.join(skipped)}" if skipped else "") + ":\n\n"
+            + _table(["variant", "dtype", "ms (IQR)", "min ms",
+                      f"vs {r0.get('baseline', 'baseline')}"], rows))
     tr = model.get("train", [])
     if tr:
         rows = [[f"{r['batch']}x3x{r['res'][0]}x{r['res'][1]}", _variant(r), _calls(r), _ms(r),

@@ -10,7 +10,9 @@ What runs: the machine's copy bandwidth (a large tensor copy, bytes read + writt
 micro-benchmarks (dwconv3, bn_prelu, dwconv3_bn_prelu, dab_neck; inference forward and training
 forward+backward) of every backend of ours against the reference and torch.compile of it, at
 DABNet's real shapes; DABNet inference at the paper's Table 5 resolutions and one training step,
-fused against unfused. The results file is rewritten after every case, so an interrupted run
+fused against unfused; then every inference variant at 512x1024 once more, interleaved (each
+called once per round, rotating order: the fairest comparison on a machine whose speed drifts).
+The results file is rewritten after every case, so an interrupted run
 leaves what it measured ("complete": false).
 """
 from __future__ import annotations
@@ -102,6 +104,7 @@ def plan(args, device):
         compile_setting = args.compile or "none"
         inf_res = [(512, 1024)] if device == "cuda" else [(256, 512)]
         compile_res, train = [], None
+        interleave_res = None
     else:
         ops_cases = C.default_cases(device, full=args.full)
         compile_setting = args.compile or "key"
@@ -114,16 +117,18 @@ def plan(args, device):
             inf_res = list(C.RESOLUTIONS) if args.full else [(256, 512), (512, 1024)]
             compile_res = [(256, 512), (512, 1024)]
             train = dict(res=(256, 512), batch=8 if args.full else 2, layouts=["nchw"])
+        interleave_res = (512, 1024)  # the resolution of issue 7's whole-model target
     if compile_setting == "none":
         compile_res = []
     if args.res:
         rs = _parse_res(args.res)
         ops_cases = _override_res(ops_cases, rs)
         inf_res, compile_res = rs, (rs[:1] if compile_res else [])
+        interleave_res = rs[0] if interleave_res else None
         if train:
             train["res"] = rs[0]
     return dict(ops_cases=ops_cases, compile=compile_setting, inference_res=inf_res,
-                compile_res=compile_res, train=train)
+                compile_res=compile_res, train=train, interleave_res=interleave_res)
 
 
 def describe_plan(p, device) -> str:
@@ -144,6 +149,10 @@ def describe_plan(p, device) -> str:
                  + ", ".join(f"{h}x{w}" for h, w in p["inference_res"])
                  + (f" (torch.compile at {', '.join(f'{h}x{w}' for h, w in p['compile_res'])})"
                     if p["compile_res"] else ""))
+    if p["interleave_res"]:
+        h, w = p["interleave_res"]
+        lines.append(f"DABNet inference interleaved at {h}x{w}: every variant once per round, "
+                     "rotating order")
     t = p["train"]
     lines.append("DABNet training step: " + (
         f"batch {t['batch']} at {t['res'][0]}x{t['res'][1]}, layouts {t['layouts']}, fused and "
@@ -266,6 +275,11 @@ def main(argv=None):
             model_bench.bench_inference(device, p["inference_res"], p["compile_res"], mbudget,
                                         which="compile", **common)
         save(res, path)
+        if p["interleave_res"]:
+            res["model"]["interleaved"] = model_bench.bench_interleaved(
+                device, p["interleave_res"], mbudget, with_compile=bool(p["compile_res"]),
+                progress=not args.no_progress, deadline=deadline(0.95))
+            save(res, path)
     cut = limit is not None and time.time() > deadline(0.95)
     res["complete"] = not res.get("ops_skipped") and not cut
     res["time_limit_reached"] = cut

@@ -46,7 +46,7 @@ class Budget:
         return Budget(self.gpu_warmup_ms * f, self.gpu_rep_ms * f, self.cpu_min_run_s * f)
 
 
-def _quantiles(xs):
+def quantiles(xs):
     xs = sorted(xs)
 
     def q(p):  # linear interpolation, numpy's default
@@ -89,12 +89,12 @@ def time_gpu(fn, budget: Budget) -> Stats:
         from triton.testing import do_bench
     except Exception:  # no Triton: the same method by hand
         times = _gpu_events(fn, budget.gpu_warmup_ms, budget.gpu_rep_ms)
-        q25, med, q75 = _quantiles(times)
+        q25, med, q75 = quantiles(times)
         return Stats(med, q25, q75, len(times), "cuda-events+l2-flush")
     try:
         times = do_bench(fn, warmup=budget.gpu_warmup_ms, rep=budget.gpu_rep_ms,
                          return_mode="all")
-        q25, med, q75 = _quantiles(times)
+        q25, med, q75 = quantiles(times)
         n = len(times)
     except (AssertionError, TypeError):  # older Triton: no return_mode="all"
         q25, med, q75 = do_bench(fn, warmup=budget.gpu_warmup_ms, rep=budget.gpu_rep_ms,
@@ -115,7 +115,7 @@ def time_cpu(fn, budget: Budget) -> Stats:
     min_blocks = 3 if one > budget.cpu_min_run_s else 5
     while len(times) < min_blocks or time.perf_counter() - t0 < budget.cpu_min_run_s:
         times.append(timer.timeit(number).times[0] * 1e3)  # per-call ms, averaged over the block
-    q25, med, q75 = _quantiles(times)
+    q25, med, q75 = quantiles(times)
     return Stats(med, q25, q75, len(times), f"torch.utils.benchmark.Timer(blocks of {number})")
 
 

@@ -123,3 +123,30 @@ def test_inference_bench_runs_every_variant_and_checks_the_labels():
         assert by[name]["label_agreement_vs_eager"] > 0.99, name
     # bfloat16 keeps 8 bits of mantissa: the logits differ visibly.
     assert by["fused-cl-bf16"]["max_abs_diff_vs_eager"] > 1e-4
+
+
+def test_interleaved_bench_times_every_variant_in_rounds_and_renders():
+    """The interleaved model benchmark: every plain variant timed once per round, the same number
+    of times; the speedups are paired ratios against the fastest fp32 plain-PyTorch variant,
+    which therefore scores exactly 1; the report renders the table."""
+    from bench import report
+    from bench.model_bench import BASELINES_FP32, bench_interleaved, inference_variants
+    from bench.timing import Budget
+
+    recs = bench_interleaved("cpu", (32, 64), Budget().scaled(0.02), with_compile=False,
+                             progress=False, min_rounds=4)
+    by = {r["variant"]: r for r in recs}
+    assert set(by) == {v[0] for v in inference_variants("cpu", False)}
+    rounds = {r["rounds"] for r in recs}
+    assert len(rounds) == 1 and rounds.pop() >= 4
+    for name, r in by.items():
+        assert "error" not in r, (name, r.get("error"))
+        assert r["n"] == r["rounds"] and 0 < r["min_ms"] <= r["q25_ms"] <= r["median_ms"]
+        assert r["speedup_vs_baseline"] > 0
+    base = by["eager"]["baseline"]
+    assert base in BASELINES_FP32
+    assert by[base]["speedup_vs_baseline"] == 1.0
+    assert by[base]["median_ms"] == min(by[n]["median_ms"] for n in BASELINES_FP32 if n in by)
+    text = report.model_tables({"model": {"inference": [], "interleaved": recs}})
+    assert "interleaved" in text and f"vs {base}" in text
+    assert all(f"| {name} |" in text for name in by)
