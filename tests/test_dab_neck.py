@@ -56,6 +56,28 @@ def test_eval_fused_float32_single_slope(dilation, layout):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("C", [32, 64])
+@pytest.mark.parametrize("dilation", [1, 4, 30])
+@pytest.mark.parametrize("slopes", ["unit", "mixed"])
+def test_eval_fused_channels_last_at_dabnets_widths(C, dilation, slopes):
+    """C = 32 and 64 (DABNet's necks) take channels_last code specialised on C; dilation 30
+    exceeds both H and W (every shifted tap is padding), and out-of-[0, 1] slopes take the
+    general PReLU."""
+    x = make_input((2, C, 9, 20), "channels_last", torch.float32)
+    weights, bns = neck_params(C, torch.float32)
+    for k, p in enumerate(bns):
+        p.prelu_weight.copy_(torch.rand(C))
+        if slopes == "mixed":
+            p.prelu_weight[C - 1] = -0.5 if k == 3 else p.prelu_weight[C - 1]
+    with torch.no_grad():
+        out = ops.dab_neck(x, weights, bns, dilation)
+        ref = reference.dab_neck(x.double(), [w.double() for w in weights],
+                                 [type(p)(*(t.double() if t is not None else None for t in p))
+                                  for p in bns], dilation)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_fold_mixed_parameter_forms():
     """fold_dab_neck stacks the five BNs' vectors at once; BNs without affine parameters
     (affine=False) and a single PReLU slope next to per-channel ones take the general path of

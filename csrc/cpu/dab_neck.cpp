@@ -53,23 +53,47 @@ void neck_row(T* __restrict__ out, const T* __restrict__ x, const T* __restrict_
   }
 }
 
-// NHWC: one pixel's second convs (along W) of both branches from the first convs' rows (a/m/c:
-// the pixels at w-1, w, w+1 and w-d, w, w+d), their sum and the final BN-PReLU, over C channels.
-// A function of its own so that every pointer is __restrict__: inline in the row loop, GCC
-// did not vectorize it.
-template <typename T, typename acc_t>
-void neck_pixel(T* __restrict__ o, const acc_t* __restrict__ a1, const acc_t* __restrict__ m1,
-                const acc_t* __restrict__ c1, const acc_t* __restrict__ a2,
-                const acc_t* __restrict__ m2, const acc_t* __restrict__ c2,
-                const acc_t* __restrict__ p1, const acc_t* __restrict__ p3,
-                const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
-                const acc_t* __restrict__ slope, int64_t C) {
-  for (int64_t i = 0; i < C; ++i) {
-    const acc_t y1 = prelu(p1[3 * C + i] + p1[i] * a1[i] + p1[C + i] * m1[i] + p1[2 * C + i] * c1[i],
-                           p1[4 * C + i]);
-    const acc_t y2 = prelu(p3[3 * C + i] + p3[i] * a2[i] + p3[C + i] * m2[i] + p3[2 * C + i] * c2[i],
-                           p3[4 * C + i]);
-    o[i] = T(prelu(scale[i] * (y1 + y2) + shift[i], slope[i]));
+// NHWC: the neck of one image row, W pixels of C channels. CC: C known at compile time (DABNet's
+// 32 and 64; 0 = C at run time), so that the 23 parameter vectors, packed in one array (q, see
+// below), are read at constant offsets from one register: with a pointer per vector (and per
+// shifted pixel) the loops held some 20 live pointers and reloaded them from the stack, which
+// made this layout 2-3x slower than NCHW. up1/dn1, upd/dnd: the rows h-1/h+1 and h-d/h+d of x (or
+// zero rows). t1/t2: scratch rows of W + 2 and W + 2d pixels whose borders (one pixel, d pixels on
+// each side) are zero, so that the second convs (along W) read shifted pixels without checks.
+template <int CC, bool UNIT, typename T, typename acc_t>
+void neck_row_cl(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ up1,
+                 const T* __restrict__ dn1, const T* __restrict__ upd, const T* __restrict__ dnd,
+                 acc_t* __restrict__ t1, acc_t* __restrict__ t2, int64_t W, int64_t C_, int64_t d,
+                 const acc_t* __restrict__ q) {
+  const int64_t C = CC ? CC : C_;
+  // q: [conv k: w0 | w1 | w2 | bias | slope] for k = 0..3, then [scale | shift | slope]
+  const auto P = [&](int k, int j) { return q + (5 * k + j) * C; };
+  acc_t* m1 = t1 + C;      // pixel 0 of the first conv along H of the local branch
+  acc_t* m2 = t2 + d * C;  // ... and of the context branch
+  for (int64_t w = 0; w < W; ++w) {
+    const int64_t o = w * C;
+    for (int64_t i = 0; i < C; ++i) {
+      const acc_t v = acc_t(x[o + i]);
+      m1[o + i] = act<UNIT>(P(0, 3)[i] + P(0, 0)[i] * acc_t(up1[o + i]) + P(0, 1)[i] * v +
+                                P(0, 2)[i] * acc_t(dn1[o + i]),
+                            P(0, 4)[i]);
+      m2[o + i] = act<UNIT>(P(2, 3)[i] + P(2, 0)[i] * acc_t(upd[o + i]) + P(2, 1)[i] * v +
+                                P(2, 2)[i] * acc_t(dnd[o + i]),
+                            P(2, 4)[i]);
+    }
+  }
+  const int64_t dc = d * C;
+  for (int64_t w = 0; w < W; ++w) {
+    const int64_t o = w * C;
+    for (int64_t i = 0; i < C; ++i) {
+      const acc_t y1 = act<UNIT>(P(1, 3)[i] + P(1, 0)[i] * m1[o - C + i] + P(1, 1)[i] * m1[o + i] +
+                                     P(1, 2)[i] * m1[o + C + i],
+                                 P(1, 4)[i]);
+      const acc_t y2 = act<UNIT>(P(3, 3)[i] + P(3, 0)[i] * m2[o - dc + i] +
+                                     P(3, 1)[i] * m2[o + i] + P(3, 2)[i] * m2[o + dc + i],
+                                 P(3, 4)[i]);
+      out[o + i] = T(act<UNIT>(P(4, 0)[i] * (y1 + y2) + P(4, 1)[i], P(4, 2)[i]));
+    }
   }
 }
 
@@ -122,29 +146,36 @@ at::Tensor dab_neck(const at::Tensor& x_, const at::Tensor& weight, const at::Te
         }
       });
     } else {
+      std::vector<acc_t> q(23 * C);  // see neck_row_cl
+      bool unit = true;
+      for (int k = 0; k < 4; ++k)
+        for (int j = 0; j < 5; ++j) std::copy_n(prm[k].begin() + j * C, C, q.begin() + (5 * k + j) * C);
+      std::copy(fs.begin(), fs.end(), q.begin() + 20 * C);
+      std::copy(ft.begin(), ft.end(), q.begin() + 21 * C);
+      std::copy(fa.begin(), fa.end(), q.begin() + 22 * C);
+      for (int k = 0; k < 4; ++k)
+        for (int64_t c = 0; c < C; ++c) unit = unit && unit_slope(prm[k][4 * C + c]);
+      for (int64_t c = 0; c < C; ++c) unit = unit && unit_slope(fa[c]);
+      // Every slope in [0, 1] (the common case) runs the cheaper PReLU; C = 32 / 64 (DABNet's
+      // necks) with constant offsets.
+      auto row = unit ? (C == 32 ? neck_row_cl<32, true, scalar_t, acc_t>
+                         : C == 64 ? neck_row_cl<64, true, scalar_t, acc_t>
+                                   : neck_row_cl<0, true, scalar_t, acc_t>)
+                      : (C == 32 ? neck_row_cl<32, false, scalar_t, acc_t>
+                         : C == 64 ? neck_row_cl<64, false, scalar_t, acc_t>
+                                   : neck_row_cl<0, false, scalar_t, acc_t>);
+      const int64_t ds = std::min(d, W);  // a shift of W or more reads only the zero border
       at::parallel_for(0, g.N * H, 1, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> t1(W * C), t2(W * C), zacc(C, 0);
-        std::vector<scalar_t> zero(C, scalar_t(0));
-        const acc_t *p1 = prm[1].data(), *p3 = prm[3].data();
-        const acc_t *s_ = fs.data(), *t_ = ft.data(), *a_ = fa.data();
+        std::vector<acc_t> t1((W + 2) * C, acc_t(0)), t2((W + 2 * ds) * C, acc_t(0));
+        std::vector<scalar_t> zero(W * C, scalar_t(0));
+        const scalar_t* z = zero.data();
+        const int64_t rs = W * C;  // one image row
         for (int64_t r = begin; r < end; ++r) {
-          // First convs (along H) for every pixel of the row...
-          row_runs(xp, g, 0, 1, r, zero.data(), [&](int64_t off, const scalar_t* a, const scalar_t* b,
-                                                    const scalar_t* c, int64_t n) {
-            tap3_run<kEpiPrelu, true>(t1.data() + (off - r * W * C), a, b, c, prm[0].data(), C, n);
-          });
-          row_runs(xp, g, 0, d, r, zero.data(), [&](int64_t off, const scalar_t* a, const scalar_t* b,
-                                                    const scalar_t* c, int64_t n) {
-            tap3_run<kEpiPrelu, true>(t2.data() + (off - r * W * C), a, b, c, prm[2].data(), C, n);
-          });
-          // ...then both second convs (along W), their sum and the final BN-PReLU, per pixel.
-          for (int64_t w = 0; w < W; ++w) {
-            const acc_t* m1 = t1.data() + w * C;
-            const acc_t* m2 = t2.data() + w * C;
-            neck_pixel(op + (r * W + w) * C, w >= 1 ? m1 - C : zacc.data(), m1,
-                       w + 1 < W ? m1 + C : zacc.data(), w >= d ? m2 - d * C : zacc.data(), m2,
-                       w + d < W ? m2 + d * C : zacc.data(), p1, p3, s_, t_, a_, C);
-          }
+          const int64_t h = r % H;
+          const scalar_t* xr = xp + r * rs;
+          row(op + r * rs, xr, h >= 1 ? xr - rs : z, h + 1 < H ? xr + rs : z,
+              h >= d ? xr - d * rs : z, h + d < H ? xr + d * rs : z, t1.data(), t2.data(), W, C,
+              ds, q.data());
         }
       });
     }
