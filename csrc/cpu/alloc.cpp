@@ -1,10 +1,10 @@
 // Large CPU outputs in transparent huge pages. glibc serves an allocation above its mmap threshold
 // (32 MiB at most, see kMinBytes) with a fresh mmap every time, and each 4 KiB page of it faults
-// on first write: on a 2-core VM that was ~1.7 us a page, 18 of the 21 ms that DABNet's final x8 upsampling (19
-// classes at 512x1024: 40 MB) took. Aligned to 2 MiB and advised MADV_HUGEPAGE, the block faults
-// once per 2 MiB (the kernel's THP setting "madvise", common on servers, honours exactly this).
-// PyTorch does the same for every allocation when THP_MEM_ALLOC_ENABLE=1 is set before it starts;
-// a library cannot set that for its users, so the large outputs of our kernels do it themselves.
+// on first write: on a 2-core VM that was ~1.7 us a page, 18 of the 21 ms that DABNet's final x8
+// upsampling (19 classes at 512x1024: 38 MiB) took. Aligned to 2 MiB and advised MADV_HUGEPAGE,
+// the block faults once per 2 MiB (the kernel's THP setting "madvise", common on servers, honours
+// exactly this). PyTorch does the same for every allocation when THP_MEM_ALLOC_ENABLE=1 is set
+// before it starts; a library cannot set that for its users, so our kernels' large outputs do it.
 #include "alloc.h"
 
 #include <ATen/EmptyTensor.h>

@@ -7,8 +7,8 @@
 namespace dabnet {
 namespace cpu {
 
-// at::empty(sizes, options) on CPU, except that a tensor of 32 MiB or more is backed by 2 MiB transparent huge
-// pages (see alloc.cpp). Same sizes, strides, dtype and memory format.
+// at::empty(sizes, options) on CPU, except that a tensor of 32 MiB or more is backed by 2 MiB
+// transparent huge pages (see alloc.cpp). Same sizes, strides, dtype and memory format.
 at::Tensor empty_out(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 }  // namespace cpu

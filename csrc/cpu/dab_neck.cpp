@@ -58,18 +58,18 @@ void neck_row(T* __restrict__ out, const T* __restrict__ x, const T* __restrict_
 // below), are read at constant offsets from one register: with a pointer per vector (and per
 // shifted pixel) the loops held some 20 live pointers and reloaded them from the stack, which
 // made this layout 2-3x slower than NCHW. up1/dn1, upd/dnd: the rows h-1/h+1 and h-d/h+d of x (or
-// zero rows). t1/t2: scratch rows of W + 2 and W + 2d pixels whose borders (one pixel, d pixels on
-// each side) are zero, so that the second convs (along W) read shifted pixels without checks.
+// zero rows). t1/t2: scratch rows of W + 2 and W + 2dd pixels (dd = min(d, W), as in neck_row)
+// whose borders are zero, so that the second convs (along W) read shifted pixels unchecked.
 template <int CC, bool UNIT, typename T, typename acc_t>
 void neck_row_cl(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ up1,
                  const T* __restrict__ dn1, const T* __restrict__ upd, const T* __restrict__ dnd,
-                 acc_t* __restrict__ t1, acc_t* __restrict__ t2, int64_t W, int64_t C_, int64_t d,
+                 acc_t* __restrict__ t1, acc_t* __restrict__ t2, int64_t W, int64_t C_, int64_t dd,
                  const acc_t* __restrict__ q) {
   const int64_t C = CC ? CC : C_;
   // q: [conv k: w0 | w1 | w2 | bias | slope] for k = 0..3, then [scale | shift | slope]
   const auto P = [&](int k, int j) { return q + (5 * k + j) * C; };
   acc_t* m1 = t1 + C;      // pixel 0 of the first conv along H of the local branch
-  acc_t* m2 = t2 + d * C;  // ... and of the context branch
+  acc_t* m2 = t2 + dd * C;  // ... and of the context branch
   for (int64_t w = 0; w < W; ++w) {
     const int64_t o = w * C;
     for (int64_t i = 0; i < C; ++i) {
@@ -82,7 +82,7 @@ void neck_row_cl(T* __restrict__ out, const T* __restrict__ x, const T* __restri
                             P(2, 4)[i]);
     }
   }
-  const int64_t dc = d * C;
+  const int64_t dc = dd * C;
   for (int64_t w = 0; w < W; ++w) {
     const int64_t o = w * C;
     for (int64_t i = 0; i < C; ++i) {
@@ -149,7 +149,8 @@ at::Tensor dab_neck(const at::Tensor& x_, const at::Tensor& weight, const at::Te
       std::vector<acc_t> q(23 * C);  // see neck_row_cl
       bool unit = true;
       for (int k = 0; k < 4; ++k)
-        for (int j = 0; j < 5; ++j) std::copy_n(prm[k].begin() + j * C, C, q.begin() + (5 * k + j) * C);
+        for (int j = 0; j < 5; ++j)
+          std::copy_n(prm[k].begin() + j * C, C, q.begin() + (5 * k + j) * C);
       std::copy(fs.begin(), fs.end(), q.begin() + 20 * C);
       std::copy(ft.begin(), ft.end(), q.begin() + 21 * C);
       std::copy(fa.begin(), fa.end(), q.begin() + 22 * C);
@@ -164,9 +165,8 @@ at::Tensor dab_neck(const at::Tensor& x_, const at::Tensor& weight, const at::Te
                       : (C == 32 ? neck_row_cl<32, false, scalar_t, acc_t>
                          : C == 64 ? neck_row_cl<64, false, scalar_t, acc_t>
                                    : neck_row_cl<0, false, scalar_t, acc_t>);
-      const int64_t ds = std::min(d, W);  // a shift of W or more reads only the zero border
       at::parallel_for(0, g.N * H, 1, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> t1((W + 2) * C, acc_t(0)), t2((W + 2 * ds) * C, acc_t(0));
+        std::vector<acc_t> t1((W + 2) * C, acc_t(0)), t2((W + 2 * dd) * C, acc_t(0));
         std::vector<scalar_t> zero(W * C, scalar_t(0));
         const scalar_t* z = zero.data();
         const int64_t rs = W * C;  // one image row
@@ -175,7 +175,7 @@ at::Tensor dab_neck(const at::Tensor& x_, const at::Tensor& weight, const at::Te
           const scalar_t* xr = xp + r * rs;
           row(op + r * rs, xr, h >= 1 ? xr - rs : z, h + 1 < H ? xr + rs : z,
               h >= d ? xr - d * rs : z, h + d < H ? xr + d * rs : z, t1.data(), t2.data(), W, C,
-              ds, q.data());
+              dd, q.data());
         }
       });
     }
