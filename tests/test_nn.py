@@ -366,14 +366,21 @@ def test_fused_dab_module_refolds_when_parameters_change():
 
     check()
     check()  # from the kept fold
-    assert "_fold_cache" in fused.__dict__
+    assert "_fold_cache" in fused.__dict__ and "_fold_fast" in fused.__dict__
     changes = [
         lambda m: m.bn_relu_2.bn.weight.mul_(1.5),                      # in place
         lambda m: m.ddconv3x1.conv.weight.add_(0.25),                   # a conv weight
         lambda m: m.dconv1x3.bn_prelu.bn.running_var.mul_(2.0),         # a buffer
         lambda m: setattr(m.dconv3x1.bn_prelu.acti, "weight",           # a replaced parameter
                           nn.Parameter(torch.full((4,), 0.7, dtype=torch.float64))),
+        lambda m: setattr(m.ddconv1x3.bn_prelu, "bn",                   # a replaced leaf module
+                          copy.deepcopy(other.ddconv1x3.bn_prelu.bn)),
+        lambda m: setattr(m, "bn_relu_2", copy.deepcopy(other.bn_relu_2)),  # a replaced unit
+        lambda m: setattr(m.dconv1x3.bn_prelu.bn, "eps", 1e-2),         # an eps
+        lambda m: m.ddconv3x1.train(),                                  # training mode...
+        lambda m: m.eval(),                                             # ...and back
     ]
+    other = randomize_bn_prelu(AuthorsDAB(8, 2)).double().eval()
     for change in changes:
         with torch.no_grad():
             change(ref)
@@ -383,3 +390,22 @@ def test_fused_dab_module_refolds_when_parameters_change():
     ref.load_state_dict(state)
     fused.load_state_dict(state)
     check()
+
+
+def test_fused_dab_module_pickles_and_copies_after_an_eval_call():
+    """The kept fold holds the op namespace (not picklable): torch.save of a whole module and
+    deepcopy must drop it, and the copy must rebuild it and compute the same."""
+    import io
+
+    fused = FusedDABModule.from_module(randomize_bn_prelu(AuthorsDAB(8, 2)).double().eval())
+    x = torch.randn(2, 8, 6, 5, dtype=torch.float64)
+    with torch.no_grad():
+        y = fused(x)
+    assert "_fold_fast" in fused.__dict__
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    for other in (torch.load(buf, weights_only=False), copy.deepcopy(fused)):
+        with torch.no_grad():
+            torch.testing.assert_close(other(x), y, rtol=0, atol=0)
+        assert "_fold_fast" in other.__dict__
