@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
 
 #include "../checks.h"
 #include "alloc.h"
@@ -164,27 +165,35 @@ at::Tensor upsample_bilinear(const at::Tensor& x_, int64_t out_h, int64_t out_w)
 
 at::Tensor upsample_argmax(const at::Tensor& x_, int64_t out_h, int64_t out_w) {
   const at::Tensor x = check_upsample(x_, out_h, out_w, "logits");
-  TORCH_CHECK(x.size(1) > 0, "dabnet: upsample_argmax needs at least one class");
+  TORCH_CHECK(x.size(1) > 0 && x.size(1) <= INT32_MAX,
+              "dabnet: upsample_argmax needs between 1 and 2^31 - 1 classes, got ", x.size(1));
   at::Tensor labels = empty_out({x.size(0), out_h, out_w}, x.options().dtype(at::kLong));
   if (labels.numel() == 0) return labels;
   int64_t* lab = labels.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upsample_argmax", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // Running maximum per output row; rows are private to one thread (bilinear_rows splits rows).
+    // Running maximum and its class per output pixel; rows are private to one thread
+    // (bilinear_rows splits rows). The class is kept as int32, the width of the float it is
+    // selected with, so that the select vectorizes (with int64 GCC branched per pixel, and
+    // mispredicted: 2.5x slower), and widened once per row after the last class.
+    const int64_t K = x.size(1);
     std::vector<acc_t> best(labels.numel());
+    std::vector<int32_t> cls(labels.numel());
     bilinear_rows<scalar_t>(x, out_h, out_w, [&](int64_t r, int64_t k, const acc_t* val) {
-      int64_t* out = lab + r * out_w;
-      acc_t* bst = best.data() + r * out_w;
+      acc_t* __restrict__ bst = best.data() + r * out_w;
+      int32_t* __restrict__ c = cls.data() + r * out_w;
       if (k == 0) {
         std::copy(val, val + out_w, bst);
-        std::fill(out, out + out_w, int64_t(0));
-        return;
+        std::fill(c, c + out_w, 0);
+      } else {
+        const int32_t kk = int32_t(k);
+        for (int64_t o = 0; o < out_w; ++o) {
+          const bool gt = val[o] > bst[o];  // strict: the first maximum wins, as argmax
+          bst[o] = gt ? val[o] : bst[o];
+          c[o] = gt ? kk : c[o];
+        }
       }
-      for (int64_t o = 0; o < out_w; ++o) {
-        const bool gt = val[o] > bst[o];  // strict: the first maximum wins, as argmax
-        bst[o] = gt ? val[o] : bst[o];
-        out[o] = gt ? k : out[o];
-      }
+      if (k == K - 1) std::copy(c, c + out_w, lab + r * out_w);
     });
   });
   return labels;
