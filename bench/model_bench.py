@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .timing import Budget, quantiles, first_call_s, time_fn
+from .timing import Budget, Stats, first_call_s, quantiles, time_fn
 
 # DABNet's row of the paper's Table 5 (GTX 1080Ti, batch 1), for context in the report.
 PAPER_TABLE5_MS = {"256x512": 6, "512x1024": 10, "1024x2048": 36}
@@ -134,14 +134,20 @@ def _callable(model, x, how, device):
     return fn, fn(), compile_s
 
 
+def _bench_state():
+    """The weights every benchmarked model loads: the model's, BatchNorm statistics randomized."""
+    state = build(False, "cpu").state_dict()
+    _randomize_bn_state(state)
+    return state
+
+
 def bench_inference(device: str, resolutions, compile_resolutions, budget: Budget,
                     progress=True, which="all", deadline=None, on_result=None) -> list:
     """Inference variants at each resolution (which: "all", "plain" = no torch.compile, or
     "compile" = the torch.compile variants only). No run starts after `deadline`."""
     from tqdm import tqdm
 
-    state = build(False, "cpu").state_dict()
-    _randomize_bn_state(state)
+    state = _bench_state()
     jobs = [(res, v) for res in resolutions
             for v in inference_variants(device, res in compile_resolutions)
             if which == "all" or (v[3] in ("eager", "cudagraph")) == (which == "plain")]
@@ -220,8 +226,7 @@ def bench_interleaved(device: str, res, budget: Budget, with_compile=True, progr
     (GPU) per variant, and at least `min_rounds`."""
     from tqdm import tqdm
 
-    state = build(False, "cpu").state_dict()
-    _randomize_bn_state(state)
+    state = _bench_state()
     variants = inference_variants(device, with_compile)
     fns, out = {}, {}
     if with_compile:
@@ -269,10 +274,10 @@ def bench_interleaved(device: str, res, budget: Budget, with_compile=True, progr
     gc.collect()
     for n in names:
         q25, med, q75 = quantiles(times[n])
-        out[n].update(median_ms=med, q25_ms=q25, q75_ms=q75, iqr_ms=q75 - q25,
-                      min_ms=min(times[n]), n=len(times[n]), rounds=rounds,
-                      timer="interleaved rounds (perf_counter" +
-                      (", cuda synchronize)" if device == "cuda" else ")"))
+        timer = "interleaved rounds (perf_counter" + (
+            ", cuda synchronize)" if device == "cuda" else ")")
+        out[n].update(Stats(med, q25, q75, len(times[n]), timer).as_dict(),
+                      min_ms=min(times[n]), rounds=rounds)
     base = [n for n in names if n in BASELINES_FP32]
     if base:
         best = min(base, key=lambda n: out[n]["median_ms"])
@@ -295,8 +300,7 @@ def bench_conv_floor(device: str, resolutions, budget: Budget, progress=True,
 
     from dabnet.info import count_macs
 
-    state = build(False, "cpu").state_dict()
-    _randomize_bn_state(state)
+    state = _bench_state()
     out = []
     # The machine's fp32 matrix-multiply rate, the yardstick for the convolutions' rate.
     n = 2048 if device == "cpu" else 8192

@@ -322,7 +322,7 @@ class FusedDABModule(nn.Module):
         Python per call around a 19 us kernel at small inputs (9 necks per forward)."""
         kept = self.__dict__.get("_fold_fast")
         if (kept is None or torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or torch.is_autocast_enabled(y.device.type) or not kept.valid(self, y)):
+                or torch.is_autocast_enabled(y.device.type) or not kept.valid(y)):
             return None
         return kept.ns.dab_neck(y, *kept.folded, self.dilation)
 
@@ -346,17 +346,16 @@ class _KeptNeck:
         self.edges = [(dab, n, dab._modules[n]) for n in (*NECK_CONVS, "bn_relu_2")]
         for n in (*NECK_CONVS, "bn_relu_2"):
             self.edges += _leaf_edges(dab._modules[n])
-        self.tensors = []
+        owners = []
         for conv, bn, acti in units:
             for mod, names in ((conv, ("weight",)), (bn, ("weight", "bias")), (acti, ("weight",))):
                 if mod is not None:
-                    self.tensors += [(mod._parameters, n) for n in names]
-            self.tensors += [(bn._buffers, n) for n in ("running_mean", "running_var")]
-        self.tensors = [(d, n, d.get(n), None if d.get(n) is None else d.get(n)._version)
-                        for d, n in self.tensors]
+                    owners += [(mod._parameters, n) for n in names]
+            owners += [(bn._buffers, n) for n in ("running_mean", "running_var")]
+        self.tensors = [(d, n, d.get(n), getattr(d.get(n), "_version", None)) for d, n in owners]
         self.bns = [bn for _, bn, _ in units]
 
-    def valid(self, dab, y) -> bool:
+    def valid(self, y) -> bool:
         return ((y.dtype, y.device) == self.key[:2]
                 and all(not bn.training and bn.eps == self.key[2] for bn in self.bns)
                 and all(p._modules.get(n) is c for p, n, c in self.edges)

@@ -11,12 +11,6 @@ namespace cpu {
 // transparent huge pages (see alloc.cpp). Same sizes, strides, dtype and memory format.
 at::Tensor empty_out(at::IntArrayRef sizes, const at::TensorOptions& options);
 
-}  // namespace cpu
-}  // namespace dabnet
-
-namespace dabnet {
-namespace cpu {
-
 // empty_as (layout.h) through empty_out: an output shaped like x, in x's format.
 inline at::Tensor empty_out_as(const at::Tensor& x, bool cl) {
   return empty_out(x.sizes(), x.options().memory_format(fmt(cl)));
