@@ -98,7 +98,7 @@ def _avx2_sources(kernels):
 def _extension():
     once = ["csrc/cpu/isa.cpp", "csrc/cpu/alloc.cpp"]  # not kernels: one build for every ISA
     kernels = sorted(f for f in glob.glob("csrc/cpu/*.cpp") if f not in once)
-    sources = ["csrc/ops.cpp"] + once + kernels
+    sources = ["csrc/ops.cpp", "csrc/autograd.cpp"] + once + kernels
     # -fopenmp: ATen's at::parallel_for is an inline `#pragma omp parallel` when PyTorch is built
     # with OpenMP (Linux wheels are); compiled without it, every kernel runs on ONE thread. The
     # extension then shares PyTorch's libgomp (same soname, already loaded). It also honours

@@ -1,5 +1,6 @@
 // Every dabnet:: schema, defined once. Per-device kernels live in cpu/<op>.cpp and cuda/<op>.cu;
-// autograd and fake (meta) kernels are registered from Python (dabnet_kernels/ops.py).
+// autograd kernels in autograd.cpp; fake (meta) kernels are registered from Python
+// (dabnet_kernels/ops.py).
 #include <Python.h>
 #include <torch/library.h>
 

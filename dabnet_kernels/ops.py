@@ -428,7 +428,9 @@ def _fake_upsample_argmax(logits, out_h, out_w):
 
 # --------------------------------------------------------------------------------- autograd
 def _autograd(ns):
-    """(setup_context, backward) pairs of the differentiable ops, calling the kernels of ns."""
+    """(setup_context, backward) pairs of the differentiable ops, calling the kernels of ns.
+
+    csrc/autograd.cpp mirrors these for dabnet::*: a change here is a change there."""
 
     def dwconv3_setup(ctx, inputs, output):
         x, weight, dilation = inputs
@@ -486,11 +488,14 @@ OP_NAMES = ("dwconv3", "dwconv3_backward", "bn_prelu", "bn_prelu_backward", "dwc
             "dab_neck")
 
 
-def register(namespace: str) -> None:
-    """Registers the fake kernels and autograd formulas for namespace::<op> (all of OP_NAMES)."""
+def register(namespace: str, autograd: bool = True) -> None:
+    """Registers the fake kernels of namespace::<op> (all of OP_NAMES), and unless autograd is
+    False its autograd formulas."""
     fakes = globals()
     for name in OP_NAMES:
         torch.library.register_fake(f"{namespace}::{name}", fakes[f"_fake_{name}"])
+    if not autograd:
+        return
     for name, (setup, backward) in _autograd(getattr(torch.ops, namespace)).items():
         torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup)
 
@@ -501,4 +506,6 @@ def schema(name: str) -> str:
     return s.split("::", 1)[1]
 
 
-register("dabnet")
+# dabnet::* has its autograd in C++ (csrc/autograd.cpp: the same formulas, without the Python round
+# trips); the Python formulas serve dabnet_triton::*.
+register("dabnet", autograd=False)
