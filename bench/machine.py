@@ -79,6 +79,28 @@ def slug(text: str) -> str:
     return s[:40].strip("-") or "unknown"
 
 
+MALLOC_HELP = ("keep the C library's malloc settings; by default the benchmarks run, as the "
+               "dabnet command line does, with dabnet_kernels.tune_malloc() (glibc: freed memory "
+               "stays mapped between calls), for every variant alike")
+
+
+def apply_malloc(default: bool) -> None:
+    """tune_malloc() unless `default` (the --default-malloc of bench.run and bench.quick)."""
+    if not default:
+        from dabnet_kernels.malloc import tune_malloc
+
+        tune_malloc()
+
+
+def malloc_setting() -> str:
+    from dabnet_kernels.malloc import malloc_tuned
+
+    retain = malloc_tuned()
+    if retain is None:
+        return "C library defaults"
+    return f"glibc tuned: mmap threshold 32 MiB, trim threshold {retain} MiB"
+
+
 def info(device: str) -> dict:
     """Everything about this machine that a reader needs to judge the numbers."""
     try:
@@ -111,6 +133,7 @@ def info(device: str) -> dict:
         "triton": triton_version,
         "dabnet_cuda_kernels_built": has_cuda_kernels,
         "dabnet_cpu_isa": cpu_isa,
+        "malloc": malloc_setting(),
         "git_commit": _git_commit(),
         "gpu_model": None,
     }

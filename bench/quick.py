@@ -12,6 +12,8 @@ import sys
 
 import torch
 
+from . import machine
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.quick", description=__doc__,
@@ -20,14 +22,16 @@ def main(argv=None):
                    help="default: cuda if a GPU is visible, else cpu")
     p.add_argument("--budget-scale", type=float, default=1.0,
                    help="multiply the timing windows by this")
+    p.add_argument("--default-malloc", action="store_true", help=machine.MALLOC_HELP)
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible to PyTorch")
 
-    from . import cases, machine, ops_bench, report
+    from . import cases, ops_bench, report
     from .timing import Budget
 
+    machine.apply_malloc(args.default_malloc)
     budget = Budget().scaled(0.5 * args.budget_scale)
     m = machine.info(device)
     recs = ops_bench.run_cases(cases.quick_cases(device), device, budget, "none",

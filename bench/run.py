@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from .machine import MALLOC_HELP
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -64,6 +66,7 @@ def _parse(argv):
                         "runs) and exit")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--default-malloc", action="store_true", help=MALLOC_HELP)
     return p.parse_args(argv)
 
 
@@ -194,6 +197,7 @@ def main(argv=None):
         print(describe_plan(plan(args, device), device))
         return 0
 
+    machine.apply_malloc(args.default_malloc)
     if device == "cuda":
         torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     budget = Budget().scaled(args.budget_scale * (0.5 if args.quick else 1.0))

@@ -8,7 +8,8 @@
 
 namespace dabnet {
 namespace cpu {
-std::string isa_name();  // cpu/isa.cpp
+std::string isa_name();            // cpu/isa.cpp
+int64_t release_cached_blocks();  // cpu/alloc.cpp
 }  // namespace cpu
 }  // namespace dabnet
 
@@ -57,4 +58,6 @@ TORCH_LIBRARY(dabnet, m) {
   m.def("upsample_argmax(Tensor logits, int out_h, int out_w) -> Tensor");
   // The instruction set the CPU kernels were picked for at load time: "avx2" or "base".
   m.def("cpu_isa() -> str", &dabnet::cpu::isa_name);
+  // Frees the large CPU output blocks kept for reuse; returns their bytes.
+  m.def("empty_cpu_cache() -> int", &dabnet::cpu::release_cached_blocks);
 }

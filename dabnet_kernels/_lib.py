@@ -23,3 +23,11 @@ def cpu_isa() -> str:
 def has_cuda_kernels() -> bool:
     """Whether the built extension holds the CUDA kernels (true even with no GPU visible)."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("dabnet::dwconv3", "CUDA")
+
+
+def empty_cpu_cache() -> int:
+    """Frees the large CPU output blocks (32 MiB or more, at most 256 MiB in all) that the C++
+    kernels keep for their next outputs of the same size; returns how many bytes it freed.
+    As torch.cuda.empty_cache(): for other processes' sake; the next large output allocates and
+    faults its pages in again."""
+    return torch.ops.dabnet.empty_cpu_cache()

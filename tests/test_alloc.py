@@ -1,5 +1,6 @@
 """Large CPU outputs of the kernels are backed by 2 MiB huge pages (csrc/cpu/alloc.cpp): they
-must still be ordinary tensors (right values, resizable, picklable, shareable)."""
+must still be ordinary tensors (right values, resizable, picklable, shareable); freed ones are kept
+for the next output of their size, up to 256 MiB."""
 import io
 import os
 import re
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dabnet_kernels
 from dabnet_kernels import ops
 
 BIG = (1, 19, 512, 1024)  # DABNet's upsampled logits: 38 MiB, above the 32 MiB threshold
@@ -85,3 +87,25 @@ def test_switch_off_gives_the_same_values():
         outs.append(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                                    text=True, check=True).stdout.split())
     assert outs[0] == outs[1] and len(outs[0]) == 2
+
+
+def test_freed_block_is_reused_with_fresh_values():
+    dabnet_kernels.empty_cpu_cache()
+    _, a = _big_output()
+    ptr = a.data_ptr()
+    del a
+    x, b = _big_output()  # the same size: the kept block, every value written anew
+    assert b.data_ptr() == ptr
+    ref = F.interpolate(x, size=BIG[2:], mode="bilinear", align_corners=False)
+    torch.testing.assert_close(b, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_cpu_cache_frees_what_is_kept_and_the_cache_is_bounded():
+    dabnet_kernels.empty_cpu_cache()
+    nbytes = 19 * 512 * 1024 * 4  # a multiple of 2 MiB: kept as is
+    outs = [_big_output()[1] for _ in range(8)]  # 304 MiB
+    assert dabnet_kernels.empty_cpu_cache() == 0  # all in use: nothing to free
+    del outs
+    freed = dabnet_kernels.empty_cpu_cache()
+    assert freed == (256 << 20) // nbytes * nbytes  # the oldest beyond 256 MiB went at once
+    assert dabnet_kernels.empty_cpu_cache() == 0

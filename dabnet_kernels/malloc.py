@@ -1,0 +1,56 @@
+"""glibc malloc settings for CPU inference: keep freed activation memory in the process.
+
+With glibc's defaults, the memory of a forward's activations goes back to the kernel between
+forwards: glibc trims the top of its heap whenever more than its trim threshold is free there,
+and maps blocks above its (adaptive) mmap threshold afresh on every allocation. The next forward
+then page-faults that memory in again, zero-filled page by page: a DABNet forward at 512x1024
+float32 on a 2-core VM faulted 6,000-35,000 pages (varying from process to process with the heap's
+layout) and took 5-25% longer than with the settings below (see README "CPU kernels").
+
+tune_malloc() fixes the mmap threshold at glibc's 64-bit maximum (32 MiB, so that mid-size
+activations are reused from the heap) and raises the trim threshold to `retain_mib`. It is what
+jemalloc or tcmalloc would do for you (LD_PRELOAD): use either instead if you prefer. The `dabnet`
+command line and the benchmarks call it; a library import never does (it changes the whole
+process).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import platform
+
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc refuses more on 64-bit
+
+_state = {"tuned": None}
+
+
+def _libc():
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:  # pragma: no cover - a glibc system without a loadable libc
+        return None
+
+
+def tune_malloc(retain_mib: int = 1024) -> bool:
+    """Sets glibc's mmap threshold to 32 MiB and its trim threshold to `retain_mib` MiB for this
+    process. Returns True if both were set, False where the C library is not glibc (nothing is
+    changed there). Freed memory up to `retain_mib` MiB then stays mapped in the process for the
+    next forward; blocks of 32 MiB or more are still returned when freed."""
+    if isinstance(retain_mib, bool) or not isinstance(retain_mib, int) or not 0 <= retain_mib < 2048:
+        raise ValueError(f"retain_mib must be an int in [0, 2048), got {retain_mib!r}")
+    libc = _libc()
+    if libc is None:
+        return False
+    ok = (libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
+          and libc.mallopt(_M_TRIM_THRESHOLD, retain_mib << 20) == 1)
+    _state["tuned"] = retain_mib if ok else None
+    return ok
+
+
+def malloc_tuned():
+    """The retain_mib of the last successful tune_malloc() in this process, else None."""
+    return _state["tuned"]

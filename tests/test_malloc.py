@@ -1,0 +1,30 @@
+"""dabnet_kernels.tune_malloc: glibc's mmap and trim thresholds for this process."""
+import platform
+
+import pytest
+
+import dabnet_kernels
+from dabnet_kernels import malloc
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
+def test_tunes_glibc_and_remembers_the_setting():
+    assert dabnet_kernels.tune_malloc(512) is True
+    assert malloc.malloc_tuned() == 512
+    assert dabnet_kernels.tune_malloc() is True
+    assert malloc.malloc_tuned() == 1024
+
+
+def test_without_glibc_nothing_changes(monkeypatch):
+    monkeypatch.setattr(malloc, "_libc", lambda: None)
+    before = malloc.malloc_tuned()
+    assert dabnet_kernels.tune_malloc() is False
+    assert malloc.malloc_tuned() == before
+
+
+@pytest.mark.parametrize("bad", [-1, 2048, 1.5, True, "64"])
+def test_bad_retain_is_an_error(bad):
+    with pytest.raises(ValueError, match="retain_mib"):
+        dabnet_kernels.tune_malloc(bad)
