@@ -69,7 +69,8 @@ def main(argv=None):
     from . import machine
 
     m = machine.info("cpu")
-    rec = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    rec = {"kind": "malloc_ab",
+           "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "command": "python -m bench.malloc_ab " + " ".join(sys.argv[1:] if argv is None
                                                               else argv),
            "machine": {k: v for k, v in m.items() if k != "malloc"},

@@ -40,6 +40,8 @@ def latest(results_dir: str = RESULTS_DIR) -> list:
             r = load(p)
         except (OSError, ValueError):
             continue
+        if r.get("kind", "run") != "run":  # e.g. bench.malloc_ab's A/B files
+            continue
         rank = (bool(r.get("complete")), not r.get("smoke_resolutions"),
                 r.get("mode") != "quick", r.get("date", ""))
         slug = r["machine"]["slug"]
@@ -88,6 +90,7 @@ def machine_line(res) -> str:
     return (f"{dev}; torch {m['torch']}, triton {m['triton']}, Python {m['python']}; measured "
             f"copy bandwidth {bw:.0f} GB/s; {res['date']}; `{res['command']}`"
             + (f"; load average at start {load[0]:.1f}" if load else "")
+            + (f"; malloc: {m['malloc']}" if m.get("malloc") else "")
             + ("" if res.get("complete") else " (INCOMPLETE run"
                + (f": {res['ops_skipped']} op cases skipped" if res.get("ops_skipped") else "")
                + ")")

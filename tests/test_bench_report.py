@@ -150,3 +150,17 @@ def test_interleaved_bench_times_every_variant_in_rounds_and_renders():
     text = report.model_tables({"model": {"inference": [], "interleaved": recs}})
     assert "interleaved" in text and f"vs {base}" in text
     assert all(f"| {name} |" in text for name in by)
+
+
+def test_latest_takes_the_newest_complete_run_and_skips_other_kinds(tmp_path):
+    def write(name, **rec):
+        rec.setdefault("machine", {"slug": "cpu-x-2c"})
+        (tmp_path / name).write_text(json.dumps(rec))
+
+    write("a.json", complete=True, mode="default", date="2026-12-01 10:00 UTC")
+    write("b.json", complete=True, mode="default", date="2026-12-02 10:00 UTC")
+    write("c.json", complete=False, mode="default", date="2026-12-03 10:00 UTC")
+    write("d.json", kind="malloc_ab", date="2026-12-04 10:00 UTC")
+    write("e.json", kind="malloc_ab", machine={"slug": "cpu-y-4c"})  # not a bench.run file
+    (got,) = report.latest(str(tmp_path))
+    assert got["date"] == "2026-12-02 10:00 UTC"
