@@ -2,8 +2,9 @@
 //
 // The formulas are the ones of dabnet_kernels/ops.py:_autograd, which still serves the Triton
 // twins (dabnet_triton::*). They live here for the C++/CUDA ops because a Python autograd
-// kernel costs two Python round trips per op (forward and backward): measured ~240 us per
-// dwconv3 forward+backward at 1x32x64x128 on a 2-core VM, next to ~150 us of kernel time.
+// kernel costs two Python round trips per op (forward and backward): dwconv3 forward+backward at
+// 1x32x64x128 on a 2-core VM took ~420-460 us with one and ~300 us with this (medians; the kernels
+// alone ~150 us).
 // Forward and backward call the kernels through the dispatcher, so the fake kernels registered in
 // Python make them traceable by torch.compile.
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -26,6 +27,11 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
+Tensor dwconv3(const Tensor& x, const Tensor& w, int64_t dilation) {
+  static auto handle = op<Tensor(const Tensor&, const Tensor&, int64_t)>("dabnet::dwconv3");
+  return handle.call(x, w, dilation);
+}
+
 std::tuple<Tensor, Tensor> dwconv3_backward(const Tensor& grad, const Tensor& x, const Tensor& w,
                                             int64_t dilation, std::array<bool, 2> mask) {
   static auto handle =
@@ -34,25 +40,40 @@ std::tuple<Tensor, Tensor> dwconv3_backward(const Tensor& grad, const Tensor& x,
   return handle.call(grad, x, w, dilation, mask);
 }
 
-// BN-PReLU backward from x (or the recomputed conv output) and the saved statistics.
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_prelu_backward(
-    const Tensor& grad, const Tensor& x, const variable_list& saved, bool training, double eps,
-    std::array<bool, 4> mask) {
+// The BN-PReLU half of bn_prelu and dwconv3_bn_prelu. Forward: what backward needs besides the
+// saved tensors; mean and var are outputs but not differentiable. prelu_index: the position of
+// prelu_weight among the op's tensor inputs (the indices of needs_input_grad), which absent running
+// statistics shift.
+void save_bn(AutogradContext* ctx, bool training, double eps, int64_t prelu_index,
+             const Tensor& mean, const Tensor& var) {
+  ctx->saved_data["training"] = training;
+  ctx->saved_data["eps"] = eps;
+  ctx->saved_data["prelu_index"] = prelu_index;
+  ctx->mark_non_differentiable({mean, var});
+}
+
+// Backward: bn_prelu_backward from the BN input y (x, or the recomputed conv output) and the saved
+// (weight, bias, prelu_weight, mean, var) starting at saved[from]; weight and bias are the tensor
+// inputs w_index and w_index + 1.
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_backward(AutogradContext* ctx, const Tensor& grad,
+                                                       const Tensor& y, const variable_list& saved,
+                                                       size_t from, bool need_y, int64_t w_index) {
   static auto handle = op<std::tuple<Tensor, Tensor, Tensor, Tensor>(
       const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
       const Tensor&, bool, double, std::array<bool, 4>)>("dabnet::bn_prelu_backward");
-  // saved = (weight, bias, prelu_weight, mean, var)
-  return handle.call(grad, x, saved[0], saved[1], saved[2], saved[3], saved[4], training, eps,
-                     mask);
+  const auto& d = ctx->saved_data;
+  return handle.call(grad, y, saved[from], saved[from + 1], saved[from + 2], saved[from + 3],
+                     saved[from + 4], d.at("training").toBool(), d.at("eps").toDouble(),
+                     {need_y, ctx->needs_input_grad(w_index), ctx->needs_input_grad(w_index + 1),
+                      ctx->needs_input_grad(d.at("prelu_index").toInt())});
 }
 
 struct DwConv3 : torch::autograd::Function<DwConv3> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, int64_t dilation) {
-    static auto handle = op<Tensor(const Tensor&, const Tensor&, int64_t)>("dabnet::dwconv3");
     at::AutoDispatchBelowADInplaceOrView below;
     ctx->save_for_backward({x, w});
     ctx->saved_data["dilation"] = dilation;
-    return handle.call(x, w, dilation);
+    return dwconv3(x, w, dilation);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -82,20 +103,14 @@ struct BnPrelu : torch::autograd::Function<BnPrelu> {
     auto [out, mean, var] =
         handle.call(x, weight, bias, running_mean, running_var, prelu_weight, training, eps);
     ctx->save_for_backward({x, weight, bias, prelu_weight, mean, var});
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["prelu_index"] = 3 + after_running(running_mean);
-    ctx->mark_non_differentiable({mean, var});
+    save_bn(ctx, training, eps, 3 + after_running(running_mean), mean, var);
     return {out, mean, var};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    auto need = [&](int64_t i) { return ctx->needs_input_grad(i); };
-    auto [gx, gw, gb, ga] = bn_prelu_backward(
-        grads[0], saved[0], {saved.begin() + 1, saved.end()}, ctx->saved_data["training"].toBool(),
-        ctx->saved_data["eps"].toDouble(),
-        {need(0), need(1), need(2), need(ctx->saved_data["prelu_index"].toInt())});
+    const auto saved = ctx->get_saved_variables();
+    auto [gx, gw, gb, ga] =
+        bn_backward(ctx, grads[0], saved[0], saved, 1, ctx->needs_input_grad(0), 1);
     return {gx, gw, gb, Tensor(), Tensor(), ga, Tensor(), Tensor()};
   }
 };
@@ -114,28 +129,20 @@ struct DwConv3BnPrelu : torch::autograd::Function<DwConv3BnPrelu> {
     // The conv output is recomputed in backward (one cheap pass) instead of being kept alive.
     ctx->save_for_backward({x, conv_weight, weight, bias, prelu_weight, mean, var});
     ctx->saved_data["dilation"] = dilation;
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["prelu_index"] = 4 + after_running(running_mean);
-    ctx->mark_non_differentiable({mean, var});
+    save_bn(ctx, training, eps, 4 + after_running(running_mean), mean, var);
     return {out, mean, var};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto conv = op<Tensor(const Tensor&, const Tensor&, int64_t)>("dabnet::dwconv3");
-    auto saved = ctx->get_saved_variables();
-    auto need = [&](int64_t i) { return ctx->needs_input_grad(i); };
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &conv_weight = saved[1];
     const int64_t dilation = ctx->saved_data["dilation"].toInt();
-    const Tensor& x = saved[0];
-    const Tensor& conv_weight = saved[1];
-    const bool need_conv = need(0) || need(1);
-    Tensor y = conv.call(x, conv_weight, dilation);
-    auto [gy, gw, gb, ga] = bn_prelu_backward(
-        grads[0], y, {saved.begin() + 2, saved.end()}, ctx->saved_data["training"].toBool(),
-        ctx->saved_data["eps"].toDouble(),
-        {need_conv, need(2), need(3), need(ctx->saved_data["prelu_index"].toInt())});
+    const bool need_x = ctx->needs_input_grad(0), need_cw = ctx->needs_input_grad(1);
+    const Tensor y = dwconv3(x, conv_weight, dilation);
+    auto [gy, gw, gb, ga] = bn_backward(ctx, grads[0], y, saved, 2, need_x || need_cw, 2);
     Tensor gx, gcw;
-    if (need_conv) std::tie(gx, gcw) = dwconv3_backward(gy, x, conv_weight, dilation, {need(0), need(1)});
+    if (need_x || need_cw)
+      std::tie(gx, gcw) = dwconv3_backward(gy, x, conv_weight, dilation, {need_x, need_cw});
     return {gx, gcw, Tensor(), gw, gb, Tensor(), Tensor(), ga, Tensor(), Tensor()};
   }
 };
