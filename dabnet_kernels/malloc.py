@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import platform
+import os
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -26,8 +26,15 @@ _MMAP_THRESHOLD_MAX = 32 << 20  # glibc refuses more on 64-bit
 _state = {"tuned": None}
 
 
+def is_glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # no confstr, or not glibc
+        return False
+
+
 def _libc():
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not is_glibc():
         return None
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -156,3 +156,13 @@ def test_info_counts_parameters_macs_and_backend(capsys):
     assert macs["dense"] == 16 * 16 * 8 * 3 * 9
     assert macs["depthwise"] == 16 * 16 * 8 * 9
     assert macs["pointwise"] == 16 * 16 * 4 * 8
+
+
+@pytest.mark.parametrize("flag", [[], ["--default-malloc"]])
+def test_malloc_is_tuned_unless_asked_not_to(flag, monkeypatch, capsys):
+    import dabnet_kernels.malloc as malloc
+
+    calls = []
+    monkeypatch.setattr(malloc, "tune_malloc", lambda *a: calls.append(a) or True)
+    assert main(["info", "--size", "32x64", "--device", "cpu", *flag]) == 0
+    assert len(calls) == (0 if flag else 1)

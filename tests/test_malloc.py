@@ -1,12 +1,10 @@
 """dabnet_kernels.tune_malloc: glibc's mmap and trim thresholds for this process."""
-import platform
-
 import pytest
 
 import dabnet_kernels
 from dabnet_kernels import malloc
 
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+GLIBC = malloc.is_glibc()
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc only")
@@ -28,3 +26,9 @@ def test_without_glibc_nothing_changes(monkeypatch):
 def test_bad_retain_is_an_error(bad):
     with pytest.raises(ValueError, match="retain_mib"):
         dabnet_kernels.tune_malloc(bad)
+
+
+def test_glibc_detection_agrees_with_platform():
+    import platform
+
+    assert malloc.is_glibc() == (platform.libc_ver()[0] == "glibc")
