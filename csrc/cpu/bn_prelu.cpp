@@ -86,10 +86,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_prelu(
       op[i] = scalar_t(prelu(y, slope[c]));
     });
   });
-  auto m = at::empty({C}, sopt.dtype(at::kDouble)), v = at::empty({C}, sopt.dtype(at::kDouble));
-  std::copy(mean.begin(), mean.end(), m.data_ptr<double>());
-  std::copy(var.begin(), var.end(), v.data_ptr<double>());
-  return {out, m.to(stat_type(x)), v.to(stat_type(x))};
+  at::Tensor m = at::empty({C}, sopt), v = at::empty({C}, sopt);
+  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "bn_prelu_stats", [&] {
+    std::copy(mean.begin(), mean.end(), m.data_ptr<scalar_t>());  // already rounded to scalar_t
+    std::copy(var.begin(), var.end(), v.data_ptr<scalar_t>());
+  });
+  return {out, m, v};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_prelu_backward(

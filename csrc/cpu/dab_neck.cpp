@@ -112,11 +112,10 @@ at::Tensor dab_neck(const at::Tensor& x_, const at::Tensor& weight, const at::Te
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dab_neck_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // prm[k]: [w0 | w1 | w2 | bias | slope | ...] of conv k (see tap3_run), BN folded in.
-    auto wt = weight.detach().to(at::kDouble).contiguous();
     const auto bs = to_vec<acc_t>(bias.reshape({-1}), 4 * C), sl = to_vec<acc_t>(slope.reshape({-1}), 4 * C);
     std::vector<std::vector<acc_t>> prm(4);
     for (int k = 0; k < 4; ++k) {
-      prm[k] = tap_params<acc_t>(wt[k], C);
+      prm[k] = tap_params<acc_t>(weight[k], C);
       std::copy(bs.begin() + k * C, bs.begin() + (k + 1) * C, prm[k].begin() + 3 * C);
       std::copy(sl.begin() + k * C, sl.begin() + (k + 1) * C, prm[k].begin() + 4 * C);
     }

@@ -28,13 +28,30 @@ struct Geo {
       : N(x.size(0)), C(x.size(1)), H(x.size(2)), W(x.size(3)), cl(cl_) {}
 };
 
-// Per-channel parameters as a contiguous vector of the accumulation type.
+// Calls f(i, j, value) for every element of the 1-D or 2-D parameter tensor t (index j = 0 for
+// 1-D), read in place in t's dtype: no tensor is made, where a .to() per parameter (six per
+// bn_prelu call) cost as much dispatch as a small input's whole kernel.
+template <typename F>
+void read_params(const at::Tensor& t, F f) {
+  const int64_t n0 = t.size(0), n1 = t.dim() == 2 ? t.size(1) : 1;
+  const int64_t s0 = t.stride(0), s1 = t.dim() == 2 ? t.stride(1) : 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "read_params", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n0; ++i)
+      for (int64_t j = 0; j < n1; ++j) f(i, j, double(p[i * s0 + j * s1]));
+  });
+}
+
+// Per-channel parameters (C values, or one for all) as a vector of the accumulation type.
 template <typename acc_t>
 std::vector<acc_t> to_vec(const at::Tensor& v, int64_t C) {
-  auto t = v.detach().to(at::CPU(c10::CppTypeToScalarType<acc_t>::value)).contiguous();
-  const acc_t* p = t.template data_ptr<acc_t>();
+  TORCH_INTERNAL_ASSERT(v.numel() == C || v.numel() == 1, "dabnet: ", C, " parameters expected");
   std::vector<acc_t> out(C);
-  for (int64_t c = 0; c < C; ++c) out[c] = p[t.numel() == 1 ? 0 : c];
+  const at::Tensor t = v.dim() == 1 ? v : v.reshape({-1});
+  read_params(t, [&](int64_t i, int64_t, double a) {
+    if (t.numel() == 1) out.assign(C, acc_t(a));
+    else out[i] = acc_t(a);
+  });
   return out;
 }
 
@@ -92,11 +109,11 @@ template <typename acc_t>
 std::vector<acc_t> tap_params(const at::Tensor& w, int64_t C, bool flip = false,
                               const acc_t* slope = nullptr, const acc_t* scale = nullptr,
                               const acc_t* shift = nullptr) {
-  auto t = w.detach().reshape({C, 3}).to(at::kDouble).contiguous();
-  const double* p = t.data_ptr<double>();
+  TORCH_INTERNAL_ASSERT(w.numel() == 3 * C, "dabnet: ", 3 * C, " conv taps expected");
   std::vector<acc_t> prm(7 * C, acc_t(0));
+  read_params(w.reshape({C, 3}),
+              [&](int64_t c, int64_t k, double a) { prm[(flip ? 2 - k : k) * C + c] = acc_t(a); });
   for (int64_t c = 0; c < C; ++c) {
-    for (int k = 0; k < 3; ++k) prm[k * C + c] = acc_t(p[c * 3 + (flip ? 2 - k : k)]);
     prm[4 * C + c] = slope ? slope[c] : acc_t(0);
     prm[5 * C + c] = scale ? scale[c] : acc_t(1);
     prm[6 * C + c] = shift ? shift[c] : acc_t(0);
