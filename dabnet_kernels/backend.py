@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from . import _lib  # its has_cuda_kernels is looked up per call (tests replace it)
+
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 _state = {"name": None}
 
@@ -74,19 +76,17 @@ def _triton_interpreted() -> bool:
 
 def resolve(x: torch.Tensor) -> str:
     """The concrete backend ("cuda", "triton", "cpu" or "reference") for a tensor on x's device."""
-    from ._lib import has_cuda_kernels
-
     name = get_backend()
     dev = x.device.type
     if name == "auto":
         if dev == "cpu":
             return "cpu"
         if dev == "cuda":
-            if has_cuda_kernels():
+            if _lib.has_cuda_kernels():
                 return "cuda"
             return "triton" if triton_available() else "reference"
         return "reference"
-    if name == "cuda" and (dev != "cuda" or not has_cuda_kernels()):
+    if name == "cuda" and (dev != "cuda" or not _lib.has_cuda_kernels()):
         why = "this build has no CUDA kernels" if dev == "cuda" else f"x is on {x.device}"
         raise RuntimeError(f"dabnet backend 'cuda' is not available: {why}")
     if name == "cpu" and dev != "cpu":
