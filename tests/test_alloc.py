@@ -109,3 +109,27 @@ def test_empty_cpu_cache_frees_what_is_kept_and_the_cache_is_bounded():
     freed = dabnet_kernels.empty_cpu_cache()
     assert freed == (256 << 20) // nbytes * nbytes  # the oldest beyond 256 MiB went at once
     assert dabnet_kernels.empty_cpu_cache() == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_cache_works_in_a_forked_child():
+    """A forked child (a DataLoader worker) inherits the kept blocks and can use and free them."""
+    code = """
+import os, torch, dabnet_kernels
+from dabnet_kernels import ops
+x = torch.randn(1, 19, 64, 128)
+y = ops.upsample_bilinear(x, (512, 1024)); ptr = y.data_ptr(); del y
+pid = os.fork()
+if pid == 0:
+    torch.set_num_threads(1)  # as DataLoader workers do: OpenMP does not survive a fork
+    z = ops.upsample_bilinear(x, (512, 1024))
+    ok = z.data_ptr() == ptr and torch.allclose(z, torch.nn.functional.interpolate(
+        x, size=(512, 1024), mode="bilinear", align_corners=False), rtol=1e-5, atol=1e-5)
+    del z
+    os._exit(0 if ok and dabnet_kernels.empty_cpu_cache() > 0 else 3)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "0"

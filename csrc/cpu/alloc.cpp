@@ -16,10 +16,12 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <new>
 #include <unordered_map>
 #include <utility>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
@@ -90,7 +92,15 @@ struct BlockCache {
 };
 
 BlockCache& cache() {
-  static auto* c = new BlockCache();  // never destroyed: tensors may outlive static destruction
+  static auto* c = [] {
+    auto* made = new BlockCache();  // never destroyed: tensors may outlive static destruction
+#if defined(__linux__)
+    // A fork while another thread held the lock (DataLoader workers) must not leave the child's
+    // copy locked forever: the child starts with a fresh mutex.
+    pthread_atfork(nullptr, nullptr, [] { new (&cache().mu) std::mutex(); });
+#endif
+    return made;
+  }();
   return *c;
 }
 
