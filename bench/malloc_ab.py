@@ -58,11 +58,12 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=20, help="timed forwards per process")
     p.add_argument("--out", default=RESULTS_DIR, help=f"results folder (default {RESULTS_DIR})")
     args = p.parse_args(argv)
-    try:
-        res = tuple(int(v) for v in args.res.lower().split("x"))
-        assert len(res) == 2 and res[0] % 8 == 0 and res[1] % 8 == 0 and min(res) > 0
-    except (ValueError, AssertionError):
-        raise SystemExit(f"--res: expected HxW, multiples of 8 (e.g. 512x1024), got {args.res!r}")
+    from .run import _parse_res
+
+    resolutions = _parse_res(args.res)
+    if len(resolutions) != 1:
+        raise SystemExit(f"--res: one HxW, got {args.res!r}")
+    res = resolutions[0]
     if args.pairs < 1 or args.iters < 1 or args.warmup < 0:
         raise SystemExit("--pairs and --iters must be >= 1, --warmup >= 0")
 

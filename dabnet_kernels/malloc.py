@@ -3,9 +3,11 @@
 With glibc's defaults, the memory of a forward's activations goes back to the kernel between
 forwards: glibc trims the top of its heap whenever more than its trim threshold is free there,
 and maps blocks above its (adaptive) mmap threshold afresh on every allocation. The next forward
-then page-faults that memory in again, zero-filled page by page: a DABNet forward at 512x1024
-float32 on a 2-core VM faulted 6,000-35,000 pages (varying from process to process with the heap's
-layout) and took 5-25% longer than with the settings below (see README "CPU kernels").
+then page-faults that memory in again, zero-filled page by page: at 512x1024 float32 on a 2-core
+VM, a fused DABNet forward faulted 3,600-16,300 pages and an eager one 26,000-35,000 (varying from
+process to process with the heap's layout); with the settings below the fused forward took 151
+instead of 157 ms and the eager one 227 instead of 288 ms (`python -m bench.malloc_ab`,
+bench/results/2026-12-03-malloc-ab-cpu-amd-epyc-2c.json).
 
 tune_malloc() fixes the mmap threshold at glibc's 64-bit maximum (32 MiB, so that mid-size
 activations are reused from the heap) and raises the trim threshold to `retain_mib`. It is what

@@ -68,9 +68,9 @@ struct BlockCache {
   void give_back(void* p) {
     std::lock_guard<std::mutex> lock(mu);
     auto it = live.find(p);
-    const size_t bytes = it == live.end() ? kCacheBytes + 1 : it->second;
+    const size_t bytes = it == live.end() ? 0 : it->second;  // every block is registered
     if (it != live.end()) live.erase(it);
-    if (bytes > kCacheBytes) {
+    if (bytes == 0 || bytes > kCacheBytes) {
       std::free(p);
       return;
     }

@@ -47,9 +47,9 @@ template <typename acc_t>
 std::vector<acc_t> to_vec(const at::Tensor& v, int64_t C) {
   TORCH_INTERNAL_ASSERT(v.numel() == C || v.numel() == 1, "dabnet: ", C, " parameters expected");
   std::vector<acc_t> out(C);
-  const at::Tensor t = v.dim() == 1 ? v : v.reshape({-1});
-  read_params(t, [&](int64_t i, int64_t, double a) {
-    if (t.numel() == 1) out.assign(C, acc_t(a));
+  const bool single = v.numel() == 1;
+  read_params(v.dim() == 1 ? v : v.reshape({-1}), [&](int64_t i, int64_t, double a) {
+    if (single) out.assign(C, acc_t(a));
     else out[i] = acc_t(a);
   });
   return out;
