@@ -8,11 +8,16 @@
 // Forward and backward call the kernels through the dispatcher, so the fake kernels registered in
 // Python make them traceable by torch.compile.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/batch_norm.h>
+#include <ATen/ops/conv2d.h>
+#include <ATen/ops/prelu.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <array>
 #include <tuple>
+#include <vector>
 
 namespace dabnet {
 namespace {
@@ -68,6 +73,57 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_backward(AutogradContext* ctx, con
                       ctx->needs_input_grad(d.at("prelu_index").toInt())});
 }
 
+// Higher-order gradients. The backward kernels have no autograd of their own, so a backward that
+// is itself to be differentiated (create_graph=True: grad mode is on during backward, and some
+// input of the backward requires grad) is computed instead by differentiating the op's ATen
+// composite (F.conv2d / F.batch_norm / F.prelu, as dabnet_kernels.reference), whose backward ATen
+// can differentiate again. Without this the second derivative came back as zeros.
+bool graph_wanted(const variable_list& grads, const variable_list& saved) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const auto* list : {&grads, &saved})
+    for (const auto& t : *list)
+      if (t.defined() && t.requires_grad()) return true;
+  return false;
+}
+
+Tensor dwconv3_composite(const Tensor& x, const Tensor& w, int64_t d) {
+  const bool along_h = w.size(2) == 3;
+  return at::conv2d(x, w, {}, {1, 1}, along_h ? std::vector<int64_t>{d, 0} : std::vector<int64_t>{0, d},
+                    along_h ? std::vector<int64_t>{d, 1} : std::vector<int64_t>{1, d}, x.size(1));
+}
+
+// BN-PReLU of y from the saved (weight, bias, prelu_weight, mean, var) starting at saved[from]:
+// batch statistics in training, else the saved (running) ones.
+Tensor bn_prelu_composite(AutogradContext* ctx, const Tensor& y, const variable_list& saved,
+                          size_t from) {
+  const auto& d = ctx->saved_data;
+  const bool training = d.at("training").toBool();
+  const Tensor bn = at::batch_norm(y, saved[from], saved[from + 1],
+                                   training ? Tensor() : saved[from + 3],
+                                   training ? Tensor() : saved[from + 4], training, 0.0,
+                                   d.at("eps").toDouble(), /*cudnn_enabled=*/true);
+  return at::prelu(bn, saved[from + 2]);
+}
+
+// The gradients of out (given its incoming grad) as a graph, for the inputs that need them:
+// wanted holds (index in needs_input_grad, position in the returned list, tensor).
+variable_list composite_grads(AutogradContext* ctx, const Tensor& out, const Tensor& grad,
+                              const std::vector<std::tuple<int64_t, size_t, Tensor>>& wanted,
+                              size_t n_args) {
+  variable_list result(n_args), inputs;
+  std::vector<size_t> where;
+  for (const auto& [index, pos, t] : wanted)
+    if (ctx->needs_input_grad(index)) {
+      inputs.push_back(t);
+      where.push_back(pos);
+    }
+  if (inputs.empty()) return result;
+  const auto g = torch::autograd::grad({out}, inputs, {grad}, /*retain_graph=*/true,
+                                       /*create_graph=*/true, /*allow_unused=*/true);
+  for (size_t k = 0; k < g.size(); ++k) result[where[k]] = g[k];
+  return result;
+}
+
 struct DwConv3 : torch::autograd::Function<DwConv3> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, int64_t dilation) {
     at::AutoDispatchBelowADInplaceOrView below;
@@ -78,6 +134,10 @@ struct DwConv3 : torch::autograd::Function<DwConv3> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
+    if (graph_wanted(grads, saved))
+      return composite_grads(
+          ctx, dwconv3_composite(saved[0], saved[1], ctx->saved_data["dilation"].toInt()),
+          grads[0], {{0, 0, saved[0]}, {1, 1, saved[1]}}, 3);
     auto [gx, gw] = dwconv3_backward(grads[0], saved[0], saved[1],
                                      ctx->saved_data["dilation"].toInt(),
                                      {ctx->needs_input_grad(0), ctx->needs_input_grad(1)});
@@ -109,6 +169,11 @@ struct BnPrelu : torch::autograd::Function<BnPrelu> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
+    if (graph_wanted(grads, saved))
+      return composite_grads(ctx, bn_prelu_composite(ctx, saved[0], saved, 1), grads[0],
+                             {{0, 0, saved[0]}, {1, 1, saved[1]}, {2, 2, saved[2]},
+                              {ctx->saved_data["prelu_index"].toInt(), 5, saved[3]}},
+                             8);
     auto [gx, gw, gb, ga] =
         bn_backward(ctx, grads[0], saved[0], saved, 1, ctx->needs_input_grad(0), 1);
     return {gx, gw, gb, Tensor(), Tensor(), ga, Tensor(), Tensor()};
@@ -137,6 +202,13 @@ struct DwConv3BnPrelu : torch::autograd::Function<DwConv3BnPrelu> {
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &conv_weight = saved[1];
     const int64_t dilation = ctx->saved_data["dilation"].toInt();
+    if (graph_wanted(grads, saved))
+      return composite_grads(
+          ctx, bn_prelu_composite(ctx, dwconv3_composite(x, conv_weight, dilation), saved, 2),
+          grads[0],
+          {{0, 0, x}, {1, 1, conv_weight}, {2, 3, saved[2]}, {3, 4, saved[3]},
+           {ctx->saved_data["prelu_index"].toInt(), 7, saved[4]}},
+          10);
     const bool need_x = ctx->needs_input_grad(0), need_cw = ctx->needs_input_grad(1);
     const Tensor y = dwconv3(x, conv_weight, dilation);
     auto [gy, gw, gb, ga] = bn_backward(ctx, grads[0], y, saved, 2, need_x || need_cw, 2);

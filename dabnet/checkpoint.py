@@ -1,9 +1,16 @@
 """Checkpoint files: atomic saving, and loading with clear errors for missing, corrupt or
 mismatched files. Accepts this pipeline's checkpoints, bare state_dicts and the authors' release
-format ({"model": state_dict, ...}, optionally with DataParallel's "module." prefixes)."""
+format ({"model": state_dict, ...}, optionally with DataParallel's "module." prefixes).
+
+Loading never runs code from the file: ``torch.load(weights_only=True)``, which unpickles only
+tensors and plain data, plus the numpy array types that older training checkpoints of this
+pipeline hold (their numpy RNG state). A file that needs anything else is refused with the names
+of the objects it would have built."""
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 
@@ -32,12 +39,49 @@ def save_atomic(obj, path):
         raise
 
 
+def _numpy_array_globals() -> list:
+    """What unpickling a plain numpy array needs (it builds the array, runs nothing else)."""
+    import numpy as np
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """The file holds pickled Python objects that weights-only loading will not build."""
+
+
+def _refusal_reason(path, error) -> str:
+    """The objects a refused checkpoint would have built, else the unpickler's own reason."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        if names:
+            return "it would build " + ", ".join(names)
+    except Exception:  # not a zip checkpoint (legacy or raw pickle): use the loader's words
+        pass
+    found = re.search(r"unsupported global: GLOBAL \S+|unsupported GLOBAL \S+"
+                      r"|unsupported operand \S+", str(error), re.IGNORECASE)
+    return found.group(0) if found else "content it does not support"
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"cannot read checkpoint {path} safely: weights-only loading refused it "
+            f"({_refusal_reason(path, e)}). Besides tensors and plain data the file holds "
+            "pickled Python objects (or it is corrupt), and unpickling those can run arbitrary "
+            "code, so it is not loaded. If "
+            "you trust the file's source, extract its weights yourself (sd = torch.load(path, "
+            "weights_only=False)['model']; torch.save(sd, 'weights.pt')) and pass that file "
+            "instead") from None
     except Exception as e:
         raise RuntimeError(f"cannot read checkpoint {path}: not a PyTorch checkpoint or the file "
                            f"is corrupt ({type(e).__name__}: {e})") from e

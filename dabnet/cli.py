@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-scale", type=float, default=1.0)
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     p.add_argument("--fused", action="store_true", help="run the fused-kernel model")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first image that cannot be read (default: skip it with a "
+                        "message, segment the rest, and exit with status 1 at the end)")
     _inference_opts(p)
     _common(p)
 
@@ -239,10 +242,16 @@ def cmd_eval(a):
 def cmd_predict(a):
     from .predict import predict
 
+    skipped = []
     files = predict(a.checkpoint, a.inputs, a.out, a.dataset, _device(a.device), a.label_ids,
                     a.input_scale, a.fused, a.alpha, progress=not a.no_progress,
-                    precision=a.precision, channels_last=a.channels_last)
+                    precision=a.precision, channels_last=a.channels_last, strict=a.strict,
+                    skipped=skipped)
     print(f"wrote {len(files)} file(s) to {a.out}")
+    if skipped:
+        print(f"dabnet predict: {len(skipped)} image(s) could not be read and were skipped: "
+              + ", ".join(str(f) for f, _ in skipped), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,6 +1,7 @@
 """Prediction: colourised masks, overlays, and Cityscapes labelId PNGs for the test server."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +42,12 @@ def overlay(img: np.ndarray, color: np.ndarray, alpha=0.5) -> np.ndarray:
 @torch.no_grad()
 def predict(checkpoint, inputs, out_dir, dataset=None, device="cpu", label_ids=False,
             input_scale=1.0, fused=False, alpha=0.5, progress=True, model=None, meta=None,
-            precision="fp32", channels_last=False):
+            precision="fp32", channels_last=False, strict=False, skipped=None):
     """Segments every input image; writes <name>_color.png, <name>_overlay.png and, with
     label_ids (Cityscapes only), <name>_labelIds.png. Returns the list of written files.
-    precision / channels_last: see evaluate.for_inference (applied to a model loaded here)."""
+    precision / channels_last: see evaluate.for_inference (applied to a model loaded here).
+    An image that cannot be read is skipped with a message on stderr and appended to `skipped`
+    (a list, if given) as (path, reason); with strict=True it stops the run instead."""
     if model is None:
         model, meta = load_model(checkpoint, fused=fused, device=device)
         model = for_inference(model, precision, channels_last)
@@ -67,7 +70,15 @@ def predict(checkpoint, inputs, out_dir, dataset=None, device="cpu", label_ids=F
         from tqdm import tqdm
         it = tqdm(files, desc="predict", unit="img")
     for f in it:
-        img = load_image(f)
+        try:
+            img = load_image(f)
+        except (RuntimeError, OSError) as e:
+            if strict:
+                raise
+            print(f"[dabnet] skipped {f}: {e}", file=sys.stderr)
+            if skipped is not None:
+                skipped.append((f, str(e)))
+            continue
         x = to_tensor(img, mean)[None].to(device)
         pred = predict_logits(model, x, input_scale).argmax(1)[0].cpu().numpy().astype(np.uint8)
         color = colorize(pred, info.palette)

@@ -26,6 +26,7 @@ from . import distributed as D
 from .checkpoint import load_checkpoint, load_weights, save_atomic, state_dict_of
 from .data import SCALES, build_dataset, measure_mean
 from .evaluate import autocast, evaluate
+from .lock import OutputInUseError, OutputLock
 from .losses import SegCrossEntropy
 from .model import DABNet
 
@@ -90,7 +91,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _rng_state():
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    # numpy's state as a tensor and plain numbers: the checkpoint then loads weights-only.
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
              "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -99,7 +103,9 @@ def _rng_state():
 
 def _set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]  # keys: a tensor, or an array in older checkpoints
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((kind, keys.astype(np.uint32), *rest))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -140,11 +146,32 @@ def _worker_init(_):
 
 def train(cfg: TrainConfig) -> dict:
     """Runs (or resumes) training; returns a summary dict (iteration, epoch, best_miou, last
-    checkpoint path, stopped_early, ...)."""
+    checkpoint path, stopped_early, ...). The output folder is locked for the run (dabnet.lock):
+    a second run on the same folder raises OutputInUseError."""
     device = resolve_device(cfg.device)
     env = D.setup(device.type)
     if device.type == "cuda" and env.enabled:
         device = torch.device("cuda", env.local_rank)
+    lock, error = OutputLock(cfg.out_dir), None
+    if env.is_main:  # one lock per run: rank 0 takes it
+        try:
+            lock.acquire()
+        except OutputInUseError as e:
+            error = e
+    if env.enabled:  # every rank stops when rank 0 could not lock
+        refused = torch.tensor([float(error is not None)], device=device)
+        torch.distributed.all_reduce(refused)
+        if refused.item() and error is None:
+            error = OutputInUseError(f"rank 0 could not lock the output folder {cfg.out_dir}")
+    if error is not None:
+        raise error
+    try:
+        return _train(cfg, device, env)
+    finally:
+        lock.release()
+
+
+def _train(cfg: TrainConfig, device: torch.device, env) -> dict:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)

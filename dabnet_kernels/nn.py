@@ -125,7 +125,24 @@ def _conv_bn_prelu(x, conv, bn, acti):
 
 
 # --------------------------------------------------------------------------------- modules
-class FusedBNPReLU(nn.Module):
+_NO_TORCHSCRIPT = ("the fused dabnet_kernels modules do not support TorchScript (torch.jit.trace "
+                   "and torch.jit.script, which PyTorch has deprecated): export with "
+                   "torch.export.export(model.eval(), (x,)) after `import dabnet_kernels`, or "
+                   "with `dabnet export`; or script the unfused model")
+
+
+class _NoTorchScript:
+    """One clear error for TorchScript instead of a failure deep inside a forward."""
+
+    def __prepare_scriptable__(self):  # torch.jit.script calls it on every submodule first
+        raise RuntimeError(f"{type(self).__name__}: {_NO_TORCHSCRIPT}")
+
+    def _refuse_tracing(self):
+        if torch.jit.is_tracing():
+            raise RuntimeError(f"{type(self).__name__}: {_NO_TORCHSCRIPT}")
+
+
+class FusedBNPReLU(_NoTorchScript, nn.Module):
     """BatchNorm2d then PReLU in one op; children ``bn`` and ``acti`` as in the authors'
     BNPReLU. Build it like theirs (``FusedBNPReLU(channels)``, eps 1e-3) or around existing
     modules (``FusedBNPReLU.from_modules(bn, acti)``, which shares them)."""
@@ -151,10 +168,12 @@ class FusedBNPReLU(nn.Module):
         return self
 
     def forward(self, x):
+        self._refuse_tracing()
         return _bn_prelu(x, self.bn, self.acti)
 
     def forward_cat(self, xs):
         """self(torch.cat(xs, 1)); in eval one kernel reads the pieces (no concatenation)."""
+        self._refuse_tracing()
         if sync.spans_ranks(self.bn):
             return _bn_prelu(torch.cat(list(xs), 1), self.bn, self.acti)
         rm, rv, nbt = _bn_state(self.bn)
@@ -162,7 +181,7 @@ class FusedBNPReLU(nn.Module):
                                 self.bn.training, self.bn.momentum, self.bn.eps, nbt)
 
 
-class FusedConvBNPReLU(nn.Module):
+class FusedConvBNPReLU(_NoTorchScript, nn.Module):
     """Depthwise 3x1 or 1x3 conv, BatchNorm2d, PReLU in one op (``ops.dwconv3_bn_prelu``).
 
     Children as in the authors' ``Conv(..., groups=C, bn_acti=True)``: ``conv`` (nn.Conv2d,
@@ -198,10 +217,11 @@ class FusedConvBNPReLU(nn.Module):
         return self
 
     def forward(self, x):
+        self._refuse_tracing()
         return _conv_bn_prelu(x, self.conv, self.bn_prelu.bn, self.bn_prelu.acti)
 
 
-class FusedSequential(nn.Sequential):
+class FusedSequential(_NoTorchScript, nn.Sequential):
     """nn.Sequential whose (depthwise 3-tap conv, BatchNorm2d, PReLU) runs and (BatchNorm2d,
     PReLU) pairs each run as one fused op. Same children, same indices, same state_dict."""
 
@@ -222,6 +242,7 @@ class FusedSequential(nn.Sequential):
         return out
 
     def forward(self, x):
+        self._refuse_tracing()
         mods = list(self._modules.values())
         for kind, idx in self.groups():
             if kind == "dwconv3_bn_prelu":
@@ -238,7 +259,7 @@ DAB_CHILDREN = ("bn_relu_1", "conv3x3", "dconv3x1", "dconv1x3", "ddconv3x1", "dd
 NECK_CONVS = ("dconv3x1", "dconv1x3", "ddconv3x1", "ddconv1x3")
 
 
-class FusedDABModule(nn.Module):
+class FusedDABModule(_NoTorchScript, nn.Module):
     """The DAB module (Fig. 2c) with its neck (both depthwise branches, their sum and the last
     BN-PReLU) computed by ``ops.dab_neck``: one fused kernel in eval (BatchNorms folded), the
     fused conv+BN-PReLU units composed in training or whenever a gradient is needed.
@@ -301,6 +322,11 @@ class FusedDABModule(nn.Module):
                 or any(t.dtype != y.dtype or t.device != y.device for t in tensors)
                 or (torch.is_grad_enabled() and any(t.requires_grad for t in [y] + tensors))):
             return None
+        if any(t.is_inference() for t in tensors):
+            # Inference tensors keep no version counter, so a fold of them could not notice an
+            # in-place update (a load_state_dict under inference_mode): fold on every call.
+            return ns.dab_neck(y, *ops.fold_dab_neck(weights, params, eps, y.dtype),
+                               self.dilation)
         key = (y.dtype, y.device, eps)
         cache = self.__dict__.get("_fold_cache")
         if not (cache is not None and cache[0] == key and len(cache[1]) == len(tensors)
@@ -327,6 +353,7 @@ class FusedDABModule(nn.Module):
         return kept.ns.dab_neck(y, *kept.folded, self.dilation)
 
     def forward(self, x):
+        self._refuse_tracing()
         y = self.conv1x1(self.neck(self.conv3x3(self.bn_relu_1(x))))
         if (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and y is not x
                 and y._base is None and y.shape == x.shape and y.dtype == x.dtype):

@@ -66,6 +66,9 @@ def _check_vec(v, x, name, allow_single=False):
 def _bn_args(x, weight, bias, running_mean, running_var, prelu_weight, training):
     """Validates one BN-PReLU's parameters; fills in a missing affine weight/bias."""
     C = x.shape[1]
+    if C == 0:
+        raise ValueError(f"BatchNorm needs at least one channel, got an input of shape "
+                         f"{tuple(x.shape)}")
     weight = torch.ones(C, dtype=x.dtype, device=x.device) if weight is None else weight
     bias = torch.zeros(C, dtype=x.dtype, device=x.device) if bias is None else bias
     _check_vec(weight, x, "weight")
@@ -286,11 +289,18 @@ def _check_size(size):
     return size
 
 
+def _check_upsample_input(x, name):
+    _check_x(x, name)
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"cannot upsample {name} of shape {tuple(x.shape)}: its spatial size is "
+                         "empty (no pixels to interpolate from)")
+
+
 def upsample_bilinear(x: Tensor, size) -> Tensor:
     """``F.interpolate(x, size, mode="bilinear", align_corners=False)``, with a faster CPU kernel
     (values equal to rounding level; gradients by ATen's own backward). Other devices use
     F.interpolate."""
-    _check_x(x)
+    _check_upsample_input(x, "x")
     size = _check_size(size)
     if x.device.type != "cpu" or ops_for(x) is None:
         return _ref.upsample_bilinear(x, size)
@@ -301,8 +311,8 @@ def upsample_argmax(logits: Tensor, size) -> Tensor:
     """Per-pixel class labels (int64, N x H x W) of ``F.interpolate(logits, size, mode="bilinear",
     align_corners=False).argmax(1)``, without materializing the upsampled logits (CPU kernel;
     other devices use that composite). Where two classes tie to rounding level the label may
-    differ from the composite's."""
-    _check_x(logits, "logits")
+    differ from the composite's. As torch.argmax, a NaN logit wins (the first NaN, if several)."""
+    _check_upsample_input(logits, "logits")
     size = _check_size(size)
     if logits.shape[1] == 0:
         raise ValueError("logits must have at least one class (channel)")
@@ -427,6 +437,35 @@ def _fake_upsample_argmax(logits, out_h, out_w):
 
 
 # --------------------------------------------------------------------------------- autograd
+def _graph_wanted(ctx, grad):
+    """Whether this backward is itself to be differentiated (create_graph=True turns grad mode on
+    during backward, and some input of the backward requires grad). The backward kernels have no
+    autograd of their own, so such a backward differentiates the op's ATen composite instead
+    (_composite_grads): its second derivative is then exact, where it came back as zeros."""
+    return torch.is_grad_enabled() and (
+        grad.requires_grad or any(t.requires_grad for t in ctx.saved_tensors))
+
+
+def _composite_grads(ctx, out, grad, inputs):
+    """Gradients of out (with incoming grad) as a graph; inputs: one tensor (or None) per input of
+    the op, in order."""
+    want = [k for k, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[k]]
+    got = torch.autograd.grad(out, [inputs[k] for k in want], grad, create_graph=True,
+                              allow_unused=True)
+    result = [None] * len(inputs)
+    for k, g in zip(want, got):
+        result[k] = g
+    return tuple(result)
+
+
+def _bn_composite(ctx, y, weight, bias, prelu_weight, mean, var):
+    """BN-PReLU of y as dabnet_kernels.reference computes it: batch statistics in training, else
+    the saved running ones."""
+    if ctx.training:
+        return _ref.bn_prelu(y, weight, bias, None, None, prelu_weight, True, eps=ctx.eps)
+    return _ref.bn_prelu(y, weight, bias, mean, var, prelu_weight, False, eps=ctx.eps)
+
+
 def _autograd(ns):
     """(setup_context, backward) pairs of the differentiable ops, calling the kernels of ns.
 
@@ -439,6 +478,9 @@ def _autograd(ns):
 
     def dwconv3_backward(ctx, grad):
         x, weight = ctx.saved_tensors
+        if _graph_wanted(ctx, grad):
+            return _composite_grads(ctx, _ref.dwconv3(x, weight, ctx.dilation), grad,
+                                    (x, weight, None))
         gx, gw = ns.dwconv3_backward(grad, x, weight, ctx.dilation,
                                      list(ctx.needs_input_grad[:2]))
         return gx, gw, None
@@ -452,6 +494,10 @@ def _autograd(ns):
 
     def bn_prelu_backward(ctx, grad, _gmean, _gvar):
         x, weight, bias, prelu_weight, mean, var = ctx.saved_tensors
+        if _graph_wanted(ctx, grad):
+            out = _bn_composite(ctx, x, weight, bias, prelu_weight, mean, var)
+            return _composite_grads(ctx, out, grad,
+                                    (x, weight, bias, None, None, prelu_weight, None, None))
         n = ctx.needs_input_grad
         gx, gw, gb, ga = ns.bn_prelu_backward(grad, x, weight, bias, prelu_weight, mean, var,
                                               ctx.training, ctx.eps, [n[0], n[1], n[2], n[5]])
@@ -467,6 +513,11 @@ def _autograd(ns):
 
     def dwconv3_bn_prelu_backward(ctx, grad, _gmean, _gvar):
         x, conv_weight, weight, bias, prelu_weight, mean, var = ctx.saved_tensors
+        if _graph_wanted(ctx, grad):
+            out = _bn_composite(ctx, _ref.dwconv3(x, conv_weight, ctx.dilation), weight, bias,
+                                prelu_weight, mean, var)
+            return _composite_grads(ctx, out, grad, (x, conv_weight, None, weight, bias, None,
+                                                     None, prelu_weight, None, None))
         n = ctx.needs_input_grad
         y = ns.dwconv3(x, conv_weight, ctx.dilation)
         need_conv = n[0] or n[1]

@@ -131,7 +131,7 @@ def test_clear_errors(trained, tmp_path, capsys):
     assert "input not found" in err(["predict", "-c", str(trained), str(tmp_path / "x.png")])
     (tmp_path / "bad.png").write_bytes(b"not an image")
     assert "cannot read image" in err(["predict", "-c", str(trained), str(tmp_path / "bad.png"),
-                                       "--out", str(tmp_path / "o"), "--no-progress"])
+                                       "--out", str(tmp_path / "o"), "--no-progress", "--strict"])
     assert "needs --dataset cityscapes" in err(["predict", "-c", str(trained), "--label-ids",
                                                 str(tmp_path / "bad.png")])
     assert "does not exist" in err(["eval", "-c", str(tmp_path / "cs.pt"), "--dataset",

@@ -164,33 +164,45 @@ inline void tap3_run(out_t* __restrict__ out, const in_t* __restrict__ a,
   }
 }
 
+// The longest run plane_runs hands out where it needs scratch (zeros past the border, gathered
+// border columns): the scratch then stays a few KiB per thread even for rows of 2^31 elements,
+// where sizing it by W had tripled a huge input's peak memory.
+constexpr int64_t kRunMax = 4096;
+inline int64_t run_scratch(int64_t W) { return std::min(W, kRunMax); }
+
 // Visits the runs of NCHW plane p (= n*C + c) for 3 taps along axis (0: H, 1: W) with dilation d:
 //   f(offset, a, b, c, n) with a/b/c the input run shifted by -d, 0, +d (zeros past the border).
-// Along W a row is visited in up to three runs: the columns whose two neighbours both lie inside
-// the row are read in place (no copy: copying every row to a padded buffer took half the 1x3
-// conv's time); the up-to-2d border columns get their shifted taps gathered into edge (scratch of
-// 2W), zero past the border. zero: W zeros.
+// Along W a row is visited in up to three parts: the columns whose two neighbours both lie inside
+// the row are read in place, in one run (no copy: copying every row to a padded buffer took half
+// the 1x3 conv's time); the up-to-2d border columns get their shifted taps gathered into edge,
+// zero past the border. Runs that need scratch are at most run_scratch(W) long.
+// edge: scratch of 2 * run_scratch(W); zero: run_scratch(W) zeros.
 template <typename T, typename F>
 inline void plane_runs(const T* x, const Geo& g, int axis, int64_t d, int64_t p, T* edge,
                        const T* zero, F&& f) {
-  const int64_t H = g.H, W = g.W, base = p * H * W;
+  const int64_t H = g.H, W = g.W, base = p * H * W, R = run_scratch(W);
   const T* xp = x + base;
   const int64_t lo = std::min(d, W), hi = std::max(lo, W - d);  // [lo, hi): both taps inside
   for (int64_t h = 0; h < H; ++h) {
     const T* row = xp + h * W;
     const int64_t off = base + h * W;
     if (axis == 0) {
-      f(off, h - d >= 0 ? row - d * W : zero, row, h + d < H ? row + d * W : zero, W);
+      const T* up = h - d >= 0 ? row - d * W : nullptr;
+      const T* down = h + d < H ? row + d * W : nullptr;
+      for (int64_t i = 0; i < W; i += R)
+        f(off + i, up ? up + i : zero, row + i, down ? down + i : zero, std::min(R, W - i));
       continue;
     }
     const auto border = [&](int64_t i0, int64_t i1) {
-      if (i0 >= i1) return;
-      T *a = edge, *c = edge + W;
-      for (int64_t i = i0; i < i1; ++i) {
-        a[i - i0] = i - d >= 0 ? row[i - d] : T(0);
-        c[i - i0] = i + d < W ? row[i + d] : T(0);
+      for (int64_t s = i0; s < i1; s += R) {
+        const int64_t e = std::min(i1, s + R);
+        T *a = edge, *c = edge + R;
+        for (int64_t i = s; i < e; ++i) {
+          a[i - s] = i - d >= 0 ? row[i - d] : T(0);
+          c[i - s] = i + d < W ? row[i + d] : T(0);
+        }
+        f(off + s, a, row + s, c, e - s);
       }
-      f(off + i0, a, row + i0, c, i1 - i0);
     };
     border(0, lo);
     if (hi > lo) f(off + lo, row + lo - d, row + lo, row + lo + d, hi - lo);
@@ -235,7 +247,7 @@ void run_tap3(const T* x, out_t* out, const Geo& g, int axis, int64_t d, const a
   const int64_t C = g.C;
   if (!g.cl) {
     at::parallel_for(0, g.N * C, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> edge(2 * g.W), zero(g.W, T(0));
+      std::vector<T> edge(2 * run_scratch(g.W)), zero(run_scratch(g.W), T(0));
       for (int64_t p = begin; p < end; ++p)
         tap3_plane<EPI>(x, out, g, axis, d, p, prm, edge.data(), zero.data());
     });

@@ -19,18 +19,23 @@ inline namespace DABNET_CPU_ISA {  // see isa.h
 namespace {
 
 // Source index pair and weights of one output coordinate, as ATen's upsample_bilinear2d
-// (align_corners=False, scale = in/out) computes them.
+// (align_corners=False, scale = in/out) computes them. Not contracted into an FMA: the source
+// index must round as ATen's does (3/7 * 3.5 - 0.5 is 1 unfused, just below 1 fused), or a zero
+// weight lands on another pixel, and 0 * inf there turns a label into NaN's.
 template <typename acc_t>
 struct Lerp {
   std::vector<int64_t> i0, i1;
   std::vector<acc_t> l0, l1;
-  Lerp(int64_t in, int64_t out) : i0(out), i1(out), l0(out), l1(out) {
+  __attribute__((optimize("fp-contract=off"))) Lerp(int64_t in, int64_t out)
+      : i0(out), i1(out), l0(out), l1(out) {
     const acc_t scale = acc_t(in) / acc_t(out);
     for (int64_t o = 0; o < out; ++o) {
       const acc_t src = std::max(scale * (acc_t(o) + acc_t(0.5)) - acc_t(0.5), acc_t(0));
       const int64_t a = std::min<int64_t>(int64_t(src), in - 1);
       i0[o] = a;
-      i1[o] = a + (a < in - 1 ? 1 : 0);
+      // Along an axis of unchanged size ATen blends each pixel with itself (weights 1 and 0):
+      // an infinite logit becomes NaN there, and never its neighbour.
+      i1[o] = a + (a < in - 1 && in != out ? 1 : 0);
       l1[o] = src - a;
       l0[o] = acc_t(1) - l1[o];
     }
@@ -134,8 +139,10 @@ at::Tensor check_upsample(const at::Tensor& x, int64_t out_h, int64_t out_w, con
   check_input(x, name);
   TORCH_CHECK(out_h > 0 && out_w > 0, "dabnet: upsample output size must be positive, got ",
               out_h, "x", out_w);
-  TORCH_CHECK(x.numel() == 0 || (x.size(2) > 0 && x.size(3) > 0),
-              "dabnet: cannot upsample an input with an empty spatial size");
+  // An empty image has no pixels to blend from, whatever the batch: with N or C zero the output
+  // would be empty too, but F.interpolate refuses it all the same, and so do we.
+  TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0, "dabnet: cannot upsample an input with an empty ",
+              "spatial size (", name, " has shape ", x.sizes(), ")");
   return x.contiguous();  // small: classes x H/8 x W/8
 }
 
@@ -188,7 +195,9 @@ at::Tensor upsample_argmax(const at::Tensor& x_, int64_t out_h, int64_t out_w) {
       } else {
         const int32_t kk = int32_t(k);
         for (int64_t o = 0; o < out_w; ++o) {
-          const bool gt = val[o] > bst[o];  // strict: the first maximum wins, as argmax
+          // As torch.argmax: the first maximum wins, and NaN beats every number (the first
+          // NaN wins).
+          const bool gt = val[o] > bst[o] || (val[o] != val[o] && bst[o] == bst[o]);
           bst[o] = gt ? val[o] : bst[o];
           c[o] = gt ? kk : c[o];
         }
