@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import dabnet_kernels
 from .checkpoint import load_model
 from .data import dataset_info
 from .evaluate import PRECISIONS
@@ -106,8 +107,7 @@ def write_onnx(program, path, metadata: dict, opset=18) -> str:
 def load_package(path, device=None):
     """The .pt2 at path as a callable (image -> logits), after checking that it was built for a
     device that is here. Returns (runner, metadata dict)."""
-    import dabnet_kernels  # noqa: F401  (registers the dabnet ops the package calls)
-    from torch._inductor import aoti_load_package
+    from torch._inductor import aoti_load_package  # dabnet_kernels (imported) registered the ops
 
     path = Path(path)
     if not path.is_file():
@@ -164,6 +164,9 @@ def export(checkpoint, out, fmt=None, size=(512, 1024), precision="fp32", channe
         raise ValueError(f"size {size[0]}x{size[1]} is too small: the model takes at least "
                          f"{MIN_SIDE}x{MIN_SIDE}")
     device = torch.device(device)
+    if device.type == "cuda" and not dabnet_kernels.has_cuda_kernels():
+        raise RuntimeError("a CUDA package needs dabnet_kernels built with its CUDA kernels (this "
+                           "build has none): rebuild with a CUDA toolkit, or pass --device cpu")
     if model is None:
         model, meta = load_model(checkpoint, classes=classes, fused=True, device=device)
     meta = dict(meta or {})
