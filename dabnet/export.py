@@ -13,6 +13,7 @@ at least MIN_SIDE) unless `dynamic=False` fixes them to `size`.
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch.nn as nn
 import dabnet_kernels
 from .checkpoint import load_model
 from .data import dataset_info
-from .evaluate import PRECISIONS
+from .evaluate import PRECISIONS, for_inference
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
 MIN_SIDE = 8
@@ -104,21 +105,34 @@ def write_onnx(program, path, metadata: dict, opset=18) -> str:
     return str(path)
 
 
-def load_package(path, device=None):
-    """The .pt2 at path as a callable (image -> logits), after checking that it was built for a
-    device that is here. Returns (runner, metadata dict)."""
-    from torch._inductor import aoti_load_package  # dabnet_kernels (imported) registered the ops
-
+def package_metadata(path) -> dict:
+    """What `dabnet export` stored in a .pt2 (classes, precision, device, ...), read from the
+    archive without loading the compiled model."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"package not found: {path}")
-    runner = aoti_load_package(str(path))
-    meta = {k: _json_or_str(v) for k, v in runner.get_metadata().items()}
-    built_for = meta.get("device", "cpu")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("wrapper_metadata.json")]
+            if not names:
+                raise ValueError("it holds no AOTInductor model")
+            raw = json.loads(z.read(names[0]))
+    except (zipfile.BadZipFile, ValueError) as e:
+        raise RuntimeError(f"{path} is not an AOTInductor package (.pt2): {e}") from e
+    return {k: _json_or_str(v) for k, v in raw.items()}
+
+
+def load_package(path):
+    """The .pt2 at path as a callable (image -> logits), after checking that the device it was
+    built for is here. Returns (runner, metadata dict)."""
+    from torch._inductor import aoti_load_package  # dabnet_kernels (imported) registered the ops
+
+    meta = package_metadata(path)
+    built_for = str(meta.get("device", "cpu"))
     if built_for.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"package {path} was built for {built_for}, but no CUDA device is "
                            "visible here: export it again with --device cpu")
-    return runner, meta
+    return aoti_load_package(str(path)), meta
 
 
 def _json_or_str(v):
@@ -173,7 +187,8 @@ def export(checkpoint, out, fmt=None, size=(512, 1024), precision="fp32", channe
     if channels_last is None:  # the fused CPU kernels are fastest on channels_last
         channels_last = fmt == "pt2" and device.type == "cpu"
     mean = meta.get("mean") or dataset_info(meta.get("dataset") or "cityscapes").mean
-    deployed = Deployed(model.eval(), mean, PRECISIONS[precision], channels_last).to(device)
+    model = for_inference(model, precision, channels_last)
+    deployed = Deployed(model, mean, PRECISIONS[precision], channels_last).to(device)
     metadata = {"format_version": "1", "classes": model.classes, "precision": precision,
                 "channels_last": channels_last, "device": device.type,
                 "mean": [float(m) for m in mean], "input": "RGB 0-255 float32 NCHW",

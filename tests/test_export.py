@@ -6,6 +6,7 @@ take a minute or more on 2 cores)."""
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -163,12 +164,11 @@ def test_bad_input_is_a_clear_error(ckpt, tmp_path, capsys, monkeypatch):
     with pytest.raises(ValueError, match="too small"):
         export(ckpt, tmp_path / "m.pt2", size=(4, 64))
 
-    class CudaPackage:  # what aoti_load_package returns for a package built for CUDA
-        def get_metadata(self):
-            return {"device": "cuda"}
-
-    (tmp_path / "cuda.pt2").write_bytes(b"")
-    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path: CudaPackage())
+    with zipfile.ZipFile(tmp_path / "cuda.pt2", "w") as z:  # the metadata of a CUDA package
+        z.writestr("m/data/aotinductor/model/x.wrapper_metadata.json", '{"device": "cuda"}')
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="built for cuda, but no CUDA device"):
         load_package(tmp_path / "cuda.pt2")
+    (tmp_path / "junk.pt2").write_bytes(b"not a zip")
+    with pytest.raises(RuntimeError, match="is not an AOTInductor package"):
+        load_package(tmp_path / "junk.pt2")
