@@ -42,7 +42,7 @@ def _rows(res, workdir, log):
     for fmt in ("pt2", "onnx"):
         paths[fmt] = os.path.join(workdir, f"dabnet.{fmt}")
         export(None, paths[fmt], size=res, model=model, meta=meta, check=False, log=log)
-    package = load_package(paths["pt2"])[0]
+    package = load_package(paths["pt2"])
     return {"fused eager (channels_last)": eager, "AOTInductor package (.pt2)": package,
             "onnxruntime (.onnx)": onnx_runner(paths["onnx"])}
 

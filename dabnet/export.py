@@ -16,7 +16,6 @@ import json
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -122,9 +121,37 @@ def package_metadata(path) -> dict:
     return {k: _json_or_str(v) for k, v in raw.items()}
 
 
-def load_package(path):
-    """The .pt2 at path as a callable (image -> logits), after checking that the device it was
-    built for is here. Returns (runner, metadata dict)."""
+class Package:
+    """A loaded .pt2: call it on an image batch for the logits; ``metadata`` is what `dabnet
+    export` stored. The input is checked first, so that a wrong one is an error that names the
+    problem rather than one from inside the compiled model."""
+
+    def __init__(self, runner, metadata: dict):
+        self.runner, self.metadata = runner, metadata
+
+    def check(self, image):
+        m = self.metadata
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else None
+        if shape is None or len(shape) != 4 or shape[1] != 3 or image.dtype != torch.float32:
+            got = f"shape {shape}, dtype {image.dtype}" if shape else type(image).__name__
+            raise ValueError(f"the package takes a float32 (N, 3, H, W) RGB batch, got {got}")
+        if m.get("dynamic", True):
+            side = int(m.get("min_side", MIN_SIDE))
+            if min(shape[2:]) < side:
+                raise ValueError(f"the package takes images of at least {side}x{side}, got "
+                                 f"{shape[2]}x{shape[3]}")
+        elif shape[0] != 1 or list(shape[2:]) != list(m["size"]):
+            raise ValueError(f"the package was exported for batch 1 at {m['size'][0]}x"
+                             f"{m['size'][1]} (--static), got shape {shape}")
+
+    def __call__(self, image):
+        self.check(image)
+        out = self.runner(image)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def load_package(path) -> Package:
+    """The .pt2 at path, after checking that the device it was built for is here."""
     from torch._inductor import aoti_load_package  # dabnet_kernels (imported) registered the ops
 
     meta = package_metadata(path)
@@ -132,7 +159,7 @@ def load_package(path):
     if built_for.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"package {path} was built for {built_for}, but no CUDA device is "
                            "visible here: export it again with --device cpu")
-    return aoti_load_package(str(path)), meta
+    return Package(aoti_load_package(str(path)), meta)
 
 
 def _json_or_str(v):
@@ -210,13 +237,12 @@ def export(checkpoint, out, fmt=None, size=(512, 1024), precision="fp32", channe
     result = {"path": str(out), "format": fmt, "precision": precision,
               "channels_last": channels_last, "dynamic": dynamic, "classes": model.classes}
     if check:
-        run = load_package(out)[0] if fmt == "pt2" else onnx_runner(out)
+        run = load_package(out) if fmt == "pt2" else onnx_runner(out)
         errs = []
         for s in check_sizes(size, dynamic):
             x = torch.rand(1, 3, *s, device=device) * 255
             with torch.no_grad():
                 got, ref = run(x), deployed(x)
-            got = got[0] if isinstance(got, (list, tuple)) else got
             errs.append(max_rel_diff(got.to(ref.device), ref))
             if errs[-1] > RTOL[precision]:
                 raise RuntimeError(f"the {fmt} file's logits differ from the fused model's by "

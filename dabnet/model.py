@@ -143,9 +143,11 @@ def _pad_to_fit(n: int) -> int:
 
 
 def _tracing() -> bool:
-    """Whether forward is being traced (torch.export, torch.compile, ONNX export, jit.trace)."""
-    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
-            or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+    """Whether forward is being traced for export (torch.export, ONNX export, jit.trace): one
+    graph for every size. torch.compile is not: its guards recompile for a size that takes the
+    other branch, so it keeps the eager model's cheaper path."""
+    return (torch.compiler.is_exporting() or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export())
 
 
 class DABNet(nn.Module):
@@ -201,12 +203,11 @@ class DABNet(nn.Module):
             raise ValueError(f"DABNet expects a floating-point image of at least 1x1 pixels, got "
                              f"shape {tuple(x.shape)} and dtype {x.dtype}")
         pad_h, pad_w = _pad_to_fit(H), _pad_to_fit(W)
-        # Traced for export, H and W stand for every size: always pad (by 0 where none is needed)
-        # and crop, rather than record the branch taken at the example size.
         if _tracing():
-            # The crop as a gather: a slice's strides tie H, W to the padded size in the
-            # exporter's shape guards, and Inductor drops a slice it takes for a no-op at the
-            # example size.
+            # H and W stand for every size: always pad (by 0 where none is needed) rather than
+            # record the branch taken at the example size. The crop is a gather: a slice's
+            # strides tie H, W to the padded size in the exporter's shape guards, and Inductor
+            # drops a slice it takes for a no-op at the example size.
             out = self._forward(F.pad(x, (0, pad_w, 0, pad_h)), labels)
             rows, cols = (torch.arange(n, device=x.device) for n in (H, W))
             return out.index_select(-2, rows).index_select(-1, cols)

@@ -21,7 +21,12 @@ statistics of every rank's batch (``sync.sync_bn_prelu``), on any device and bac
 ``convert`` recognises a module by its children *and* by what its forward computes: it traces the
 forward with torch.fx (children as leaves) and swaps only when the trace is exactly the expected
 expression (e.g. ``acti(bn(x))``), so a module that merely shares the attribute names is left
-alone.
+alone. Layouts other toolkits write are recognised the same way: nn.Sequential subclasses that
+keep Sequential's forward (``ConvBNAct(nn.Sequential)``), any module whose forward applies its
+children one after the other (whatever their names), and a PReLU inside a wrapper whose forward
+is ``child(x)`` (``Activation("prelu")``); such chains become a FusedSequential holding the same
+children under the same names. ``fusion_plan(model).skipped`` says why each candidate that was
+not fused was left alone (a conv with a bias, ReLU instead of PReLU, ...).
 """
 from __future__ import annotations
 
@@ -722,14 +727,17 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> n
       (``conv``, ``bn_prelu.bn``, ``bn_prelu.acti``): FusedConvBNPReLU;
     * every BatchNorm2d + PReLU written like the authors' BNPReLU (``bn``, ``acti``):
       FusedBNPReLU;
-    * every plain nn.Sequential holding (depthwise conv, BN, PReLU) runs or (BN, PReLU) pairs:
-      FusedSequential.
+    * every nn.Sequential (or subclass keeping its forward), or module whose forward applies its
+      children one after the other, holding (depthwise conv, BN, PReLU) runs or (BN, PReLU)
+      pairs, a PReLU possibly inside a pass-through wrapper: FusedSequential (same children,
+      same names).
 
     Parameters, buffers and state_dict keys are unchanged (the fused modules hold the same
     children). With inplace=False (default) the model is deep-copied first; with inplace=True the
     original modules are rewired and share their parameters with the result. Always use the
     returned module (the root itself may be replaced). Forward hooks registered on a replaced
-    module are not carried over. verbose=True prints each swap; fusion_plan(model) lists them.
+    module are not carried over. verbose=True prints each swap and why candidates were not
+    fused; fusion_plan(model) lists them.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")

@@ -11,7 +11,9 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <fstream>
 #include <iostream>
 #include <stdexcept>
@@ -91,6 +93,18 @@ int main(int argc, char** argv) {
     auto meta = loader.get_metadata();
     const std::string device = meta.count("device") ? meta["device"] : "cpu";
     Image img = read_ppm(input);
+    const std::string size = std::to_string(img.height) + "x" + std::to_string(img.width);  // HxW
+    const int64_t min_side = meta.count("min_side") ? std::stoll(meta["min_side"]) : 1;
+    if (std::min(img.width, img.height) < min_side)
+      throw std::runtime_error(input + " is " + size + "; the package takes at least " +
+                               std::to_string(min_side) + "x" + std::to_string(min_side));
+    long fixed_h = 0, fixed_w = 0;  // a --static package: metadata size "[H, W]"
+    if (meta["dynamic"] == "false" &&
+        std::sscanf(meta["size"].c_str(), "[%ld, %ld]", &fixed_h, &fixed_w) == 2 &&
+        (img.height != fixed_h || img.width != fixed_w))
+      throw std::runtime_error(input + " is " + size + "; the package was exported for " +
+                               std::to_string(fixed_h) + "x" + std::to_string(fixed_w) +
+                               " only (--static)");
     at::Tensor x = at::from_blob(img.rgb.data(), {1, img.height, img.width, 3}, at::kByte)
                        .permute({0, 3, 1, 2})
                        .to(at::Device(device), at::kFloat)
@@ -102,7 +116,7 @@ int main(int argc, char** argv) {
       throw std::runtime_error("more than 256 classes do not fit an 8-bit PGM");
     at::Tensor labels = outputs[0].argmax(1)[0].to(at::kCPU, at::kByte).contiguous();
     write_pgm(output, labels);
-    std::cout << "wrote " << output << " (" << img.width << "x" << img.height << ", "
+    std::cout << "wrote " << output << " (" << size << ", "
               << outputs[0].size(1) << " classes, " << device << ")\n";
   } catch (const std::exception& e) {
     std::cerr << "dabnet_run: error: " << e.what() << "\n";

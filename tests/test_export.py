@@ -96,10 +96,14 @@ def test_pt2_runs_at_every_size_after_import_dabnet_kernels(pt2_file, reference)
     runner = torch._inductor.aoti_load_package(str(pt2_file))
     assert_matches(runner, reference)
     assert_matches(runner, reference, sizes=[(62, 82)], batch=2)
-    meta = load_package(pt2_file)[1]
+    package = load_package(pt2_file)
+    meta = package.metadata
     assert meta["classes"] == 5 and meta["precision"] == "fp32" and meta["channels_last"] is True
-    with pytest.raises(Exception):  # below the exported range (H, W >= 8)
-        runner(torch.rand(1, 3, 4, 4))
+    assert_matches(package, reference, sizes=[(63, 83)])
+    with pytest.raises(ValueError, match="at least 8x8, got 4x4"):
+        package(torch.rand(1, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"float32 \(N, 3, H, W\) RGB batch"):
+        package(torch.rand(1, 4, 16, 16))
 
 
 def _write_ppm(path, img):
@@ -138,10 +142,12 @@ def test_cpp_runner_writes_the_labels_python_computes(pt2_file, reference, tmp_p
     clear = (top2[0] - top2[1] > 1e-3 * logits.abs().max()).numpy()  # not a near tie
     assert labels.shape == expected.shape
     assert (labels[clear] == expected[clear]).all()
-    bad = subprocess.run([str(ROOT / "deploy/build/dabnet_run"), str(pt2_file), ops_lib,
-                          str(tmp_path / "out.pgm"), str(tmp_path / "x.pgm")],
-                         capture_output=True, text=True)
-    assert bad.returncode == 1 and "not a binary PPM" in bad.stderr
+    _write_ppm(tmp_path / "tiny.ppm", img[:4, :4])
+    for image, why in (("out.pgm", "not a binary PPM"), ("tiny.ppm", "takes at least 8x8")):
+        bad = subprocess.run([str(ROOT / "deploy/build/dabnet_run"), str(pt2_file), ops_lib,
+                              str(tmp_path / image), str(tmp_path / "x.pgm")],
+                             capture_output=True, text=True)
+        assert bad.returncode == 1 and why in bad.stderr, bad.stderr
 
 
 # ------------------------------------------------------------------------------ bad input
