@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dabnet_kernels.nn import FusedSequential, convert, fusion_plan
+from dabnet_kernels.nn import FusedDABModule, FusedSequential, convert, fusion_plan
 from nn_helpers import assert_same_steps, randomize_bn_prelu
 from toolkit_layouts import Activation, BNAct, DWConvBNAct, NormAct, ToolkitDABNet
 
@@ -95,3 +95,30 @@ def test_a_toolkit_unit_alone_matches_nn_with_inplace_wrapper():
     assert type(fused) is FusedSequential and fused.groups() == [("dwconv3_bn_prelu", [0, 1, 2])]
     x = torch.randn(2, 6, 7, 9, dtype=torch.float64)
     assert_same_steps(copy.deepcopy(unit), fused, x, steps=3, training=True, **F64_STEPS)
+
+
+def test_dab_module_with_wrapped_prelus_fuses_its_neck_and_refolds():
+    """The authors' DAB module with each PReLU inside an activation wrapper: one neck kernel in
+    eval, and replacing the PReLU inside a wrapper refolds (the kept fold follows wrappers)."""
+    from test_nn import AuthorsDAB
+
+    ref = randomize_bn_prelu(AuthorsDAB(8, 2)).double().eval()
+    wrapped = copy.deepcopy(ref)
+    for m in list(wrapped.modules()):
+        if isinstance(getattr(m, "acti", None), nn.PReLU):
+            wrapper = Activation("prelu")
+            wrapper.activation = m.acti
+            m.acti = wrapper
+    fused = convert(wrapped)
+    assert type(fused) is FusedDABModule
+    assert list(fused.state_dict()) == list(wrapped.state_dict())
+    x = torch.randn(2, 8, 6, 5, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(2):  # the second call from the kept fold
+            torch.testing.assert_close(fused(x), ref(x), rtol=1e-10, atol=1e-10)
+        assert "_fold_fast" in fused.__dict__
+        slope = nn.PReLU(4).double()
+        slope.weight.fill_(0.3)
+        fused.bn_relu_2.acti.activation = slope
+        ref.bn_relu_2.acti = copy.deepcopy(slope)
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-10, atol=1e-10)
