@@ -156,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "model's on random images, with a tolerance relative to the largest logit. "
                     "The file takes RGB pixel values 0-255 (float32, N x 3 x H x W; the "
                     "checkpoint's mean is subtracted inside) and returns float32 logits. Batch, "
-                    "H and W are dynamic (any H, W >= 8) unless --static.")
+                    "H and W are dynamic (any H, W >= 8) unless --static. A .pt2 is built for "
+                    "CUDA where a GPU and dabnet_kernels' CUDA kernels are both here (--device "
+                    "auto), else for the CPU; ONNX is always exported on the CPU. Details: "
+                    "docs/deploy.md.")
     x.add_argument("--out", "-o", default="dabnet.onnx",
                    help="output file; its suffix (.pt2 or .onnx) picks the format")
     x.add_argument("--format", choices=["onnx", "pt2"], help="the format, whatever the suffix")
@@ -264,11 +267,21 @@ def cmd_predict(a):
     return 0
 
 
+def _cuda_package_possible() -> bool:
+    import dabnet_kernels
+    import torch
+
+    return torch.cuda.is_available() and dabnet_kernels.has_cuda_kernels()
+
+
 def cmd_export(a):
     from .export import export, export_format
 
     fmt = export_format(a.out, a.format)  # an unknown suffix fails before the checkpoint loads
-    device = "cpu" if fmt == "onnx" else _device(a.device)
+    if fmt == "onnx" or (a.device == "auto" and not _cuda_package_possible()):
+        device = "cpu"  # auto: a CUDA package where both a GPU and the CUDA kernels are here
+    else:
+        device = _device(a.device)
     log = (lambda m: None) if a.no_progress else (lambda m: print(m, flush=True))
     r = export(a.checkpoint, a.out, fmt, a.size, a.precision, a.channels_last,
                dynamic=not a.static, device=device, check=not a.no_check, classes=a.classes,
