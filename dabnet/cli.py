@@ -150,14 +150,35 @@ def build_parser() -> argparse.ArgumentParser:
     _inference_opts(p)
     _common(p)
 
-    x = sub.add_parser("export", help="export to ONNX, checked with onnxruntime",
-                       description="Exports the unfused model (standard ONNX ops) and checks "
-                                   "onnxruntime's output against PyTorch's.")
-    x.add_argument("--out", "-o", default="dabnet.onnx")
-    x.add_argument("--size", type=size_arg, default=(512, 1024), help="example input HxW")
-    x.add_argument("--opset", type=int, default=17)
-    x.add_argument("--static", action="store_true", help="fixed input size (default: dynamic)")
-    x.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
+    x = sub.add_parser(
+        "export", help="write the fused model as an AOTInductor package (.pt2) or ONNX",
+        description="Exports the fused model (torch.export) to an AOTInductor package (.pt2: "
+                    "runs from Python with torch._inductor.aoti_load_package after `import "
+                    "dabnet_kernels`, or from C++, see deploy/) or to ONNX (standard ops only; "
+                    "runs in onnxruntime), then checks the file's logits against the fused "
+                    "model's on random images, with a tolerance relative to the largest logit. "
+                    "The file takes RGB pixel values 0-255 (float32, N x 3 x H x W; the "
+                    "checkpoint's mean is subtracted inside) and returns float32 logits. Batch, "
+                    "H and W are dynamic (any H, W >= 8) unless --static. A .pt2 is built for "
+                    "CUDA where a GPU and dabnet_kernels' CUDA kernels are both here (--device "
+                    "auto), else for the CPU; ONNX is always exported on the CPU. Details: "
+                    "docs/deploy.md.")
+    x.add_argument("--out", "-o", default="dabnet.onnx",
+                   help="output file; its suffix (.pt2 or .onnx) picks the format")
+    x.add_argument("--format", choices=["onnx", "pt2"], help="the format, whatever the suffix")
+    x.add_argument("--size", type=size_arg, default=(512, 1024),
+                   help="example and check input HxW (default 512x1024)")
+    x.add_argument("--static", action="store_true",
+                   help="fix batch 1 and --size (default: dynamic batch, H and W)")
+    x.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="the package's compute precision (default fp32; bf16 for .pt2 only)")
+    x.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last inside the package (default: on for CPU .pt2, where the "
+                        "fused kernels are fastest with it)")
+    x.add_argument("--classes", type=int,
+                   help="the class count you expect; an error if the checkpoint has another")
+    x.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    x.add_argument("--no-check", action="store_true", help="skip the comparison with the model")
     _common(x)
 
     i = sub.add_parser("info", help="parameters, FLOPs, kernel backend",
@@ -255,14 +276,30 @@ def cmd_predict(a):
     return 0
 
 
-def cmd_export(a):
-    from .export import export_onnx
+def _cuda_package_possible() -> bool:
+    import dabnet_kernels
+    import torch
 
-    r = export_onnx(a.checkpoint, a.out, a.size, a.opset, dynamic=not a.static,
-                    check=not a.no_check)
-    msg = f"wrote {r['path']} (opset {r['opset']})"
-    if "max_abs_diff" in r:
-        msg += f"; onnxruntime vs PyTorch max abs diff {r['max_abs_diff']:.2e}"
+    return torch.cuda.is_available() and dabnet_kernels.has_cuda_kernels()
+
+
+def cmd_export(a):
+    from .export import export, export_format
+
+    fmt = export_format(a.out, a.format)  # an unknown suffix fails before the checkpoint loads
+    if fmt == "onnx" or (a.device == "auto" and not _cuda_package_possible()):
+        device = "cpu"  # auto: a CUDA package where both a GPU and the CUDA kernels are here
+    else:
+        device = _device(a.device)
+    log = (lambda m: None) if a.no_progress else (lambda m: print(m, flush=True))
+    r = export(a.checkpoint, a.out, fmt, a.size, a.precision, a.channels_last,
+               dynamic=not a.static, device=device, check=not a.no_check, classes=a.classes,
+               opset=a.opset, log=log)
+    msg = f"wrote {r['path']} ({fmt}, {r['precision']}, {r['classes']} classes)"
+    if "max_rel_diff" in r:
+        sizes = ", ".join(f"{h}x{w}" for h, w in r["checked_sizes"])
+        msg += (f"; max diff from the fused model {r['max_rel_diff']:.2e} of the largest logit "
+                f"at {sizes}")
     print(msg)
     return 0
 

@@ -17,7 +17,8 @@ Input: an (N, 3, H, W) image batch of any H, W >= 1. The widening downsampling c
 stride-2 conv (ceil) with a 2x2 max-pool (floor) of the 1/2-scale maps, so it needs ceil(H/2) and
 ceil(W/2) even (H, W = 0 or 3 mod 4, e.g. 512x1024). Other sizes are zero-padded at the bottom
 and right to the next such size, and the logits are cropped back to H x W; sizes that fit are
-not padded at all.
+not padded at all (when traced for export, every size goes through the pad, by 0 rows where
+none is needed, so that the exported graph takes any size).
 
 fused=True runs the same network on dabnet_kernels' fused ops: every BNPReLU as one bn_prelu op,
 every depthwise Conv + BN-PReLU as one dwconv3_bn_prelu op, and each DAB module's neck as one
@@ -141,6 +142,14 @@ def _pad_to_fit(n: int) -> int:
     return (3 - n % 4) % 3
 
 
+def _tracing() -> bool:
+    """Whether forward is being traced for export (torch.export, ONNX export, jit.trace): one
+    graph for every size. torch.compile is not: its guards recompile for a size that takes the
+    other branch, so it keeps the eager model's cheaper path."""
+    return (torch.compiler.is_exporting() or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export())
+
+
 class DABNet(nn.Module):
     BLOCK_2_DILATIONS = (4, 4, 8, 8, 16, 16)
 
@@ -194,6 +203,14 @@ class DABNet(nn.Module):
             raise ValueError(f"DABNet expects a floating-point image of at least 1x1 pixels, got "
                              f"shape {tuple(x.shape)} and dtype {x.dtype}")
         pad_h, pad_w = _pad_to_fit(H), _pad_to_fit(W)
+        if _tracing():
+            # H and W stand for every size: always pad (by 0 where none is needed) rather than
+            # record the branch taken at the example size. The crop is a gather: a slice's
+            # strides tie H, W to the padded size in the exporter's shape guards, and Inductor
+            # drops a slice it takes for a no-op at the example size.
+            out = self._forward(F.pad(x, (0, pad_w, 0, pad_h)), labels)
+            rows, cols = (torch.arange(n, device=x.device) for n in (H, W))
+            return out.index_select(-2, rows).index_select(-1, cols)
         if pad_h or pad_w:
             return self._forward(F.pad(x, (0, pad_w, 0, pad_h)), labels)[..., :H, :W]
         return self._forward(x, labels)

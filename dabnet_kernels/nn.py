@@ -21,13 +21,19 @@ statistics of every rank's batch (``sync.sync_bn_prelu``), on any device and bac
 ``convert`` recognises a module by its children *and* by what its forward computes: it traces the
 forward with torch.fx (children as leaves) and swaps only when the trace is exactly the expected
 expression (e.g. ``acti(bn(x))``), so a module that merely shares the attribute names is left
-alone.
+alone. Layouts other toolkits write are recognised the same way: nn.Sequential subclasses that
+keep Sequential's forward (``ConvBNAct(nn.Sequential)``), any module whose forward applies its
+children one after the other (whatever their names), and a PReLU inside a wrapper whose forward
+is ``child(x)`` (``Activation("prelu")``); such chains become a FusedSequential holding the same
+children under the same names. ``fusion_plan(model).skipped`` says why each candidate that was
+not fused was left alone (a conv with a bias, ReLU instead of PReLU, ...).
 """
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
 import operator
+import weakref
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -37,29 +43,40 @@ from . import ops, sync
 from .reference import BNPReLUParams
 
 __all__ = ["FusedBNPReLU", "FusedConvBNPReLU", "FusedDABModule", "FusedSequential", "Swap",
-           "convert", "fusion_plan"]
+           "Skip", "FusionPlan", "convert", "fusion_plan"]
 
 
 # ------------------------------------------------------------------------- structure checks
-def dw3_dilation(conv) -> Optional[int]:
-    """The dilation along its 3 taps if `conv` is a plain depthwise 3x1 / 1x3 nn.Conv2d that
-    dabnet_kernels.ops.dwconv3 computes (groups = channels, no bias, stride 1, "same" zero
-    padding); None for any other module."""
+def conv_problem(conv) -> Optional[str]:
+    """Why `conv` is not a depthwise 3x1 / 1x3 nn.Conv2d that dabnet_kernels.ops.dwconv3
+    computes (groups = channels, no bias, stride 1, "same" zero padding), or None if it is."""
     if type(conv) is not nn.Conv2d:
-        return None
+        return f"{type(conv).__name__} is not an nn.Conv2d"
     C = conv.in_channels
-    if conv.out_channels != C or conv.groups != C or conv.bias is not None:
-        return None
-    if tuple(conv.stride) != (1, 1) or conv.padding_mode != "zeros":
-        return None
     kernel = tuple(conv.kernel_size)
+    if conv.out_channels != C or conv.groups != C:
+        return f"conv is not depthwise (groups={conv.groups}, {C} -> {conv.out_channels} channels)"
     if kernel not in ((3, 1), (1, 3)):
-        return None
+        return f"conv kernel is {kernel[0]}x{kernel[1]}, not 3x1 or 1x3"
+    if conv.bias is not None:
+        return "conv has a bias (the fused op computes none)"
+    if tuple(conv.stride) != (1, 1):
+        return f"conv has stride {tuple(conv.stride)}, not 1"
+    if conv.padding_mode != "zeros":
+        return f"conv pads with {conv.padding_mode!r}, not zeros"
     axis = 0 if kernel == (3, 1) else 1
     d = conv.dilation[axis]
     if conv.padding != "same" and tuple(conv.padding) != ((d, 0) if axis == 0 else (0, d)):
+        return f"conv padding {tuple(conv.padding)} is not its dilation {d} (\"same\")"
+    return None
+
+
+def dw3_dilation(conv) -> Optional[int]:
+    """The dilation along its 3 taps if `conv` is a depthwise 3x1 / 1x3 nn.Conv2d that ops.dwconv3
+    computes (see conv_problem); None for any other module."""
+    if conv_problem(conv) is not None:
         return None
-    return d
+    return conv.dilation[0 if tuple(conv.kernel_size) == (3, 1) else 1]
 
 
 # BatchNorms with nn.BatchNorm2d's forward on 4-D input; the synchronised ones make the fused
@@ -67,20 +84,63 @@ def dw3_dilation(conv) -> Optional[int]:
 _BN_TYPES = (nn.BatchNorm2d, *sync.SYNC_BN_TYPES)
 
 
+_LEAF_TYPES = (nn.Conv2d, nn.PReLU, *_BN_TYPES)
+_passthrough_seen = weakref.WeakKeyDictionary()  # wrapper -> (its child, whether it passes through)
+
+
+def _passthrough(m) -> Optional[nn.Module]:
+    """m's only child if m's forward is exactly ``child(x)`` (an activation wrapper such as
+    ``Activation("prelu")`` holding an nn.PReLU; checked with torch.fx once per wrapper and
+    child), else None."""
+    if len(m._modules) != 1 or any(t is not None for t in (*m._parameters.values(),
+                                                           *m._buffers.values())):
+        return None
+    (name, child), = m._modules.items()
+    seen = _passthrough_seen.get(m)
+    if seen is None or seen[0] is not child:
+        seen = (child, child is not None and traced_expression(m) == (name, _X))
+        _passthrough_seen[m] = seen
+    return child if seen[1] else None
+
+
+def _unwrap(m):
+    """The module doing the work inside pass-through wrappers (m itself if it is none)."""
+    while type(m) not in _LEAF_TYPES:
+        inner = _passthrough(m)
+        if inner is None:
+            return m
+        m = inner
+    return m
+
+
 def _is_bn(m, channels=None) -> bool:
+    m = _unwrap(m)
     return type(m) in _BN_TYPES and (channels is None or m.num_features == channels)
 
 
 def _is_prelu(m, channels) -> bool:
+    m = _unwrap(m)
     return type(m) is nn.PReLU and m.num_parameters in (1, channels)
 
 
 def _bn_pair_ok(bn, acti, channels=None) -> bool:
-    return _is_bn(bn, channels) and _is_prelu(acti, bn.num_features)
+    return _is_bn(bn, channels) and _is_prelu(acti, _unwrap(bn).num_features)
 
 
 def _cbp_ok(conv, bn, acti) -> bool:
     return dw3_dilation(conv) is not None and _bn_pair_ok(bn, acti, conv.out_channels)
+
+
+def _pair_problem(bn, acti) -> Optional[str]:
+    """Why (bn, acti) is not a BatchNorm2d + PReLU pair that ops.bn_prelu computes, or None."""
+    b, a = _unwrap(bn), _unwrap(acti)
+    if type(b) not in _BN_TYPES:
+        return f"{type(b).__name__} is not a BatchNorm2d"
+    if type(a) is not nn.PReLU:
+        return f"the activation after {type(b).__name__} is {type(a).__name__}, not PReLU"
+    if a.num_parameters not in (1, b.num_features):
+        return f"PReLU has {a.num_parameters} slopes for {b.num_features} channels"
+    return None
 
 
 # --------------------------------------------------------------------- forward via the ops
@@ -106,7 +166,9 @@ def _conv_weight(w, x):
 
 def _bn_prelu(x, bn, acti, conv=None):
     """acti(bn(x)), or acti(bn(conv(x))) for a depthwise 3-tap conv, as one op; synchronised across
-    ranks when bn is a synchronised BatchNorm in training (sync.spans_ranks)."""
+    ranks when bn is a synchronised BatchNorm in training (sync.spans_ranks). bn and acti may be
+    pass-through wrappers (_unwrap)."""
+    bn, acti = _unwrap(bn), _unwrap(acti)
     rm, rv, nbt = _bn_state(bn)
     if sync.spans_ranks(bn):
         cw, d = (None, 1) if conv is None else (_conv_weight(conv.weight, x), dw3_dilation(conv))
@@ -174,11 +236,12 @@ class FusedBNPReLU(_NoTorchScript, nn.Module):
     def forward_cat(self, xs):
         """self(torch.cat(xs, 1)); in eval one kernel reads the pieces (no concatenation)."""
         self._refuse_tracing()
-        if sync.spans_ranks(self.bn):
-            return _bn_prelu(torch.cat(list(xs), 1), self.bn, self.acti)
-        rm, rv, nbt = _bn_state(self.bn)
-        return ops.cat_bn_prelu(xs, self.bn.weight, self.bn.bias, rm, rv, self.acti.weight,
-                                self.bn.training, self.bn.momentum, self.bn.eps, nbt)
+        bn, acti = _unwrap(self.bn), _unwrap(self.acti)
+        if sync.spans_ranks(bn):
+            return _bn_prelu(torch.cat(list(xs), 1), bn, acti)
+        rm, rv, nbt = _bn_state(bn)
+        return ops.cat_bn_prelu(xs, bn.weight, bn.bias, rm, rv, acti.weight, bn.training,
+                                bn.momentum, bn.eps, nbt)
 
 
 class FusedConvBNPReLU(_NoTorchScript, nn.Module):
@@ -221,25 +284,29 @@ class FusedConvBNPReLU(_NoTorchScript, nn.Module):
         return _conv_bn_prelu(x, self.conv, self.bn_prelu.bn, self.bn_prelu.acti)
 
 
+def _groups(mods):
+    """[(kind, [indices])]: modules run in this order, grouped into fused ops where they can be."""
+    out, i = [], 0
+    while i < len(mods):
+        if i + 2 < len(mods) and _cbp_ok(*mods[i:i + 3]):
+            out.append(("dwconv3_bn_prelu", [i, i + 1, i + 2]))
+            i += 3
+        elif i + 1 < len(mods) and _bn_pair_ok(*mods[i:i + 2]):
+            out.append(("bn_prelu", [i, i + 1]))
+            i += 2
+        else:
+            out.append(("module", [i]))
+            i += 1
+    return out
+
+
 class FusedSequential(_NoTorchScript, nn.Sequential):
     """nn.Sequential whose (depthwise 3-tap conv, BatchNorm2d, PReLU) runs and (BatchNorm2d,
     PReLU) pairs each run as one fused op. Same children, same indices, same state_dict."""
 
     def groups(self):
         """[(kind, [child indices])]: how forward runs the children."""
-        mods = list(self._modules.values())
-        out, i = [], 0
-        while i < len(mods):
-            if i + 2 < len(mods) and _cbp_ok(*mods[i:i + 3]):
-                out.append(("dwconv3_bn_prelu", [i, i + 1, i + 2]))
-                i += 3
-            elif i + 1 < len(mods) and _bn_pair_ok(*mods[i:i + 2]):
-                out.append(("bn_prelu", [i, i + 1]))
-                i += 2
-            else:
-                out.append(("module", [i]))
-                i += 1
-        return out
+        return _groups(list(self._modules.values()))
 
     def forward(self, x):
         self._refuse_tracing()
@@ -283,7 +350,7 @@ class FusedDABModule(_NoTorchScript, nn.Module):
         self.dilation = dw3_dilation(_leaves(ddconv3x1)[0])
         if fuse_units:  # the children too (convert does this itself, to report each swap)
             for name, child in list(self.named_children()):
-                setattr(self, name, _convert(child, name, []))
+                setattr(self, name, _convert(child, name, FusionPlan()))
 
     @classmethod
     def from_module(cls, m: nn.Module, fuse_units: bool = True) -> "FusedDABModule":
@@ -392,13 +459,21 @@ class _KeptNeck:
 
 
 def _leaf_edges(m):
-    """(parent, name, child) for every module from unit m down to its leaves (as _leaves)."""
+    """(parent, name, child) for every module from unit m down to its leaves (as _leaves),
+    through pass-through wrappers."""
     if isinstance(m, nn.Sequential):
-        return [(m, k, c) for k, c in m._modules.items()]
-    if hasattr(m, "conv"):
+        edges = [(m, k, c) for k, c in m._modules.items()]
+    elif hasattr(m, "conv"):
         bp = m.bn_prelu
-        return [(m, "conv", m.conv), (m, "bn_prelu", bp), (bp, "bn", bp.bn), (bp, "acti", bp.acti)]
-    return [(m, "bn", m.bn), (m, "acti", m.acti)]
+        edges = [(m, "conv", m.conv), (m, "bn_prelu", bp), (bp, "bn", bp.bn), (bp, "acti", bp.acti)]
+    else:
+        edges = [(m, "bn", m.bn), (m, "acti", m.acti)]
+    for _, _, c in list(edges):
+        while c is not _unwrap(c):
+            (name, inner), = c._modules.items()
+            edges.append((c, name, inner))
+            c = inner
+    return edges
 
 
 _FUSED = (FusedBNPReLU, FusedConvBNPReLU, FusedDABModule, FusedSequential)
@@ -466,10 +541,12 @@ def _leaves(m):
     forward)."""
     if isinstance(m, nn.Sequential):
         mods = list(m)
-        return tuple(mods) if len(mods) == 3 else (None, *mods)
-    if hasattr(m, "conv"):
-        return m.conv, m.bn_prelu.bn, m.bn_prelu.acti
-    return None, m.bn, m.acti
+        parts = tuple(mods) if len(mods) == 3 else (None, *mods)
+    elif hasattr(m, "conv"):
+        parts = m.conv, m.bn_prelu.bn, m.bn_prelu.acti
+    else:
+        parts = None, m.bn, m.acti
+    return parts[0], _unwrap(parts[1]), _unwrap(parts[2])
 
 
 def _parts(m):
@@ -478,7 +555,7 @@ def _parts(m):
         return m.conv, m.bn_prelu.bn, m.bn_prelu.acti
     if isinstance(m, FusedBNPReLU):
         return None, m.bn, m.acti
-    if type(m) in (nn.Sequential, FusedSequential):
+    if isinstance(m, FusedSequential) or _plain_sequential(m):
         mods = list(m)
         if len(mods) == 3 and _cbp_ok(*mods):
             return tuple(mods)
@@ -514,42 +591,108 @@ def _neck_problem(units) -> Optional[str]:
         return "ddconv3x1 and ddconv1x3 have different dilations"
     if parts["bn_relu_2"] is None or parts["bn_relu_2"][0] is not None:
         return "bn_relu_2 is not a BatchNorm2d + PReLU unit"
-    channels = {parts[n][0].in_channels for n in shapes} | {parts["bn_relu_2"][1].num_features}
+    channels = ({parts[n][0].in_channels for n in shapes}
+                | {_unwrap(parts["bn_relu_2"][1]).num_features})
     if len(channels) != 1:
         return f"the neck's units have different channel counts {sorted(channels)}"
     return None
 
 
-def _is_dab_module(m) -> bool:
-    if _child_names(m) != set(DAB_CHILDREN):
-        return False
-    if _neck_problem({n: getattr(m, n) for n in DAB_CHILDREN}) is not None:
-        return False
-    return traced_expression(m) == _DAB_EXPR
+def _dab_problem(m) -> Optional[str]:
+    """Why m, which has the DAB module's children, is not one FusedDABModule computes, or None."""
+    problem = _neck_problem({n: getattr(m, n) for n in DAB_CHILDREN})
+    if problem is not None:
+        return problem
+    if traced_expression(m) != _DAB_EXPR:
+        return "its forward is not conv1x1(neck(conv3x3(bn_relu_1(x)))) + x"
+    return None
 
 
-def _fuse_one(m):
-    """(fused replacement, kind) for m itself, or None; m's children are left to the caller."""
+def _plain_sequential(m) -> bool:
+    """An nn.Sequential, or a subclass that keeps its forward (e.g. a toolkit's ConvBNAct)."""
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+def _in_order(m):
+    """[(name, child)] in the order m's forward applies them one after the other, when that is
+    all it does: an nn.Sequential (or a subclass that keeps its forward), or a module whose
+    forward is ``c(b(a(x)))`` over all its children, each once, with no parameters of its own.
+    None otherwise."""
+    if _plain_sequential(m):
+        return [(n, c) for n, c in m._modules.items() if c is not None]
+    if next(m.parameters(recurse=False), None) is not None \
+            or next(m.buffers(recurse=False), None) is not None:
+        return None
+    expr, names = traced_expression(m), []
+    while isinstance(expr, tuple) and len(expr) == 2:
+        names.append(expr[0])
+        expr = expr[1]
+    if expr != _X or sorted(names) != sorted(m._modules):
+        return None
+    return [(n, m._modules[n]) for n in reversed(names)]
+
+
+def _looks_depthwise(m) -> bool:
+    return type(m) is nn.Conv2d and (m.groups > 1 or tuple(m.kernel_size) in ((3, 1), (1, 3)))
+
+
+def _chain_notes(items) -> List[str]:
+    """Why BatchNorms in a chain of (name, child) are not fused, or fused without the depthwise
+    conv before them."""
+    notes = []
+    for i, (name, m) in enumerate(items):
+        unit = _parts(m)
+        if unit is None and not _is_bn(m):
+            continue
+        if unit is None:  # a BatchNorm: the next child must be its PReLU
+            nxt = items[i + 1][1] if i + 1 < len(items) else None
+            problem = "nothing follows it" if nxt is None else _pair_problem(m, nxt)
+            if problem is not None:
+                notes.append(f"{name}: BatchNorm not fused: {problem}")
+                continue
+        elif unit[0] is not None:
+            continue
+        prev_name, prev = items[i - 1] if i > 0 else (None, None)
+        if _looks_depthwise(prev) and conv_problem(prev) is not None:
+            notes.append(f"{prev_name}: conv not fused ({conv_problem(prev)}); only the "
+                         "BatchNorm + PReLU after it is")
+    return notes
+
+
+def _fuse_one(m, notes: List[str]):
+    """(fused replacement, kind) for m itself, or None; m's children are left to the caller.
+    Appends to notes why m, or a part of it, looked fusable but is not fused."""
     if isinstance(m, _FUSED):
         return None
-    if type(m) is nn.Sequential:
-        counts = {}
-        for kind, _ in FusedSequential.groups(m):
-            counts[kind] = counts.get(kind, 0) + 1
-        counts.pop("module", None)
-        if not counts:
-            return None
-        new = FusedSequential(OrderedDict(m._modules))
-        new.training = m.training
-        return new, "Sequential(" + ", ".join(f"{k} x{n}" for k, n in counts.items()) + ")"
-    if _is_dab_module(m):
-        return FusedDABModule.from_module(m, fuse_units=False), "dab_neck"
+    if _child_names(m) == set(DAB_CHILDREN):
+        problem = _dab_problem(m)
+        if problem is None:
+            return FusedDABModule.from_module(m, fuse_units=False), "dab_neck"
+        notes.append(f"not a DAB module: {problem}")
     p = _parts(m)
-    if p is None:
+    if p is not None and not _plain_sequential(m):  # the authors' BNPReLU and Conv
+        if p[0] is None:
+            return FusedBNPReLU.from_modules(p[1], p[2]), "bn_prelu"
+        return FusedConvBNPReLU.from_modules(*p), "dwconv3_bn_prelu"
+    candidate = any(_is_bn(c) or _parts(c) is not None for c in m.children())
+    if not candidate:
         return None
-    if p[0] is None:
-        return FusedBNPReLU.from_modules(p[1], p[2]), "bn_prelu"
-    return FusedConvBNPReLU.from_modules(*p), "dwconv3_bn_prelu"
+    items = _in_order(m)
+    if items is None:
+        if any(_is_bn(c) for c in m.children()):
+            notes.append("its forward is not its children applied one after the other, so "
+                         "its BatchNorm + PReLU cannot be run as one op")
+        return None
+    notes += _chain_notes(items)
+    counts = {}
+    for kind, _ in _groups([c for _, c in items]):
+        counts[kind] = counts.get(kind, 0) + 1
+    counts.pop("module", None)
+    if not counts:
+        return None
+    new = FusedSequential(OrderedDict(items))
+    new.__dict__.update({k: v for k, v in vars(m).items() if not k.startswith("_")})
+    return new, "Sequential(" + ", ".join(f"{k} x{n}" for k, n in counts.items()) + ")"
 
 
 # --------------------------------------------------------------------------------- convert
@@ -562,23 +705,44 @@ class Swap(NamedTuple):
     replaced: str
 
 
-def _convert(m, name, swaps: List[Swap]):
-    fused = _fuse_one(m)
+class Skip(NamedTuple):
+    """A module (qualified name, class) that looked fusable, in whole or in part, and why convert
+    left it (or that part) as it is."""
+
+    name: str
+    kind: str
+    reason: str
+
+
+class FusionPlan(list):
+    """The Swaps convert makes (a list), and in ``.skipped`` the Skips: why candidates were
+    not swapped."""
+
+    def __init__(self, swaps=(), skipped=()):
+        super().__init__(swaps)
+        self.skipped: List[Skip] = list(skipped)
+
+
+def _convert(m, name, plan: FusionPlan):
+    notes: List[str] = []
+    fused = _fuse_one(m, notes)
+    plan.skipped += [Skip(name, type(m).__name__, why) for why in notes]
     if fused is not None:
-        swaps.append(Swap(name, fused[1], type(m).__name__))
+        plan.append(Swap(name, fused[1], type(m).__name__))
         m = fused[0]
     for cname, child in list(m.named_children()):
-        new = _convert(child, f"{name}.{cname}" if name else cname, swaps)
+        new = _convert(child, f"{name}.{cname}" if name else cname, plan)
         if new is not child:
             setattr(m, cname, new)
     return m
 
 
-def fusion_plan(model: nn.Module) -> List[Swap]:
-    """The swaps convert(model) would make, without changing model."""
-    swaps: List[Swap] = []
-    _convert(copy.deepcopy(model), "", swaps)
-    return swaps
+def fusion_plan(model: nn.Module) -> FusionPlan:
+    """The swaps convert(model) would make, without changing model; ``.skipped`` says why the
+    modules that looked fusable but are not were left alone."""
+    plan = FusionPlan()
+    _convert(copy.deepcopy(model), "", plan)
+    return plan
 
 
 def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.Module:
@@ -590,23 +754,28 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> n
       (``conv``, ``bn_prelu.bn``, ``bn_prelu.acti``): FusedConvBNPReLU;
     * every BatchNorm2d + PReLU written like the authors' BNPReLU (``bn``, ``acti``):
       FusedBNPReLU;
-    * every plain nn.Sequential holding (depthwise conv, BN, PReLU) runs or (BN, PReLU) pairs:
-      FusedSequential.
+    * every nn.Sequential (or subclass keeping its forward), or module whose forward applies its
+      children one after the other, holding (depthwise conv, BN, PReLU) runs or (BN, PReLU)
+      pairs, a PReLU possibly inside a pass-through wrapper: FusedSequential (same children,
+      same names).
 
     Parameters, buffers and state_dict keys are unchanged (the fused modules hold the same
     children). With inplace=False (default) the model is deep-copied first; with inplace=True the
     original modules are rewired and share their parameters with the result. Always use the
     returned module (the root itself may be replaced). Forward hooks registered on a replaced
-    module are not carried over. verbose=True prints each swap; fusion_plan(model) lists them.
+    module are not carried over. verbose=True prints each swap and why candidates were not
+    fused; fusion_plan(model) lists them.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    swaps: List[Swap] = []
-    model = _convert(model, "", swaps)
+    plan = FusionPlan()
+    model = _convert(model, "", plan)
     if verbose:
-        print(f"dabnet_kernels.convert: {len(swaps)} module(s) swapped")
-        for s in swaps:
+        print(f"dabnet_kernels.convert: {len(plan)} module(s) swapped")
+        for s in plan:
             print(f"  {s.name or '<root>'}: {s.replaced} -> {s.op}")
+        for s in plan.skipped:
+            print(f"  not fused: {s.name or '<root>'} ({s.kind}): {s.reason}")
     return model

@@ -296,13 +296,19 @@ def _check_upsample_input(x, name):
                          "empty (no pixels to interpolate from)")
 
 
+def _symbolic(size) -> bool:
+    """A size traced as a symbol (torch.export / torch.compile with dynamic shapes): the ops'
+    int arguments would fix it to the example's value, so the composite runs instead."""
+    return any(isinstance(s, torch.SymInt) for s in size)
+
+
 def upsample_bilinear(x: Tensor, size) -> Tensor:
     """``F.interpolate(x, size, mode="bilinear", align_corners=False)``, with a faster CPU kernel
-    (values equal to rounding level; gradients by ATen's own backward). Other devices use
-    F.interpolate."""
+    (values equal to rounding level; gradients by ATen's own backward). Other devices, and
+    symbolic sizes (dynamic-shape export), use F.interpolate."""
     _check_upsample_input(x, "x")
     size = _check_size(size)
-    if x.device.type != "cpu" or ops_for(x) is None:
+    if x.device.type != "cpu" or ops_for(x) is None or _symbolic(size):
         return _ref.upsample_bilinear(x, size)
     return torch.ops.dabnet.upsample_bilinear(x, size[0], size[1])
 
@@ -311,12 +317,13 @@ def upsample_argmax(logits: Tensor, size) -> Tensor:
     """Per-pixel class labels (int64, N x H x W) of ``F.interpolate(logits, size, mode="bilinear",
     align_corners=False).argmax(1)``, without materializing the upsampled logits (CPU kernel;
     other devices use that composite). Where two classes tie to rounding level the label may
-    differ from the composite's. As torch.argmax, a NaN logit wins (the first NaN, if several)."""
+    differ from the composite's. As torch.argmax, a NaN logit wins (the first NaN, if several).
+    Symbolic sizes: the composite, as upsample_bilinear."""
     _check_upsample_input(logits, "logits")
     size = _check_size(size)
     if logits.shape[1] == 0:
         raise ValueError("logits must have at least one class (channel)")
-    if logits.device.type != "cpu" or ops_for(logits) is None:
+    if logits.device.type != "cpu" or ops_for(logits) is None or _symbolic(size):
         return _ref.upsample_argmax(logits, size)
     return torch.ops.dabnet.upsample_argmax(logits, size[0], size[1])
 
