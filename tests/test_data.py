@@ -2,11 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from dabnet import data
-from dabnet.data import (CITYSCAPES_EVAL_LABEL_IDS, IGNORE_INDEX, LABELID_TO_TRAINID,
+pytest.importorskip("PIL", reason="pillow is not installed (dabnet.data reads PNG datasets)")
+from dabnet import data  # noqa: E402
+from dabnet.data import (CITYSCAPES_EVAL_LABEL_IDS, IGNORE_INDEX, LABELID_TO_TRAINID,  # noqa: E402
                          TRAINID_TO_LABELID, TrainTransform, build_dataset)
-from dabnet.synthetic import SYNTHETIC_CLASSES, draw_street
-from pipeline_utils import fake_camvid, fake_cityscapes, write_png
+from dabnet.synthetic import SYNTHETIC_CLASSES, draw_street  # noqa: E402
+from pipeline_utils import fake_camvid, fake_cityscapes, write_png  # noqa: E402
 
 
 def test_synthetic_is_deterministic_and_covers_all_classes():
