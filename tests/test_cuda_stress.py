@@ -23,6 +23,7 @@ import dabnet_kernels._lib as lib
 from conftest import requires_cuda
 from dabnet_kernels import backend, ops, reference
 from dabnet_kernels.reference import BNPReLUParams
+from test_cuda import bn_params as cuda_bn_params
 
 pytestmark = requires_cuda
 
@@ -48,9 +49,7 @@ def ns(request):
 
 
 def bn_params(C, device="cuda"):
-    f = dict(dtype=torch.float32, device=device)
-    return BNPReLUParams(torch.rand(C, **f) + 0.5, torch.randn(C, **f), torch.randn(C, **f),
-                         torch.rand(C, **f) + 0.5, 0.25 * torch.randn(C, **f))
+    return cuda_bn_params(C, torch.float32, device)
 
 
 def inputs(shape=SHAPE, dtype=torch.float32, layout="nchw", device="cuda"):
