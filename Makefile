@@ -10,16 +10,17 @@ TORCH  ?= torch==2.14.1
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
+# What the tests, the demo and the benchmarks import, besides torch (and triton, which it brings).
+TEST_DEPS := ninja numpy pytest expecttest pillow tqdm onnx onnxruntime onnxscript matplotlib pytest-benchmark
 # nvcc jobs in parallel: 2 fit a 2-core, 24 GiB machine.
 export MAX_JOBS ?= 2
 
-.PHONY: setup build demo test bench bench-quick bench-report deploy clean
+.PHONY: setup build demo test bench bench-quick bench-report deploy check-device-stack clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" ninja numpy pytest expecttest pillow tqdm onnx onnxruntime onnxscript matplotlib \
-		pytest-benchmark
+	$(PY) -m pip install -q "$(TORCH)" $(TEST_DEPS)
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
@@ -56,6 +57,42 @@ deploy: setup deploy/build/dabnet_run
 
 bench-report: setup
 	$(PY) -m bench.report --write README.md
+
+# ------------------------------------------------------------------------ the GPU machine's stack
+# make check-device-stack: the software of the GPU machine that bench/gpu_suite.sh runs on (Python
+# 3.12, torch 2.11 with CUDA 13.0, triton 3.6, no network) in a virtualenv of its own, DEVICE_VENV:
+# the extension built against it (CUDA kernels for sm_90 when nvcc is found) in a copy of the
+# working tree, then the CPU tests and the Triton compile check. Downloads torch; not run in CI.
+DEVICE_VENV   ?= .venv-device
+DEVICE_PKGS   ?= torch==2.11.0 triton==3.6.0
+DEVICE_ARCH   ?= 9.0
+# The first Python 3.12 that runs (on PATH, or pyenv's), else $(PYTHON): the target says which.
+DEVICE_PYTHON ?= $(firstword $(shell for p in python3.12 $(HOME)/.pyenv/versions/3.12*/bin/python3.12; \
+                   do $$p -c "" 2>/dev/null && command -v $$p; done) $(PYTHON))
+DPY  := $(abspath $(DEVICE_VENV))/bin/python
+DSRC := $(DEVICE_VENV)/src
+# `since T0 WHAT`: prints how long WHAT took since the epoch second T0.
+since = echo "check-device-stack: $(2) in $$(( $$(date +%s) - $(1) )) s"
+
+$(DEVICE_VENV)/.deps:
+	@$(DEVICE_PYTHON) -c 'import sys; v = "%d.%d" % sys.version_info[:2]; print("check-device-stack: Python", v, "" if v == "3.12" else "(the GPU machine has 3.12; none found here)")'
+	$(DEVICE_PYTHON) -m venv $(DEVICE_VENV)
+	$(DPY) -m pip install -q --upgrade pip
+	$(DPY) -m pip install -q $(DEVICE_PKGS) $(TEST_DEPS)
+	touch $@
+
+check-device-stack: $(DEVICE_VENV)/.deps
+	@$(DPY) -c 'import sys, torch, triton, numpy; print("check-device-stack: Python", sys.version.split()[0], "torch", torch.__version__, "CUDA", torch.version.cuda, "triton", triton.__version__, "numpy", numpy.__version__)'
+	mkdir -p $(DSRC)
+	git ls-files -coz --exclude-standard | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(DSRC)
+	@t0=$$(date +%s); cd $(DSRC) && TORCH_CUDA_ARCH_LIST=$(DEVICE_ARCH) $(DPY) setup.py -q build_ext --inplace \
+	  && $(DPY) -c 'import dabnet_kernels as d; print("check-device-stack: CUDA kernels built:", d.has_cuda_kernels())' \
+	  && $(call since,$$t0,build)
+	@t0=$$(date +%s); cd $(DSRC) && $(DPY) -m pytest -q -p no:cacheprovider tests; rc=$$?; \
+	  $(call since,$$t0,CPU tests (pytest exit status $$rc)); \
+	  t0=$$(date +%s); $(DPY) -m dabnet_kernels.triton.compile_check -q; rc2=$$?; \
+	  $(call since,$$t0,compile_check (exit status $$rc2)); \
+	  exit $$(( rc || rc2 ))
 
 clean:
 	rm -rf build deploy/build dabnet_kernels/*.so *.egg-info $(VENV)/.built

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .progress import progress_bar
 from .timing import Budget, Stats, first_call_s, quantiles, time_fn
 
 # DABNet's row of the paper's Table 5 (GTX 1080Ti, batch 1), for context in the report.
@@ -145,8 +146,6 @@ def bench_inference(device: str, resolutions, compile_resolutions, budget: Budge
                     progress=True, which="all", deadline=None, on_result=None) -> list:
     """Inference variants at each resolution (which: "all", "plain" = no torch.compile, or
     "compile" = the torch.compile variants only). No run starts after `deadline`."""
-    from tqdm import tqdm
-
     state = _bench_state()
     jobs = [(res, v) for res in resolutions
             for v in inference_variants(device, res in compile_resolutions)
@@ -155,8 +154,7 @@ def bench_inference(device: str, resolutions, compile_resolutions, budget: Budge
     if which == "compile":  # the eager outputs the compiled ones are compared with
         jobs = [(res, ("eager", False, "nchw", "eager-ref", "fp32")) for res in
                 dict.fromkeys(r for r, _ in jobs)] + jobs
-    bar = tqdm(jobs, desc=f"DABNet inference on {device}", unit="run", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(progress, jobs, desc=f"DABNet inference on {device}", unit="run")
     for res, (name, fused, layout, how, dt) in bar:
         if deadline is not None and time.time() > deadline:
             break
@@ -224,15 +222,13 @@ def bench_interleaved(device: str, res, budget: Budget, with_compile=True, progr
     baseline with the lowest median, as the median over rounds of the ratio of the two calls in
     the same round. Rounds go on for 10x budget.cpu_min_run_s (CPU) or 10x budget.gpu_rep_ms
     (GPU) per variant, and at least `min_rounds`."""
-    from tqdm import tqdm
-
     state = _bench_state()
     variants = inference_variants(device, with_compile)
     fns, out = {}, {}
     if with_compile:
         torch._dynamo.reset()
-    for name, fused, layout, how, dt in tqdm(variants, desc=f"interleaved {res[0]}x{res[1]}: "
-                                             "build", disable=not progress, dynamic_ncols=True):
+    for name, fused, layout, how, dt in progress_bar(
+            progress, variants, desc=f"interleaved {res[0]}x{res[1]}: build"):
         rec = {"res": list(res), "batch": 1, "dtype": dt, "variant": name, "fused": fused,
                "layout": layout, "how": how}
         out[name] = rec
@@ -254,8 +250,7 @@ def bench_interleaved(device: str, res, budget: Budget, with_compile=True, progr
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     t_end = time.perf_counter() + per_variant * len(names)
     rounds = 0
-    bar = tqdm(desc=f"interleaved {res[0]}x{res[1]}: rounds", unit="round",
-               disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(progress, None, desc=f"interleaved {res[0]}x{res[1]}: rounds", unit="round")
     with torch.no_grad():
         while names and (rounds < min_rounds or time.perf_counter() < t_end):
             if rounds >= min_rounds and deadline is not None and time.time() > deadline:
@@ -296,8 +291,6 @@ def bench_conv_floor(device: str, resolutions, budget: Budget, progress=True,
     they see in a real forward, per layout. No fusion of the remaining, memory-bound ops can
     bring the model below this time; the fastest fused variant's time over it is how much of
     the model is left to fuse. Also their MACs and the rate they run at."""
-    from tqdm import tqdm
-
     from dabnet.info import count_macs
 
     state = _bench_state()
@@ -308,8 +301,8 @@ def bench_conv_floor(device: str, resolutions, budget: Budget, progress=True,
     mm = n ** 3 / time_fn(lambda: a @ b, device, budget).median_ms / 1e6
     a = b = None
     jobs = [(res, layout) for res in resolutions for layout in ("nchw", "cl")]
-    for res, layout in tqdm(jobs, desc=f"dense convolutions alone on {device}", unit="run",
-                            disable=not progress, dynamic_ncols=True):
+    for res, layout in progress_bar(progress, jobs, unit="run",
+                                    desc=f"dense convolutions alone on {device}"):
         if deadline is not None and time.time() > deadline:
             break
         rec = {"res": list(res), "batch": 1, "dtype": "fp32", "layout": layout,
@@ -433,12 +426,10 @@ def _cpu_peak_in_fresh_process(fused, layout, res, batch) -> dict:
 def bench_train_step(device: str, res, batch: int, layouts, budget: Budget,
                      progress=True, deadline=None) -> list:
     """One SGD step (forward, cross-entropy, backward, update) of a fresh model, fused vs not."""
-    from tqdm import tqdm
-
     out = []
     jobs = [(fused, layout) for layout in layouts for fused in (False, True)]
-    for fused, layout in tqdm(jobs, desc=f"DABNet training step on {device}", unit="run",
-                              disable=not progress, dynamic_ncols=True):
+    for fused, layout in progress_bar(progress, jobs, unit="run",
+                                      desc=f"DABNet training step on {device}"):
         if deadline is not None and time.time() > deadline:
             break
         rec = {"res": list(res), "batch": batch, "dtype": "fp32", "fused": fused,

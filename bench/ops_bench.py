@@ -10,6 +10,7 @@ from dabnet_kernels import reference
 from dabnet_kernels.backend import triton_available, use_backend
 
 from . import cases as C
+from .progress import progress_bar
 from .timing import Budget, first_call_s, rotate, time_fn
 
 
@@ -122,12 +123,9 @@ def run_cases(cases, device: str, budget: Budget, compile_setting: str, cache_by
               copy_gbs: float | None, on_result=None, progress=True, deadline=None):
     """Runs every case; on_result(rec) is called after each (the caller saves as it goes).
     With a deadline (time.time() value), no case starts after it: fewer records come back."""
-    from tqdm import tqdm
-
     backends = backends_for(device)
     out = []
-    bar = tqdm(cases, desc=f"ops on {device}", unit="case", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(progress, cases, desc=f"ops on {device}", unit="case")
     for case in bar:
         if deadline is not None and time.time() > deadline:
             break

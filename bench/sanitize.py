@@ -1,9 +1,10 @@
-"""A small run of every op on CUDA for compute-sanitizer (memcheck, racecheck): each GPU backend,
-inference forward and training forward+backward, NCHW and channels_last, fp32 and fp16, at odd
-sizes and dilations up to larger than the image (taps fully outside). Results are checked
-against the reference; exits 1 on a mismatch.
+"""A small run of every op on CUDA for compute-sanitizer (memcheck, racecheck, initcheck,
+synccheck): each GPU backend, inference forward and training forward+backward, NCHW and
+channels_last, fp32 and fp16, at odd sizes and dilations up to larger than the image (taps fully
+outside), and the neck's global-memory path (dilation 17 > 16 on an 18x26 input). Results are
+checked against the reference; exits 1 on a mismatch.
 
-    compute-sanitizer --tool memcheck python -m bench.sanitize
+    compute-sanitizer --tool memcheck python -m bench.sanitize [--dtypes fp16] [--layouts cl]
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ def main(argv=None):
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cuda (what the sanitizer is for) or cpu (a check of this script)")
     p.add_argument("--quick", action="store_true", help="fp32 only (fewer launches)")
+    p.add_argument("--dtypes", default="fp32,fp16", help="comma-separated: fp32, fp16")
+    p.add_argument("--layouts", default=",".join(C.LAYOUTS),
+                   help=f"comma-separated: {', '.join(C.LAYOUTS)}")
     args = p.parse_args(argv)
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
@@ -35,10 +39,13 @@ def main(argv=None):
     bad = 0
     backends = backends_for(dev)
     print(f"backends: {backends}")
-    dtypes = ("fp32", "fp16") if dev == "cuda" and not args.quick else ("fp32",)
+    dtypes = args.dtypes.split(",") if dev == "cuda" and not args.quick else ["fp32"]
     for op, mode, dtype, layout, (block, dil) in itertools.product(
-            C.OPS, C.MODES, dtypes, C.LAYOUTS, ((1, 2), (2, 16))):
-        # 72x104 input -> block-1 neck 18x26, block-2 neck 9x13 (odd; dilation 16 > 9 and 13).
+            C.OPS, C.MODES, dtypes, args.layouts.split(","), ((1, 2), (2, 16), (1, 17))):
+        # 72x104 input -> block-1 neck 18x26, block-2 neck 9x13 (odd; dilation 16 > 9 and 13);
+        # dilation 17 at 18x26: the neck's global-memory path (its tile holds dilations <= 16).
+        if dil > 16 and op != "dab_neck":
+            continue
         conv = op in ("dwconv3", "dwconv3_bn_prelu")
         orient = ("3x1" if block == 1 else "1x3") if conv else "-"
         case = C.OpCase(op, mode, (72, 104), block, 2, 0 if op == "bn_prelu" else dil, orient,

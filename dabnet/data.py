@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .synthetic import SYNTHETIC_CLASSES, SYNTHETIC_PALETTE, draw_street
 
@@ -92,11 +91,22 @@ def dataset_info(name: str) -> DatasetInfo:
     return DATASETS[name]
 
 
+def _pil():
+    """PIL.Image, imported when an image is first read or resized: the rest of dabnet (the model,
+    losses, metrics) runs without pillow."""
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError("reading or resizing images needs pillow: pip install pillow") from e
+    return Image
+
+
 def load_image(path, mode="RGB") -> np.ndarray:
     """Reads an image file into a numpy array; a clear error for a missing or corrupt file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
+    Image = _pil()
     try:
         with Image.open(path) as im:
             im.load()
@@ -115,6 +125,7 @@ def _resize(arr: np.ndarray, size_hw, nearest: bool) -> np.ndarray:
     h, w = size_hw
     if arr.shape[:2] == (h, w):
         return arr
+    Image = _pil()
     resample = Image.NEAREST if nearest else Image.BILINEAR
     return np.asarray(Image.fromarray(arr).resize((w, h), resample))
 

@@ -2,10 +2,11 @@
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+import pytest
 
 
 def write_png(path, arr):
+    Image = pytest.importorskip("PIL.Image", reason="pillow is not installed (PNG datasets)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.asarray(arr, np.uint8)).save(path)

@@ -7,13 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from dabnet import DABNet
-from dabnet.cli import main
-from dabnet.data import CITYSCAPES_EVAL_LABEL_IDS, CITYSCAPES_PALETTE, SYNTHETIC_PALETTE
-from dabnet.info import count_macs
-from pipeline_utils import fake_cityscapes, write_png
+Image = pytest.importorskip("PIL.Image", reason="pillow is not installed (the CLI reads and writes "
+                            "PNG images)")
+
+from dabnet import DABNet  # noqa: E402
+from dabnet.cli import main  # noqa: E402
+from dabnet.data import (CITYSCAPES_EVAL_LABEL_IDS, CITYSCAPES_PALETTE,  # noqa: E402
+                         SYNTHETIC_PALETTE)
+from dabnet.info import count_macs  # noqa: E402
+from pipeline_utils import fake_cityscapes, write_png  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,10 +4,11 @@ import signal
 import pytest
 import torch
 
-from dabnet.checkpoint import load_checkpoint, save_atomic
-from pipeline_utils import fake_camvid
+pytest.importorskip("PIL", reason="pillow is not installed (dabnet.train reads PNG datasets)")
+from dabnet.checkpoint import load_checkpoint, save_atomic  # noqa: E402
+from pipeline_utils import fake_camvid  # noqa: E402
 
-from dabnet.train import TrainConfig, _StopFlag, poly_lr, train
+from dabnet.train import TrainConfig, _StopFlag, poly_lr, train  # noqa: E402
 
 
 def tiny_cfg(out, **kw):

@@ -23,6 +23,31 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = not INTERPRETED and os.environ.get("DABNET_TRITON_AUTOTUNE", "1") != "0"
 
 
+def fix_interpreter_index():
+    """Scalars of the interpreter are 1-element arrays; triton 3.6's interpreter makes a Python int
+    of one (a range bound: `range(start, end, BP)`, `range(S)`) with int(array), which numpy >= 2.4
+    refuses ("only 0-dimensional arrays can be converted to Python scalars"). This wraps the
+    interpreter's per-launch patching of tl.tensor so that __index__ takes the array's one item.
+    Interpreter only: compiled kernels never run this code."""
+    from triton.runtime import interpreter as ti
+
+    patch = getattr(ti, "_patch_lang", None)
+    if patch is None or getattr(patch, "dabnet_fixed", False):
+        return
+
+    def patched(fn):
+        scope = patch(fn)
+        scope.set_attr(tl.core.tensor, "__index__", lambda t: int(t.handle.data.item()))
+        return scope
+
+    patched.dabnet_fixed = True
+    ti._patch_lang = patched
+
+
+if INTERPRETED:
+    fix_interpreter_index()
+
+
 # ------------------------------------------------------------------------------ layouts, dtypes
 def canonical(x: torch.Tensor):
     """(x as NCHW- or channels_last-contiguous, is_channels_last); copies only if it is neither."""
@@ -164,7 +189,9 @@ def autotuned(key, configs=CONFIGS):
 
 
 def tile_grid(N, C, H, W):
-    return lambda m: (triton.cdiv(H * W, m["BP"]), triton.cdiv(C, m["BC"]), N)
+    """Pixel blocks, channel blocks and images all on grid axis 0 (up to 2**31 - 1 programs; axes
+    1 and 2 stop at 65535, below the N or C of some batches); tile_coords undoes the folding."""
+    return lambda m: (triton.cdiv(H * W, m["BP"]) * triton.cdiv(C, m["BC"]) * N,)
 
 
 # ------------------------------------------------------------------------------ jit helpers
@@ -207,17 +234,26 @@ def conv3(x_ptr, prm_ptr, n, c, p, h, w, ok, C, H, W, d, AXIS: tl.constexpr, TAP
             v = shifted(x_ptr, n, c, p, h, w, ok, (k - 1) * d, C, H, W, AXIS, CL, ACC)
             acc += tl.load(prm_ptr + k * C + c, mask=cm, other=0.0) * v
     if ACT:
-        slope = tl.load(prm_ptr + 4 * C + c, mask=cm, other=0.0)
-        acc = tl.where(acc > 0, acc, slope * acc)
+        acc = prelu(acc, prm_ptr + 4 * C, c, C)
     return acc
 
 
 @triton.jit
+def prelu(v, slope_ptr, c, C):
+    """PReLU of v with the per-channel slopes at slope_ptr."""
+    return tl.where(v > 0, v, tl.load(slope_ptr + c, mask=c < C, other=0.0) * v)
+
+
+@triton.jit
 def tile_coords(C, H, W, BC: tl.constexpr, BP: tl.constexpr):
-    """(n, c, p, h, w, ok) of this program's tile in a (pixel block, channel block, image) grid."""
-    n = tl.program_id(2)
-    p = tl.program_id(0) * BP + tl.arange(0, BP)[None, :]
-    c = tl.program_id(1) * BC + tl.arange(0, BC)[:, None]
+    """(n, c, p, h, w, ok) of this program's tile; program ids run over pixel blocks, then channel
+    blocks, then images (tile_grid)."""
+    pid = tl.program_id(0)
+    pblocks = tl.cdiv(H * W, BP)
+    cblocks = tl.cdiv(C, BC)
+    n = pid // (pblocks * cblocks)
+    p = (pid % pblocks) * BP + tl.arange(0, BP)[None, :]
+    c = (pid // pblocks % cblocks) * BC + tl.arange(0, BC)[:, None]
     ok = (c < C) & (p < H * W)
     return n, c, p, p // W, p % W, ok
 
@@ -226,41 +262,78 @@ def tile_coords(C, H, W, BC: tl.constexpr, BP: tl.constexpr):
 @triton.heuristics(TILE)
 @triton.jit
 def tap3_kernel(x_ptr, prm_ptr, out_ptr, C, H, W, d, AXIS: tl.constexpr, TAPS: tl.constexpr,
-                ACT: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                BC: tl.constexpr, BP: tl.constexpr):
-    """out = conv3(x): the depthwise conv, its grad_input (taps reversed), BN-PReLU (TAPS=1) and
-    the eval-mode conv + BN-PReLU (BN folded into the taps) are all this one stencil."""
+                ACT: tl.constexpr, BN: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
+                BLOCK: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+    """out = conv3(x): the depthwise conv, its grad_input (taps reversed), BN-PReLU (TAPS=1, the
+    center tap 1) and conv + BN-PReLU are all this one stencil.
+
+    BN: out = act(conv * scale + shift), scale and shift in prm rows 5 and 6, with the conv first
+    rounded to the output dtype: the pre-activation the backward recomputes (dwconv3, then
+    bn_prelu's _bn_terms) bit for bit, so both pick the same PReLU branch for values within
+    rounding of 0, which folding the BN into the taps did not (csrc/cuda/dwconv3.cu does the same).
+    """
     n, c, p, h, w, ok = tile_coords(C, H, W, BC, BP)
-    y = conv3(x_ptr, prm_ptr, n, c, p, h, w, ok, C, H, W, d, AXIS, TAPS, ACT, CL, ACC)
+    if BN:
+        v = conv3(x_ptr, prm_ptr, n, c, p, h, w, ok, C, H, W, d, AXIS, TAPS, False, CL, ACC)
+        v = v.to(out_ptr.dtype.element_ty).to(ACC)
+        y = (v * tl.load(prm_ptr + 5 * C + c, mask=c < C, other=0.0)
+             + tl.load(prm_ptr + 6 * C + c, mask=c < C, other=0.0))
+        if ACT:
+            y = prelu(y, prm_ptr + 4 * C, c, C)
+    else:
+        y = conv3(x_ptr, prm_ptr, n, c, p, h, w, ok, C, H, W, d, AXIS, TAPS, ACT, CL, ACC)
     tl.store(out_ptr + offsets(n, c, p, C, H * W, CL), y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def tap3(x, cl, prm, dilation, axis, taps, act):
-    """Launches tap3_kernel on canonical x (prm: (5, C) in the accumulation dtype)."""
+def tap3(x, cl, prm, dilation, axis, taps, act, bn=False):
+    """Launches tap3_kernel on canonical x (prm: tap_params in the accumulation dtype)."""
     out = empty_as(x, cl)
     if x.numel() == 0:
         return out
     N, C, H, W = x.shape
     with device_guard(x):
         tap3_kernel[tile_grid(N, C, H, W)](x, prm.contiguous(), out, C, H, W, dilation, AXIS=axis,
-                                           TAPS=taps, ACT=act, CL=cl, ACC=tl_acc(x))
+                                           TAPS=taps, ACT=act, BN=bn, CL=cl, ACC=tl_acc(x))
     return out
 
 
-def tap_params(weight, C, dtype, scale=None, shift=None, slope=None, flip=False):
-    """(5, C) [w0, w1, w2, bias, slope] from a depthwise weight; scale/shift fold a BatchNorm."""
+def tap_params(weight, C, dtype, slope=None, bn=None, flip=False):
+    """(5, C) [w0, w1, w2, bias = 0, slope] from a depthwise weight, and with bn = (scale, shift)
+    of a BatchNorm (float64, (C,)) two more rows, for tap3's BN mode."""
     taps = weight.detach().reshape(C, 3).t().to(torch.float64)
     if flip:
         taps = taps.flip(0)
-    if scale is not None:
-        taps = taps * scale
     zero = torch.zeros(1, C, dtype=torch.float64, device=weight.device)
-    rows = [taps, zero if shift is None else shift.reshape(1, C),
-            zero if slope is None else slope.reshape(1, C).to(torch.float64)]
+    rows = [taps, zero, zero if slope is None else slope.reshape(1, C).to(torch.float64)]
+    rows += [] if bn is None else [t.reshape(1, C) for t in bn]
     return torch.cat(rows).to(dtype).contiguous()
 
 
+def identity_weight(C, device):
+    """A (C, 1, 3, 1) depthwise weight whose conv is the identity (center tap 1)."""
+    w = torch.zeros(C, 1, 3, 1, dtype=torch.float64, device=device)
+    w[:, 0, 1] = 1
+    return w
+
+
 # --------------------------------------------------------------------------- reductions
+@triton.jit
+def split_bounds(s, M, CHUNK):
+    """[start, end) of split s of the M = N*H*W positions, in int64: s * CHUNK and M pass 2**31 on
+    large batches, where int32 wrapped and skipped the split's loop."""
+    start = s.to(tl.int64) * CHUNK
+    return start, tl.minimum(start + CHUNK, M)
+
+
+@triton.jit
+def reduce_coords(C, BC: tl.constexpr):
+    """(split, channels [BC, 1]) of this program of a reduce_grid launch: channel blocks vary
+    fastest, so programs side by side read neighbouring channels of one split."""
+    pid = tl.program_id(0)
+    cblocks = tl.cdiv(C, BC)
+    return pid // cblocks, (pid % cblocks) * BC + tl.arange(0, BC)[:, None]
+
+
 @triton.jit
 def flat_coords(m0, end, C, H, W, c, BP: tl.constexpr):
     """(n, p, h, w, ok) of positions m0 + [0, BP) of the flattened (N, H*W) index space."""
@@ -286,6 +359,20 @@ def reduce_split(x, cl):
     splits = min(blocks, max(1, 1024 // cblocks))
     chunk = triton.cdiv(blocks, splits) * bp
     return bc, bp, chunk, triton.cdiv(M, chunk)
+
+
+@triton.jit
+def store_partials(part_ptr, s, c, C, v0, v1, v2):
+    """part[s, k, c] = vk, k = 0, 1, 2 (vk: [BC] per-channel values, c: [BC, 1])."""
+    out = part_ptr + s.to(tl.int64) * 3 * C + c
+    tl.store(out, v0[:, None], mask=c < C)
+    tl.store(out + C, v1[:, None], mask=c < C)
+    tl.store(out + 2 * C, v2[:, None], mask=c < C)
+
+
+def reduce_grid(C, bc, splits):
+    """The launch grid of a reduction kernel: splits x channel blocks on axis 0 (reduce_coords)."""
+    return (splits * triton.cdiv(C, bc),)
 
 
 @triton.jit

@@ -16,14 +16,12 @@ from . import _common as cm
 
 
 @triton.jit
-def _stats_kernel(x_ptr, prm_ptr, part_ptr, N, C, H, W, d, CHUNK, AXIS: tl.constexpr,
+def _stats_kernel(x_ptr, prm_ptr, part_ptr, M, C, H, W, d, CHUNK, AXIS: tl.constexpr,
                   TAPS: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr,
                   BP: tl.constexpr):
     """part[s] = (mean, M2, count) per channel of v = conv3(x) over split s (TAPS=1: v = x)."""
-    s = tl.program_id(0)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)[:, None]
-    start = s * CHUNK
-    end = tl.minimum(start + CHUNK, N * H * W)
+    s, c = cm.reduce_coords(C, BC)
+    start, end = cm.split_bounds(s, M, CHUNK)
     # Shift by the split's first value: tile sums then stay near the spread of the data, not its
     # offset (a float32 sum of 1024 values near 1000 would lose ~1e-4 of the mean).
     n, p, h, w, ok = cm.flat_coords(start, start + 1, C, H, W, c, BP)
@@ -46,25 +44,20 @@ def _stats_kernel(x_ptr, prm_ptr, part_ptr, N, C, H, W, d, CHUNK, AXIS: tl.const
         mean += delta * (nb / tot)
         m2 += m2b + delta * delta * (cnt * nb / tot)
         cnt = tot
-    c1 = tl.program_id(1) * BC + tl.arange(0, BC)
-    out = part_ptr + s * 3 * C + c1
-    tl.store(out, mean + shift, mask=c1 < C)
-    tl.store(out + C, m2, mask=c1 < C)
-    tl.store(out + 2 * C, cnt, mask=c1 < C)
+    cm.store_partials(part_ptr, s, c, C, mean + shift, m2, cnt)
 
 
 def batch_stats(x, cl, prm=None, dilation=1, axis=0):
     """(mean, biased var), float64 (C,), of x per channel, or of conv3(x) with taps prm."""
     N, C, H, W = x.shape
     taps = 1 if prm is None else 3
-    if prm is None:  # identity: center tap 1
-        prm = torch.zeros(5, C, dtype=cm.acc_dtype(x), device=x.device)
-        prm[1] = 1
+    if prm is None:
+        prm = cm.tap_params(cm.identity_weight(C, x.device), C, cm.acc_dtype(x))
     bc, bp, chunk, splits = cm.reduce_split(x, cl)
     part = torch.empty((splits, 3, C), dtype=cm.acc_dtype(x), device=x.device)
     with cm.device_guard(x):
-        _stats_kernel[(splits, triton.cdiv(C, bc))](
-            x, prm, part, N, C, H, W, dilation, chunk, AXIS=axis, TAPS=taps, CL=cl,
+        _stats_kernel[cm.reduce_grid(C, bc, splits)](
+            x, prm, part, N * H * W, C, H, W, dilation, chunk, AXIS=axis, TAPS=taps, CL=cl,
             ACC=cm.tl_acc(x), BC=bc, BP=bp, num_warps=4)
         mean, var = cm.combine(part, stats=True)
     return mean, var
@@ -77,8 +70,9 @@ def _scale_shift(weight, bias, mean, var, eps, C):
 
 
 def statistics(x, running_mean, running_var, training, stats_fn):
-    """(mean, var) to normalize with (float64) and to return (stat dtype): the batch statistics
-    from stats_fn() in training, copies of the running statistics in eval."""
+    """(mean, var) in the statistics dtype: the batch statistics from stats_fn() in training,
+    copies of the running statistics in eval. The forward normalizes with these, the values
+    the backward is given, so both compute the same scale and shift."""
     C, sdt = x.shape[1], cm.acc_dtype(x)
     if training:
         if x.numel() == 0:  # statistics of an empty batch are undefined, as in ATen
@@ -87,8 +81,16 @@ def statistics(x, running_mean, running_var, training, stats_fn):
         else:
             mean, var = stats_fn()
     else:
-        mean, var = running_mean.detach().double(), running_var.detach().double()
-    return mean, var, mean.to(sdt, copy=True), var.to(sdt, copy=True)
+        mean, var = running_mean.detach(), running_var.detach()
+    return mean.to(sdt, copy=True), var.to(sdt, copy=True)
+
+
+def bn_tap3(x, cl, weight, dilation, axis, taps, bn_weight, bias, mean, var, prelu_weight, eps):
+    """act(BN(conv3 of x)) by tap3's BN mode: the pre-activation the backward recomputes."""
+    C = x.shape[1]
+    prm = cm.tap_params(weight, C, cm.acc_dtype(x), slope=cm.vec(prelu_weight, C, torch.float64),
+                        bn=_scale_shift(bn_weight, bias, mean, var, eps, C))
+    return cm.tap3(x, cl, prm, dilation, axis, taps=taps, act=True, bn=True)
 
 
 def bn_prelu(x_, weight, bias, running_mean, running_var, prelu_weight, training, eps):
@@ -96,13 +98,10 @@ def bn_prelu(x_, weight, bias, running_mean, running_var, prelu_weight, training
     cm.check_bn_prelu(x_, weight, bias, prelu_weight)
     cm.check_stats(running_mean, running_var, x_, training)
     x, cl = cm.canonical(x_)
-    C = x.shape[1]
-    mean, var, mean_out, var_out = statistics(x, running_mean, running_var, training,
-                                              lambda: batch_stats(x, cl))
-    scale, shift = _scale_shift(weight, bias, mean, var, eps, C)
-    prm = torch.stack([torch.zeros_like(scale), scale, torch.zeros_like(scale), shift,
-                       cm.vec(prelu_weight, C, torch.float64)]).to(cm.acc_dtype(x))
-    return cm.tap3(x, cl, prm, 1, 0, taps=1, act=True), mean_out, var_out
+    mean, var = statistics(x, running_mean, running_var, training, lambda: batch_stats(x, cl))
+    out = bn_tap3(x, cl, cm.identity_weight(x.shape[1], x.device), 1, 0, 1, weight, bias, mean,
+                  var, prelu_weight, eps)
+    return out, mean, var
 
 
 # ----------------------------------------------------------------------------------- backward
@@ -125,13 +124,11 @@ def _bn_terms(x_ptr, g_ptr, prm_ptr, n, c, p, h, w, ok, C, H, W, CL: tl.constexp
 
 
 @triton.jit
-def _bwd_sums_kernel(x_ptr, g_ptr, prm_ptr, part_ptr, N, C, H, W, CHUNK, CL: tl.constexpr,
+def _bwd_sums_kernel(x_ptr, g_ptr, prm_ptr, part_ptr, M, C, H, W, CHUNK, CL: tl.constexpr,
                      ACC: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
     """part[s] = (sum gy, sum gy * xhat, sum of g * y where y <= 0) per channel over split s."""
-    s = tl.program_id(0)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)[:, None]
-    start = s * CHUNK
-    end = tl.minimum(start + CHUNK, N * H * W)
+    s, c = cm.reduce_coords(C, BC)
+    start, end = cm.split_bounds(s, M, CHUNK)
     a0 = tl.zeros([BC, BP], ACC)
     a1 = tl.zeros([BC, BP], ACC)
     a2 = tl.zeros([BC, BP], ACC)
@@ -141,11 +138,8 @@ def _bwd_sums_kernel(x_ptr, g_ptr, prm_ptr, part_ptr, N, C, H, W, CHUNK, CL: tl.
         a0 += gy  # masked positions: g = 0, so every term is 0
         a1 += gy * xhat
         a2 += tl.where(y > 0, 0.0, g * y)
-    c1 = tl.program_id(1) * BC + tl.arange(0, BC)
-    out = part_ptr + s * 3 * C + c1
-    tl.store(out, tl.sum(a0, axis=1), mask=c1 < C)
-    tl.store(out + C, tl.sum(a1, axis=1), mask=c1 < C)
-    tl.store(out + 2 * C, tl.sum(a2, axis=1), mask=c1 < C)
+    cm.store_partials(part_ptr, s, c, C, tl.sum(a0, axis=1), tl.sum(a1, axis=1),
+                      tl.sum(a2, axis=1))
 
 
 @cm.autotuned(["C", "H", "W", "CL"])
@@ -183,8 +177,8 @@ def bn_prelu_backward(grad_out, x_, weight, bias, prelu_weight, mean, var, train
         bc, bp, chunk, splits = cm.reduce_split(x, cl)
         part = torch.empty((splits, 3, C), dtype=acc, device=x.device)
         with cm.device_guard(x):
-            _bwd_sums_kernel[(splits, triton.cdiv(C, bc))](
-                x, g, torch.stack(prm).to(acc), part, N, C, H, W, chunk, CL=cl,
+            _bwd_sums_kernel[cm.reduce_grid(C, bc, splits)](
+                x, g, torch.stack(prm).to(acc), part, M, C, H, W, chunk, CL=cl,
                 ACC=cm.tl_acc(x), BC=bc, BP=bp, num_warps=4)
             sums = cm.combine(part, stats=False)
     gx = gw = gb = ga = None

@@ -40,16 +40,17 @@ def _kernels(cm, bn, dw, dn, tl, dt, cl):
     dims = dict(C=i, H=i, W=i)
     return [
         (cm.tap3_kernel, dict(x_ptr=P, prm_ptr=A, out_ptr=P, d=i, **dims),
-         dict(AXIS=0, TAPS=3, ACT=True, **t), tw),
+         dict(AXIS=0, TAPS=3, ACT=True, BN=True, **t), tw),
         (cm.tap3_kernel, dict(x_ptr=P, prm_ptr=A, out_ptr=P, d=i, **dims),
-         dict(AXIS=1, TAPS=1, ACT=False, **t), tw),
+         dict(AXIS=1, TAPS=1, ACT=False, BN=False, **t), tw),
         (dn._dab_neck_kernel, dict(x_ptr=P, prm_ptr=A, fin_ptr=A, out_ptr=P, d=i, **dims), nt, nw),
         (bn._grad_x_kernel, dict(x_ptr=P, g_ptr=P, prm_ptr=A, gx_ptr=P, **dims), t, tw),
-        (bn._stats_kernel, dict(x_ptr=P, prm_ptr=A, part_ptr=A, N=i, d=i, CHUNK=i, **dims),
+        # M = N*H*W is an i64 argument from 2**31 on: one kernel compiled that way
+        (bn._stats_kernel, dict(x_ptr=P, prm_ptr=A, part_ptr=A, M="i64", d=i, CHUNK=i, **dims),
          dict(AXIS=1, TAPS=3, **red), 4),
-        (bn._bwd_sums_kernel, dict(x_ptr=P, g_ptr=P, prm_ptr=A, part_ptr=A, N=i, CHUNK=i, **dims),
+        (bn._bwd_sums_kernel, dict(x_ptr=P, g_ptr=P, prm_ptr=A, part_ptr=A, M=i, CHUNK=i, **dims),
          red, 4),
-        (dw._grad_weight_kernel, dict(g_ptr=P, x_ptr=P, part_ptr=A, N=i, d=i, CHUNK=i, **dims),
+        (dw._grad_weight_kernel, dict(g_ptr=P, x_ptr=P, part_ptr=A, M=i, d=i, CHUNK=i, **dims),
          dict(AXIS=0, **red), 4),
         (cm.combine_kernel, dict(part_ptr=A, out_ptr="*fp64", S=i, C=i), dict(STATS=True, BLOCK=32),
          4),

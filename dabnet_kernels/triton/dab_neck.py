@@ -26,8 +26,7 @@ def _branch(x_ptr, prm_ptr, n, c, p, h, w, ok, C, H, W, d, CL: tl.constexpr, ACC
                      True, CL, ACC)
         t = tl.where(inside, t, 0.0)
         acc += tl.load(prm_ptr + (5 + k) * C + c, mask=cmask, other=0.0) * t
-    slope = tl.load(prm_ptr + 9 * C + c, mask=cmask, other=0.0)
-    return tl.where(acc > 0, acc, slope * acc)
+    return cm.prelu(acc, prm_ptr + 9 * C, c, C)
 
 
 # At most 4 elements per thread: each keeps ~20 live values per element, and larger tiles spilled
@@ -49,8 +48,7 @@ def _dab_neck_kernel(x_ptr, prm_ptr, fin_ptr, out_ptr, C, H, W, d, CL: tl.conste
     cmask = c < C
     y = (tl.load(fin_ptr + c, mask=cmask, other=0.0) * s
          + tl.load(fin_ptr + C + c, mask=cmask, other=0.0))
-    slope = tl.load(fin_ptr + 2 * C + c, mask=cmask, other=0.0)
-    y = tl.where(y > 0, y, slope * y)
+    y = cm.prelu(y, fin_ptr + 2 * C, c, C)
     tl.store(out_ptr + cm.offsets(n, c, p, C, H * W, CL), y.to(out_ptr.dtype.element_ty), mask=ok)
 
 

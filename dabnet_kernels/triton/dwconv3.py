@@ -11,13 +11,11 @@ from . import _common as cm
 
 
 @triton.jit
-def _grad_weight_kernel(g_ptr, x_ptr, part_ptr, N, C, H, W, d, CHUNK, AXIS: tl.constexpr,
+def _grad_weight_kernel(g_ptr, x_ptr, part_ptr, M, C, H, W, d, CHUNK, AXIS: tl.constexpr,
                         CL: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
-    """part[s, k, c] = sum over split s of g * x shifted by (k - 1) * d along AXIS."""
-    s = tl.program_id(0)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)[:, None]
-    start = s * CHUNK
-    end = tl.minimum(start + CHUNK, N * H * W)
+    """part[s, k, c] = sum over split s of g * x shifted by (k - 1) * d along AXIS (M = N*H*W)."""
+    s, c = cm.reduce_coords(C, BC)
+    start, end = cm.split_bounds(s, M, CHUNK)
     a0 = tl.zeros([BC, BP], ACC)
     a1 = tl.zeros([BC, BP], ACC)
     a2 = tl.zeros([BC, BP], ACC)
@@ -27,11 +25,8 @@ def _grad_weight_kernel(g_ptr, x_ptr, part_ptr, N, C, H, W, d, CHUNK, AXIS: tl.c
         a0 += g * cm.shifted(x_ptr, n, c, p, h, w, ok, -d, C, H, W, AXIS, CL, ACC)
         a1 += g * cm.shifted(x_ptr, n, c, p, h, w, ok, 0, C, H, W, AXIS, CL, ACC)
         a2 += g * cm.shifted(x_ptr, n, c, p, h, w, ok, d, C, H, W, AXIS, CL, ACC)
-    c1 = tl.program_id(1) * BC + tl.arange(0, BC)
-    out = part_ptr + s * 3 * C + c1
-    tl.store(out, tl.sum(a0, axis=1), mask=c1 < C)
-    tl.store(out + C, tl.sum(a1, axis=1), mask=c1 < C)
-    tl.store(out + 2 * C, tl.sum(a2, axis=1), mask=c1 < C)
+    cm.store_partials(part_ptr, s, c, C, tl.sum(a0, axis=1), tl.sum(a1, axis=1),
+                      tl.sum(a2, axis=1))
 
 
 def grad_weight(g, x, cl, weight, dilation, axis):
@@ -42,9 +37,9 @@ def grad_weight(g, x, cl, weight, dilation, axis):
     bc, bp, chunk, splits = cm.reduce_split(x, cl)
     part = torch.empty((splits, 3, C), dtype=cm.acc_dtype(x), device=x.device)
     with cm.device_guard(x):
-        _grad_weight_kernel[(splits, triton.cdiv(C, bc))](
-            g, x, part, N, C, H, W, dilation, chunk, AXIS=axis, CL=cl, ACC=cm.tl_acc(x), BC=bc,
-            BP=bp, num_warps=4)
+        _grad_weight_kernel[cm.reduce_grid(C, bc, splits)](
+            g, x, part, N * H * W, C, H, W, dilation, chunk, AXIS=axis, CL=cl, ACC=cm.tl_acc(x),
+            BC=bc, BP=bp, num_warps=4)
         sums = cm.combine(part, stats=False)  # (3, C)
     return sums.t().to(weight.dtype).reshape(weight.shape).contiguous()
 
