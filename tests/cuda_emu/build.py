@@ -41,7 +41,7 @@ def _torch_flags():
 
 def _digest(src: Path, variant: str, extra: str) -> str:
     h = hashlib.sha256(f"{variant} {FLAGS[variant]} {extra}".encode())
-    own = [HERE / f for f in ("cuemu.h", "runtime.cpp", "translate.py", "build.py")]
+    own = [HERE / f for f in ("cuemu.h", "runtime.cpp", "translate.py", "build.py", "selftest.cu")]
     files = sorted(src.glob("*.h")) + sorted((src / "cuda").iterdir()) + own + sorted(
         (HERE / "shim").rglob("*.h"))
     for f in files:
@@ -53,7 +53,7 @@ def build(variant: str = "plain", src: Path = ROOT / "csrc", out_root: Path = RO
           jobs: int | None = None) -> Path:
     """Path of the emulation library for csrc-like folder `src`, built unless it exists."""
     sys.path.insert(0, str(HERE))
-    from translate import translate_dir
+    from translate import translate, translate_dir
 
     version, cflags, ldflags = _torch_flags()
     cxx = os.environ.get("CXX", "g++")
@@ -64,9 +64,11 @@ def build(variant: str = "plain", src: Path = ROOT / "csrc", out_root: Path = RO
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     units = translate_dir(src / "cuda", tmp / "csrc" / "cuda")
+    units.append(tmp / "selftest.cu")  # kernels that test the emulation (tests/test_cuda_emu.py)
+    units[-1].write_text(translate((HERE / "selftest.cu").read_text(), str(HERE / "selftest.cu")))
     # One translation unit for all kernel files: the torch headers are parsed once, not per file.
     unity = tmp / "csrc" / "cuda" / "kernels_unity.cpp"
-    unity.write_text("".join(f'#include "{u.name}"\n' for u in units))
+    unity.write_text("".join(f'#include "{u}"\n' for u in units))
     common = [cxx, "-std=c++20", "-fPIC", *FLAGS[variant], "-Wall", "-Wno-unknown-pragmas",
               "-Wno-unused-function", "-include", str(HERE / "cuemu.h"),
               "-I", str(HERE / "shim"), "-iquote", str(src / "cuda"), *cflags]

@@ -136,7 +136,8 @@ size_t main_size = 0;
 
 std::string where(const char* file, int line) {
   std::string f = file ? file : "?";
-  const size_t slash = f.rfind("/csrc/");
+  size_t slash = f.rfind("/csrc/");
+  if (slash == std::string::npos) slash = f.rfind("/tests/");
   return (slash == std::string::npos ? f : f.substr(slash + 1)) + ":" + std::to_string(line);
 }
 
@@ -276,24 +277,28 @@ void poison_canary(size_t at) {
 
 // Offsets: dynamic shared memory at 0, its canary, then each static array and its canary.
 void check_canaries() {
-  std::vector<std::pair<size_t, std::string>> ends = {{L.dyn, "dynamic shared memory"}};
+  struct Region {
+    size_t end, bytes;
+    std::string name;
+  };
+  std::vector<Region> regions = {{L.dyn, L.dyn, "dynamic shared memory"}};
   for (const auto& [site, a] : L.statics)
-    ends.push_back({a.offset + a.bytes, "__shared__ array of " + where(site.first, site.second)});
-  for (const auto& [end, name] : ends) {
-    const size_t at = (end + 255) / 256 * 256;
+    regions.push_back({a.offset + a.bytes, a.bytes,
+                       "__shared__ array of " + where(site.first, site.second)});
+  static const std::vector<unsigned char> poison(kCanary, kPoison);
+  for (const Region& r : regions) {
+    const size_t at = (r.end + 255) / 256 * 256;
 #if CUEMU_ASAN
     ASAN_UNPOISON_MEMORY_REGION(arena + at, kCanary);
 #endif
-    static const std::vector<unsigned char> poison(kCanary, kPoison);
     if (std::memcmp(arena + at, poison.data(), kCanary) == 0) continue;
-    for (size_t k = 0; k < kCanary; ++k)
-      if (arena[at + k] != kPoison) {
-        if (L.error.empty())
-          L.error = block_desc() + ": a thread wrote past the end of the " + name + " (" +
-                    std::to_string(end) + " bytes), " + std::to_string(at + k - end) +
-                    " bytes after it";
-        return;
-      }
+    size_t k = 0;
+    while (arena[at + k] == kPoison) ++k;
+    if (L.error.empty())
+      L.error = block_desc() + ": a thread wrote past the end of the " + r.name + " (" +
+                std::to_string(r.bytes) + " bytes), " + std::to_string(at + k - r.end) +
+                " bytes after it";
+    return;
   }
 }
 
