@@ -386,6 +386,18 @@ def test_low_precision_against_float64_reference(dev, dtype, layout):
                                   None if training else pc.running_var, pc.prelu_weight, training,
                                   eps=1e-3)
         close(out, want, dtype)
+        # The backward, from the statistics the forward returned (float32).
+        xr = cpu64(x).requires_grad_()
+        leaves = [t.clone().requires_grad_() for t in (pc.weight, pc.bias, pc.prelu_weight)]
+        reference.bn_prelu(xr, leaves[0], leaves[1], None if training else pc.running_mean,
+                           None if training else pc.running_var, leaves[2], training,
+                           eps=1e-3).backward(cpu64(g))
+        dev.poison()
+        grads = dev.ops.bn_prelu_backward(g, x, p.weight, p.bias, p.prelu_weight, mean, var,
+                                          training, 1e-3, [True] * 4)
+        close(grads[0], xr.grad, dtype)
+        for got, leaf in zip(grads[1:], leaves):
+            close(got, leaf.grad, dtype, atol=TOL[dtype]["atol"] * math.sqrt(M))
         out, _, _ = dev.ops.dwconv3_bn_prelu(x, cw, 2, p.weight, p.bias, rm, rv,
                                              p.prelu_weight, training, 1e-3)
         want = reference.dwconv3_bn_prelu(cpu64(x), cpu64(cw), 2, pc.weight, pc.bias,
