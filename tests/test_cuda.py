@@ -411,6 +411,44 @@ def test_low_precision_against_float64_reference(dev, dtype, layout):
         close(neck_cuda(x, weights, bns, d), neck_reference(x, weights, bns, d), dtype)
 
 
+# ------------------------------------------------------------------------ the CPU kernels
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_every_op_matches_the_cpu_kernels(dev, dtype, layout):
+    """Each op's outputs against the C++ CPU kernels (torch.ops.dabnet on CPU copies) on the
+    same inputs, in the op's own dtype: the two implementations agree within output rounding."""
+    shape = (2, 12, 9, 21)
+    M = shape[0] * shape[2] * shape[3]
+    x, g = make_input(shape, layout, dtype), make_input(shape, layout, dtype)
+    cw = dw_weight(12, "w", dtype)
+    p = bn_params(12, torch.float64 if dtype == torch.float64 else torch.float32)
+    weights, bns = neck_params(12, dtype)
+    neck_args = ops.fold_dab_neck(weights, bns, 1e-3, dtype)
+    calls = {
+        "dwconv3": (x, cw, 3),
+        "dwconv3_backward": (g, x, cw, 3, [True, True]),
+        "bn_prelu": (x, *p[:4], p.prelu_weight, False, 1e-3),
+        "bn_prelu_train": (x, p.weight, p.bias, None, None, p.prelu_weight, True, 1e-3),
+        "dwconv3_bn_prelu": (x, cw, 2, *p[:4], p.prelu_weight, False, 1e-3),
+        "dab_neck_tile": (x, *neck_args, 4),
+        "dab_neck_global": (x, *neck_args, 17),
+    }
+    _, mean, var = torch.ops.dabnet.bn_prelu(*(t.cpu() if isinstance(t, torch.Tensor) else t
+                                               for t in calls["bn_prelu_train"]))
+    calls["bn_prelu_backward"] = (g, x, p.weight, p.bias, p.prelu_weight, mean.to(x.device),
+                                  var.to(x.device), True, 1e-3, [True] * 4)
+    for name, args in calls.items():
+        op = name.replace("_train", "").replace("_tile", "").replace("_global", "")
+        dev.poison()
+        got = getattr(dev.ops, op)(*args)
+        want = getattr(torch.ops.dabnet, op)(*(a.cpu() if isinstance(a, torch.Tensor) else a
+                                               for a in args))
+        got, want = (got, want) if isinstance(got, (tuple, list)) else ((got,), (want,))
+        for k, (a, b) in enumerate(zip(got, want)):
+            sums = op.endswith("_backward") and k > 0  # parameter gradients: sums over N*H*W
+            close(a, cpu64(b), dtype, atol=TOL[dtype]["atol"] * (math.sqrt(M) if sums else 1))
+
+
 # ------------------------------------------------------------------------- random shapes
 def test_random_shapes(dev):
     rng = random.Random(7)
