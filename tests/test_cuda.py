@@ -382,7 +382,8 @@ def test_low_precision_against_float64_reference(dev, dtype, layout):
         out, mean, var = dev.ops.bn_prelu(x, p.weight, p.bias, rm, rv, p.prelu_weight,
                                           training, 1e-3)
         assert out.dtype == dtype and mean.dtype == torch.float32
-        want = reference.bn_prelu(cpu64(x), pc.weight, pc.bias, None if training else pc.running_mean,
+        want = reference.bn_prelu(cpu64(x), pc.weight, pc.bias,
+                                  None if training else pc.running_mean,
                                   None if training else pc.running_var, pc.prelu_weight, training,
                                   eps=1e-3)
         close(out, want, dtype)

@@ -49,8 +49,8 @@ def _digest(src: Path, variant: str, extra: str) -> str:
     return h.hexdigest()[:16]
 
 
-def build(variant: str = "plain", src: Path = ROOT / "csrc", out_root: Path = ROOT / "build" / "cuda_emu",
-          jobs: int | None = None) -> Path:
+def build(variant: str = "plain", src: Path = ROOT / "csrc",
+          out_root: Path = ROOT / "build" / "cuda_emu", jobs: int | None = None) -> Path:
     """Path of the emulation library for csrc-like folder `src`, built unless it exists."""
     sys.path.insert(0, str(HERE))
     from translate import translate, translate_dir
@@ -98,11 +98,17 @@ def load(path: str | os.PathLike | None = None):
     dabnet_kernels.ops), loading $CUEMU_LIB or `path` or a fresh build once per process."""
     if "ops" in _loaded:
         return _loaded["ops"]
+    if "error" in _loaded:  # one failed build is reported by every test, not retried by each
+        raise RuntimeError(_loaded["error"])
     import torch
 
     from dabnet_kernels import ops
 
-    path = path or os.environ.get("CUEMU_LIB") or build()
+    try:
+        path = path or os.environ.get("CUEMU_LIB") or build()
+    except Exception as e:
+        _loaded["error"] = str(e)
+        raise
     defs = torch.library.Library(NAMESPACE, "FRAGMENT")
     for name in ops.OP_NAMES:
         defs.define(ops.schema(name))

@@ -1,6 +1,6 @@
 // Kernels that test the CUDA emulation itself (tests/test_cuda_emu.py): translated and compiled
-// like csrc/cuda, and run as dabnet_cuemu::selftest(cpu_tensor, name, args). Written as CUDA, so the same
-// checks would hold on a GPU where they do not fail.
+// like csrc/cuda, and run as dabnet_cuemu::selftest(cpu_tensor, name, args). Plain CUDA: where
+// they do not fail, they would return the same on a GPU.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -77,7 +77,8 @@ at::Tensor selftest(const at::Tensor&, std::string name, std::vector<int64_t> a)
     counter = 0;
     if (a[7] > 0) C10_CUDA_CHECK(cudaFuncSetAttribute(count_kernel,
                                  cudaFuncAttributeMaxDynamicSharedMemorySize, int(a[7])));
-    count_kernel<<<dim3(a[0], a[1], a[2]), dim3(a[3], a[4], a[5]), size_t(a[6])>>>(p, p + 1, p + 1025);
+    count_kernel<<<dim3(a[0], a[1], a[2]), dim3(a[3], a[4], a[5]), size_t(a[6])>>>(p, p + 1,
+                                                                                 p + 1025);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
   }

@@ -8,7 +8,8 @@ csrc/cuda.
  -> ::cuemu::launch(__FILE__, __LINE__, <K's address if K names one function>,
                     [&] { K(args); }, grid, block[, smem[, stream]]);
     __shared__ T x[N];                    -> auto& x = *::cuemu::shared<T[N]>(__FILE__, __LINE__);
-    extern __shared__ [__align__(n)] T x[];  -> T* const x = static_cast<T*>(::cuemu::dynamic_shared());
+    extern __shared__ [__align__(n)] T x[];
+                        -> T* const x = static_cast<T*>(::cuemu::dynamic_shared());
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from pathlib import Path
 
 SUFFIXES = (".cu", ".cuh", ".h")
 
-_EXTERN = re.compile(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([\w:<>, ]+?)\s+(\w+)\s*\[\s*\]\s*;")
+_EXTERN = re.compile(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?"
+                     r"([\w:<>, ]+?)\s+(\w+)\s*\[\s*\]\s*;")
 _STATIC = re.compile(r"__shared__\s+([\w:<>, ]+?)\s+(\w+)\s*((?:\[[^\]]+\])*)\s*;")
 # A launch's kernel: a possibly qualified name with template arguments, right before <<<.
 _KERNEL = re.compile(r"((?:::)?\w+(?:::\w+)*(?:<[^;{}()]*?>)?)\s*$")
@@ -91,7 +93,7 @@ def translate(text: str, origin: str) -> str:
 
 
 def translate_dir(src: Path, dst: Path) -> list[Path]:
-    """Translates every CUDA source of src into dst (same names); returns the translated .cu files."""
+    """Translates every CUDA source of src into dst (same names); returns the .cu files."""
     dst.mkdir(parents=True, exist_ok=True)
     units = []
     for f in sorted(src.iterdir()):
