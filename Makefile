@@ -40,7 +40,7 @@ test: setup
 
 # Planted bugs (a missing barrier, a reduction race, a halo one short, an early exit before a
 # shuffle, too-small shared tiles, a missing shared-memory opt-in): the emulated tests must catch
-# each. Builds the emulation once per bug; about 20 minutes on 2 cores.
+# each. Builds the emulation once per bug; about 30 minutes on a 2-core machine.
 emu-mutants: setup
 	$(PY) tests/cuda_emu/mutants.py
 
