@@ -4,6 +4,7 @@ and the translator. The CUDA kernels' own emulated tests are in test_cuda.py (de
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +170,22 @@ def test_translator_keeps_lines_and_rewrites_only_launches_and_shared():
     assert out[1:3] == src.split("\n")[:2]
     with pytest.raises(translate.TranslateError, match="x.cu:1: a __shared__ declaration"):
         translate.translate("__shared__ int a = 3;\n", "x.cu")
+
+
+def test_every_launch_site_of_csrc_cuda_runs(emu):
+    """Every <<<>>> of csrc/cuda launches when the ops run: dwconv3 and the global neck path (map),
+    grad_weight (reduce, finish), the neck tile."""
+    root = Path(__file__).resolve().parents[1]
+    sites = {f"csrc/cuda/{f.name}:{i}" for f in (root / "csrc" / "cuda").iterdir()
+             for i, line in enumerate(f.read_text().split("\n"), 1) if "<<<" in line}
+    assert len(sites) >= 4
+    emu.launch_counts(True)
+    x = torch.randn(2, 3, 20, 20, dtype=torch.float64)
+    w = torch.randn(3, 1, 3, 1, dtype=torch.float64)
+    emu.dwconv3_backward(x, x, w, 1, [True, True])
+    neck = [torch.randn(4, 3, 3), *(torch.randn(4, 3) for _ in range(2)),
+            *(torch.randn(3) for _ in range(3))]
+    for d in (2, 17):  # the tile, then the global-memory path
+        emu.dab_neck(x, *(t.double() for t in neck), d)
+    launched = {s.rsplit(" ", 1)[0] for s in emu.launch_counts(True)}
+    assert sites <= launched, f"never launched: {sorted(sites - launched)}"
