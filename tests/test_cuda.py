@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cuda_emu
 import dabnet_kernels._lib as lib
 from conftest import requires_cuda
 from dabnet_kernels import ops, reference
@@ -100,14 +101,6 @@ class Emulated:
 _current = [Gpu()]  # the backend of the running test: the helpers' default device
 
 
-def _emulated():
-    from cuda_emu import build
-    try:
-        return Emulated(build.load())
-    except Exception as e:  # no compiler, a build error: every emulated test says why
-        pytest.fail(f"the CUDA emulation could not be built or loaded: {e}")
-
-
 @pytest.fixture(params=[pytest.param("gpu", marks=requires_cuda),
                         pytest.param("emulated", marks=pytest.mark.cuda_emulated)])
 def dev(request):
@@ -115,7 +108,7 @@ def dev(request):
     if request.param == "gpu":
         _current[0] = Gpu()
     else:
-        _current[0] = _emulated()
+        _current[0] = Emulated(cuda_emu.ops_or_fail())
         key = zlib.crc32(request.node.nodeid.encode())
         order = os.environ.get("CUEMU_ORDER") or ORDERS[key % 3]
         print(f"cuemu schedule: {order}, seed {key}")  # shown when the test fails

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cuda_emu import translate
+from cuda_emu import ops_or_fail, translate
 
 pytestmark = pytest.mark.cuda_emulated
 ORDERS = ("forward", "reverse", "random")
@@ -17,11 +17,7 @@ ORDERS = ("forward", "reverse", "random")
 
 @pytest.fixture(scope="module")
 def emu():
-    from cuda_emu import build
-    try:
-        e = build.load()
-    except Exception as err:
-        pytest.fail(f"the CUDA emulation could not be built or loaded: {err}")
+    e = ops_or_fail()
     yield e
     e.set_schedule("forward", 0)
 
@@ -189,3 +185,10 @@ def test_every_launch_site_of_csrc_cuda_runs(emu):
         emu.dab_neck(x, *(t.double() for t in neck), d)
     launched = {s.rsplit(" ", 1)[0] for s in emu.launch_counts(True)}
     assert sites <= launched, f"never launched: {sorted(sites - launched)}"
+
+
+def test_failed_launch_without_a_launch_check_fails_the_op(emu):
+    with pytest.raises(RuntimeError, match=r"no launch check caught it: launch at "
+                                           r"tests/cuda_emu/selftest.cu:\d+: grid \(1,70000,1\)"):
+        run(emu, "unchecked")
+    assert run(emu, "sync", [0])[0] == 63  # the next op starts clean

@@ -89,6 +89,10 @@ at::Tensor selftest(const at::Tensor&, std::string name, std::vector<int64_t> a)
                            int(a[3]), int(a[4]));
   if (name == "smem") smem_kernel<<<1, 64, 64 * sizeof(float)>>>(out.data_ptr<float>());
   if (name == "untouched") out = at::empty({64}, opt);  // no kernel writes it
+  if (name == "unchecked") {  // a launch that fails, and no launch check
+    sync_kernel<<<dim3(1, 70000), 64>>>(out.data_ptr<float>(), 0);
+    return out;
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
