@@ -15,7 +15,8 @@ TEST_DEPS := ninja numpy pytest expecttest pillow tqdm onnx onnxruntime onnxscri
 # nvcc jobs in parallel: 2 fit a 2-core, 24 GiB machine.
 export MAX_JOBS ?= 2
 
-.PHONY: setup build demo test bench bench-quick bench-report deploy check-device-stack clean
+.PHONY: setup build demo test emu-mutants emu-asan bench bench-quick bench-report deploy \
+	check-device-stack clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +37,24 @@ demo: setup
 	$(PY) -m bench.quick
 	$(PY) -m dabnet.demo
 
+# The suite includes the CUDA kernels run on the CPU (tests/cuda_emu, docs/cuda-emulation.md):
+# pytest builds the emulation on first use (about 30 s) under build/cuda_emu.
 test: setup
 	$(PY) -m pytest -q tests
+
+# Planted bugs (a missing barrier, a reduction race, a halo one short, an early exit before a
+# shuffle, too-small shared tiles, a missing shared-memory opt-in): the emulated tests must catch
+# each. Builds the emulation once per bug; about 30 minutes on a 2-core machine.
+emu-mutants: setup
+	$(PY) tests/cuda_emu/mutants.py
+
+# The emulated kernels under AddressSanitizer (global and shared memory), on a quick subset.
+EMU_ASAN_TESTS ?= test_dab_neck or test_low_precision or test_empty_inputs
+emu-asan: setup
+	lib=$$($(PY) tests/cuda_emu/build.py --asan) && \
+	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so.6)" \
+	ASAN_OPTIONS=detect_leaks=0 CUEMU_LIB=$$lib \
+	$(PY) -m pytest -q -p no:cacheprovider -m cuda_emulated tests/test_cuda.py -k "$(EMU_ASAN_TESTS)"
 
 bench: setup
 	$(PY) -m bench.run

@@ -4,6 +4,9 @@ Without a GPU: the built extension must hold a CUDA kernel for every op (when it
 CUDA), and the kernels' index math (csrc/cuda/index.h) is run on the host by a small C++ program.
 With a GPU: parity with dabnet_kernels.reference (computed in float64 on the CPU), gradcheck,
 low-precision accuracy, random shapes, DABNet-sized shapes, determinism, a second GPU.
+Without one, the same parity, gradcheck, low-precision and random-shape tests run the very same
+CUDA sources on the CPU through the emulation of tests/cuda_emu (marked cuda_emulated; see
+docs/cuda-emulation.md): each test takes the fixture `dev`, the GPU or the emulation.
 
 Tolerances (outputs compared with a float64 reference computed from the very same input values):
   float64   rtol 1e-9,  atol 1e-9   (only summation order differs)
@@ -16,16 +19,19 @@ sqrt(N*H*W).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import shutil
 import subprocess
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
+import cuda_emu
 import dabnet_kernels._lib as lib
 from conftest import requires_cuda
 from dabnet_kernels import ops, reference
@@ -43,6 +49,72 @@ TOL = {
     torch.float16: dict(rtol=2e-3, atol=2e-3),
     torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
 }
+
+
+ORDERS = ("forward", "reverse", "random")
+
+
+class Gpu:
+    """The CUDA kernels on the GPU."""
+    device = "cuda"
+
+    @property
+    def ops(self):
+        return torch.ops.dabnet
+
+    def poison(self):
+        """Fills the caching allocator's free memory with 0xFF bytes (NaN in every float dtype),
+        so an output element that a kernel never writes shows up as NaN."""
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        blocks = [torch.full((256 << 20,), 255, dtype=torch.uint8, device="cuda")]  # large pool
+        blocks += [torch.full((1 << 20,), 255, dtype=torch.uint8, device="cuda")  # small pool
+                   for _ in range(32)]
+        del blocks
+
+    @contextlib.contextmanager
+    def public_api(self):
+        yield  # dabnet_kernels.ops runs CUDA tensors on the CUDA kernels
+
+
+class Emulated:
+    """The CUDA kernels run on the CPU by tests/cuda_emu: torch.ops.dabnet_cuemu on CPU tensors."""
+    device = "cpu"
+
+    def __init__(self, ops_):
+        self.ops = ops_
+
+    def poison(self):
+        pass  # every emulated op NaN-poisons all memory it allocates
+
+    @contextlib.contextmanager
+    def public_api(self):
+        """dabnet_kernels.ops (validation, autograd) running on the emulated kernels."""
+        saved = ops.ops_for
+        ops.ops_for = lambda x: self.ops
+        try:
+            yield
+        finally:
+            ops.ops_for = saved
+
+
+_current = [Gpu()]  # the backend of the running test: the helpers' default device
+
+
+@pytest.fixture(params=[pytest.param("gpu", marks=requires_cuda),
+                        pytest.param("emulated", marks=pytest.mark.cuda_emulated)])
+def dev(request):
+    """The GPU, or the emulation with a schedule (thread and block order) picked per test."""
+    if request.param == "gpu":
+        _current[0] = Gpu()
+    else:
+        _current[0] = Emulated(cuda_emu.ops_or_fail())
+        key = zlib.crc32(request.node.nodeid.encode())
+        order = os.environ.get("CUEMU_ORDER") or ORDERS[key % 3]
+        print(f"cuemu schedule: {order}, seed {key}")  # shown when the test fails
+        _current[0].ops.set_schedule(order, key)
+    yield _current[0]
+    _current[0] = Gpu()
 
 
 # ------------------------------------------------------------------------- without a GPU
@@ -76,8 +148,9 @@ def test_index_math_on_host(tmp_path):
 
 
 # ----------------------------------------------------------------------------- helpers
-def make_input(shape, layout, dtype=torch.float64, device="cuda", requires_grad=False):
+def make_input(shape, layout, dtype=torch.float64, device=None, requires_grad=False):
     N, C, H, W = shape
+    device = device or _current[0].device
     if layout == "strided":  # neither NCHW- nor channels_last-contiguous: every other column
         x = torch.randn(N, C, H, 2 * W, dtype=dtype, device=device)[..., 1::2]
     else:
@@ -87,27 +160,17 @@ def make_input(shape, layout, dtype=torch.float64, device="cuda", requires_grad=
     return x.requires_grad_(requires_grad)
 
 
-def dw_weight(C, along, dtype=torch.float64, device="cuda"):
+def dw_weight(C, along, dtype=torch.float64, device=None):
+    device = device or _current[0].device
     shape = (C, 1, 3, 1) if along == "h" else (C, 1, 1, 3)
     return torch.randn(shape, dtype=dtype, device=device)
 
 
-def bn_params(C, dtype=torch.float64, device="cuda", single_slope=False):
-    kw = dict(dtype=dtype, device=device)
+def bn_params(C, dtype=torch.float64, device=None, single_slope=False):
+    kw = dict(dtype=dtype, device=device or _current[0].device)
     return BNPReLUParams(torch.rand(C, **kw) + 0.5, torch.randn(C, **kw), torch.randn(C, **kw),
                          torch.rand(C, **kw) + 0.5,
                          0.25 * torch.randn(1 if single_slope else C, **kw))
-
-
-def poison(device="cuda"):
-    """Fills the caching allocator's free memory with 0xFF bytes (NaN in every float dtype), so
-    an output element that a kernel never writes shows up as NaN."""
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    blocks = [torch.full((256 << 20,), 255, dtype=torch.uint8, device=device)]  # large pool
-    blocks += [torch.full((1 << 20,), 255, dtype=torch.uint8, device=device)  # small pool
-               for _ in range(32)]
-    del blocks
 
 
 def cpu64(t):
@@ -125,7 +188,7 @@ def bn_cpu64(p):
 def close(out, want, dtype, **kw):
     tol = dict(TOL[dtype])
     tol.update(kw)
-    assert out.device.type == "cuda"
+    assert out.device.type == _current[0].device
     torch.testing.assert_close(cpu64(out), want.to(torch.float64), **tol)
 
 
@@ -139,39 +202,37 @@ SHAPES = [(1, 3, 7, 9), (3, 5, 11, 6), (1, 4, 1, 13), (3, 33, 5, 70)]
 
 
 # ------------------------------------------------------------------------- parity, float64
-@requires_cuda
 @pytest.mark.parametrize("along", ["h", "w"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dilation", DILATIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_dwconv3_forward_and_backward(shape, dilation, layout, along):
+def test_dwconv3_forward_and_backward(dev, shape, dilation, layout, along):
     x = make_input(shape, layout)
     w = dw_weight(shape[1], along)
     g = make_input(shape, layout)
-    poison()
-    out = torch.ops.dabnet.dwconv3(x, w, dilation)
+    dev.poison()
+    out = dev.ops.dwconv3(x, w, dilation)
     assert out.is_contiguous(memory_format=out_format(x))
     close(out, reference.dwconv3(cpu64(x), cpu64(w), dilation), torch.float64)
-    poison()
-    gx, gw = torch.ops.dabnet.dwconv3_backward(g, x, w, dilation, [True, True])
+    dev.poison()
+    gx, gw = dev.ops.dwconv3_backward(g, x, w, dilation, [True, True])
     xr, wr = cpu64(x).requires_grad_(), cpu64(w).requires_grad_()
     reference.dwconv3(xr, wr, dilation).backward(cpu64(g))
     close(gx, xr.grad, torch.float64)
     close(gw, wr.grad, torch.float64)
 
 
-@requires_cuda
 @pytest.mark.parametrize("single_slope", [False, True])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_bn_prelu_forward_and_backward(shape, layout, training, single_slope):
+def test_bn_prelu_forward_and_backward(dev, shape, layout, training, single_slope):
     x = make_input(shape, layout) * 3 + 1
     p = bn_params(shape[1], single_slope=single_slope)
     rm, rv = (None, None) if training else (p.running_mean, p.running_var)
-    poison()
-    out, mean, var = torch.ops.dabnet.bn_prelu(x, p.weight, p.bias, rm, rv, p.prelu_weight,
-                                               training, 1e-3)
+    dev.poison()
+    out, mean, var = dev.ops.bn_prelu(x, p.weight, p.bias, rm, rv, p.prelu_weight,
+                                      training, 1e-3)
     assert out.is_contiguous(memory_format=out_format(x))
     xc = cpu64(x)
     want_mean = xc.mean((0, 2, 3)) if training else cpu64(p.running_mean)
@@ -187,27 +248,26 @@ def test_bn_prelu_forward_and_backward(shape, layout, training, single_slope):
     close(out, ref, torch.float64)
     g = make_input(shape, layout)
     ref.backward(cpu64(g))
-    poison()
-    grads = torch.ops.dabnet.bn_prelu_backward(g, x, p.weight, p.bias, p.prelu_weight, mean, var,
-                                               training, 1e-3, [True, True, True, True])
+    dev.poison()
+    grads = dev.ops.bn_prelu_backward(g, x, p.weight, p.bias, p.prelu_weight, mean, var,
+                                      training, 1e-3, [True, True, True, True])
     for got, want in zip(grads, [xr.grad] + [t.grad for t in leaves]):
         close(got, want, torch.float64)
 
 
-@requires_cuda
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("along", ["h", "w"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dilation", DILATIONS)
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=str)
-def test_dwconv3_bn_prelu(shape, dilation, layout, along, training):
+def test_dwconv3_bn_prelu(dev, shape, dilation, layout, along, training):
     x = make_input(shape, layout)
     cw = dw_weight(shape[1], along)
     p = bn_params(shape[1])
     rm, rv = (None, None) if training else (p.running_mean, p.running_var)
-    poison()
-    out, mean, var = torch.ops.dabnet.dwconv3_bn_prelu(x, cw, dilation, p.weight, p.bias, rm, rv,
-                                                       p.prelu_weight, training, 1e-3)
+    dev.poison()
+    out, mean, var = dev.ops.dwconv3_bn_prelu(x, cw, dilation, p.weight, p.bias, rm, rv,
+                                              p.prelu_weight, training, 1e-3)
     assert out.is_contiguous(memory_format=out_format(x))
     pc = bn_cpu64(p)
     want = reference.dwconv3_bn_prelu(cpu64(x), cpu64(cw), dilation, pc.weight, pc.bias,
@@ -217,14 +277,14 @@ def test_dwconv3_bn_prelu(shape, dilation, layout, along, training):
     close(out, want, torch.float64)
 
 
-def neck_params(C, dtype=torch.float64, device="cuda"):
+def neck_params(C, dtype=torch.float64, device=None):
     weights = [dw_weight(C, a, dtype, device) for a in ("h", "w", "h", "w")]
     bns = [bn_params(C, dtype, device, single_slope=(k == 1)) for k in range(5)]
     return weights, bns
 
 
 def neck_cuda(x, weights, bns, d, eps=1e-3):
-    return torch.ops.dabnet.dab_neck(x, *ops.fold_dab_neck(weights, bns, eps, x.dtype), d)
+    return _current[0].ops.dab_neck(x, *ops.fold_dab_neck(weights, bns, eps, x.dtype), d)
 
 
 def neck_reference(x, weights, bns, d, eps=1e-3):
@@ -232,71 +292,67 @@ def neck_reference(x, weights, bns, d, eps=1e-3):
                               d, training=False, eps=eps)
 
 
-@requires_cuda
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dilation", DILATIONS)
 @pytest.mark.parametrize("shape", SHAPES + [(1, 2, 40, 150)], ids=str)
-def test_dab_neck(shape, dilation, layout):
+def test_dab_neck(dev, shape, dilation, layout):
     x = make_input(shape, layout)
     weights, bns = neck_params(shape[1])
-    poison()
+    dev.poison()
     out = neck_cuda(x, weights, bns, dilation)
     assert out.is_contiguous(memory_format=out_format(x))
     close(out, neck_reference(x, weights, bns, dilation), torch.float64)
 
 
-@requires_cuda
-def test_dab_neck_public_api_uses_fused_kernel_and_matches():
+def test_dab_neck_public_api_uses_fused_kernel_and_matches(dev):
     x = make_input((3, 6, 19, 23), "channels_last")
     weights, bns = neck_params(6)
-    with torch.no_grad():
+    with torch.no_grad(), dev.public_api():
         out = ops.dab_neck(x, weights, bns, 4)
     close(out, neck_reference(x, weights, bns, 4), torch.float64)
 
 
-@requires_cuda
-def test_empty_inputs():
+def test_empty_inputs(dev):
     for shape in [(0, 3, 5, 5), (2, 3, 0, 4)]:
         x = make_input(shape, "nchw")
         w = dw_weight(3, "h")
-        assert torch.ops.dabnet.dwconv3(x, w, 2).shape == x.shape
+        assert dev.ops.dwconv3(x, w, 2).shape == x.shape
         p = bn_params(3)
-        out, mean, var = torch.ops.dabnet.bn_prelu(x, p.weight, p.bias, None, None,
-                                                   p.prelu_weight, True, 1e-3)
+        out, mean, var = dev.ops.bn_prelu(x, p.weight, p.bias, None, None, p.prelu_weight,
+                                          True, 1e-3)
         assert out.shape == x.shape and torch.isnan(mean).all() and torch.isnan(var).all()
         weights, bns = neck_params(3)
         assert neck_cuda(x, weights, bns, 2).shape == x.shape
-        gx, gw = torch.ops.dabnet.dwconv3_backward(x, x, w, 2, [True, True])
+        gx, gw = dev.ops.dwconv3_backward(x, x, w, 2, [True, True])
         assert gx.shape == x.shape and torch.equal(gw, torch.zeros_like(w))
 
 
 # ------------------------------------------------------------------------------ gradcheck
-@requires_cuda
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dilation", [1, 2, 9])
-def test_gradcheck(dilation, layout):
+def test_gradcheck(dev, dilation, layout):
     shape = (2, 3, 5, 7)
     x = make_input(shape, layout, requires_grad=True)
-    for along in ("h", "w"):
-        w = dw_weight(3, along).requires_grad_()
-        assert torch.autograd.gradcheck(lambda x, w: ops.dwconv3(x, w, dilation), (x, w))
-    p = bn_params(3)
-    bw, bb, a = (t.clone().requires_grad_() for t in (p.weight, p.bias, p.prelu_weight))
-    cw = dw_weight(3, "w").requires_grad_()
-    for training in (True, False):
-        rm, rv = (None, None) if training else (p.running_mean, p.running_var)
-        assert torch.autograd.gradcheck(
-            lambda x, bw, bb, a: ops.bn_prelu(x, bw, bb, rm, rv, a, training), (x, bw, bb, a))
-        assert torch.autograd.gradcheck(
-            lambda x, cw, bw, bb, a: ops.dwconv3_bn_prelu(x, cw, dilation, bw, bb, rm, rv, a,
-                                                          training), (x, cw, bw, bb, a))
+    with dev.public_api():
+        for along in ("h", "w"):
+            w = dw_weight(3, along).requires_grad_()
+            assert torch.autograd.gradcheck(lambda x, w: ops.dwconv3(x, w, dilation), (x, w))
+        p = bn_params(3)
+        bw, bb, a = (t.clone().requires_grad_() for t in (p.weight, p.bias, p.prelu_weight))
+        cw = dw_weight(3, "w").requires_grad_()
+        for training in (True, False):
+            rm, rv = (None, None) if training else (p.running_mean, p.running_var)
+            assert torch.autograd.gradcheck(
+                lambda x, bw, bb, a: ops.bn_prelu(x, bw, bb, rm, rv, a, training), (x, bw, bb, a))
+            assert torch.autograd.gradcheck(
+                lambda x, cw, bw, bb, a: ops.dwconv3_bn_prelu(x, cw, dilation, bw, bb, rm, rv, a,
+                                                              training), (x, cw, bw, bb, a))
 
 
 # ------------------------------------------------------------------------ low precision
-@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_low_precision_against_float64_reference(dtype, layout):
+def test_low_precision_against_float64_reference(dev, dtype, layout):
     shape = (3, 24, 33, 45)
     M = shape[0] * shape[2] * shape[3]
     x = make_input(shape, layout, dtype)
@@ -304,27 +360,40 @@ def test_low_precision_against_float64_reference(dtype, layout):
     cw = dw_weight(24, "h", dtype)
     p = bn_params(24, torch.float32)
     pc = bn_cpu64(p)
-    poison()
-    out = torch.ops.dabnet.dwconv3(x, cw, 4)
+    dev.poison()
+    out = dev.ops.dwconv3(x, cw, 4)
     assert out.dtype == dtype
     close(out, reference.dwconv3(cpu64(x), cpu64(cw), 4), dtype)
-    gx, gw = torch.ops.dabnet.dwconv3_backward(g, x, cw, 4, [True, True])
+    gx, gw = dev.ops.dwconv3_backward(g, x, cw, 4, [True, True])
     xr, wr = cpu64(x).requires_grad_(), cpu64(cw).requires_grad_()
     reference.dwconv3(xr, wr, 4).backward(cpu64(g))
     close(gx, xr.grad, dtype)
     close(gw, wr.grad, dtype, atol=TOL[dtype]["atol"] * math.sqrt(M))
     for training in (True, False):
         rm, rv = (None, None) if training else (p.running_mean, p.running_var)
-        poison()
-        out, mean, var = torch.ops.dabnet.bn_prelu(x, p.weight, p.bias, rm, rv, p.prelu_weight,
-                                                   training, 1e-3)
+        dev.poison()
+        out, mean, var = dev.ops.bn_prelu(x, p.weight, p.bias, rm, rv, p.prelu_weight,
+                                          training, 1e-3)
         assert out.dtype == dtype and mean.dtype == torch.float32
-        want = reference.bn_prelu(cpu64(x), pc.weight, pc.bias, None if training else pc.running_mean,
+        want = reference.bn_prelu(cpu64(x), pc.weight, pc.bias,
+                                  None if training else pc.running_mean,
                                   None if training else pc.running_var, pc.prelu_weight, training,
                                   eps=1e-3)
         close(out, want, dtype)
-        out, _, _ = torch.ops.dabnet.dwconv3_bn_prelu(x, cw, 2, p.weight, p.bias, rm, rv,
-                                                      p.prelu_weight, training, 1e-3)
+        # The backward, from the statistics the forward returned (float32).
+        xr = cpu64(x).requires_grad_()
+        leaves = [t.clone().requires_grad_() for t in (pc.weight, pc.bias, pc.prelu_weight)]
+        reference.bn_prelu(xr, leaves[0], leaves[1], None if training else pc.running_mean,
+                           None if training else pc.running_var, leaves[2], training,
+                           eps=1e-3).backward(cpu64(g))
+        dev.poison()
+        grads = dev.ops.bn_prelu_backward(g, x, p.weight, p.bias, p.prelu_weight, mean, var,
+                                          training, 1e-3, [True] * 4)
+        close(grads[0], xr.grad, dtype)
+        for got, leaf in zip(grads[1:], leaves):
+            close(got, leaf.grad, dtype, atol=TOL[dtype]["atol"] * math.sqrt(M))
+        out, _, _ = dev.ops.dwconv3_bn_prelu(x, cw, 2, p.weight, p.bias, rm, rv,
+                                             p.prelu_weight, training, 1e-3)
         want = reference.dwconv3_bn_prelu(cpu64(x), cpu64(cw), 2, pc.weight, pc.bias,
                                           None if training else pc.running_mean,
                                           None if training else pc.running_var, pc.prelu_weight,
@@ -332,13 +401,50 @@ def test_low_precision_against_float64_reference(dtype, layout):
         close(out, want, dtype)
     weights, bns = neck_params(24, dtype)
     for d in (2, 16, 17):
-        poison()
+        dev.poison()
         close(neck_cuda(x, weights, bns, d), neck_reference(x, weights, bns, d), dtype)
 
 
+# ------------------------------------------------------------------------ the CPU kernels
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_every_op_matches_the_cpu_kernels(dev, dtype, layout):
+    """Each op's outputs against the C++ CPU kernels (torch.ops.dabnet on CPU copies) on the
+    same inputs, in the op's own dtype: the two implementations agree within output rounding."""
+    shape = (2, 12, 9, 21)
+    M = shape[0] * shape[2] * shape[3]
+    x, g = make_input(shape, layout, dtype), make_input(shape, layout, dtype)
+    cw = dw_weight(12, "w", dtype)
+    p = bn_params(12, torch.float64 if dtype == torch.float64 else torch.float32)
+    weights, bns = neck_params(12, dtype)
+    neck_args = ops.fold_dab_neck(weights, bns, 1e-3, dtype)
+    calls = {
+        "dwconv3": (x, cw, 3),
+        "dwconv3_backward": (g, x, cw, 3, [True, True]),
+        "bn_prelu": (x, *p[:4], p.prelu_weight, False, 1e-3),
+        "bn_prelu_train": (x, p.weight, p.bias, None, None, p.prelu_weight, True, 1e-3),
+        "dwconv3_bn_prelu": (x, cw, 2, *p[:4], p.prelu_weight, False, 1e-3),
+        "dab_neck_tile": (x, *neck_args, 4),
+        "dab_neck_global": (x, *neck_args, 17),
+    }
+    _, mean, var = torch.ops.dabnet.bn_prelu(*(t.cpu() if isinstance(t, torch.Tensor) else t
+                                               for t in calls["bn_prelu_train"]))
+    calls["bn_prelu_backward"] = (g, x, p.weight, p.bias, p.prelu_weight, mean.to(x.device),
+                                  var.to(x.device), True, 1e-3, [True] * 4)
+    for name, args in calls.items():
+        op = name.replace("_train", "").replace("_tile", "").replace("_global", "")
+        dev.poison()
+        got = getattr(dev.ops, op)(*args)
+        want = getattr(torch.ops.dabnet, op)(*(a.cpu() if isinstance(a, torch.Tensor) else a
+                                               for a in args))
+        got, want = (got, want) if isinstance(got, (tuple, list)) else ((got,), (want,))
+        for k, (a, b) in enumerate(zip(got, want)):
+            sums = op.endswith("_backward") and k > 0  # parameter gradients: sums over N*H*W
+            close(a, cpu64(b), dtype, atol=TOL[dtype]["atol"] * (math.sqrt(M) if sums else 1))
+
+
 # ------------------------------------------------------------------------- random shapes
-@requires_cuda
-def test_random_shapes():
+def test_random_shapes(dev):
     rng = random.Random(7)
     for _ in range(40):
         shape = (rng.randint(1, 4), rng.randint(1, 40), rng.randint(1, 50), rng.randint(1, 90))
@@ -347,17 +453,17 @@ def test_random_shapes():
         x = make_input(shape, layout)
         along = rng.choice("hw")
         w = dw_weight(shape[1], along)
-        poison()
-        close(torch.ops.dabnet.dwconv3(x, w, d), reference.dwconv3(cpu64(x), cpu64(w), d),
+        dev.poison()
+        close(dev.ops.dwconv3(x, w, d), reference.dwconv3(cpu64(x), cpu64(w), d),
               torch.float64)
         weights, bns = neck_params(shape[1])
-        poison()
+        dev.poison()
         close(neck_cuda(x, weights, bns, d), neck_reference(x, weights, bns, d), torch.float64)
         if shape[0] * shape[2] * shape[3] > 1:
             p = bn_params(shape[1])
-            poison()
-            out = torch.ops.dabnet.bn_prelu(x, p.weight, p.bias, None, None, p.prelu_weight, True,
-                                            1e-3)[0]
+            dev.poison()
+            out = dev.ops.bn_prelu(x, p.weight, p.bias, None, None, p.prelu_weight, True,
+                                   1e-3)[0]
             pc = bn_cpu64(p)
             close(out, reference.bn_prelu(cpu64(x), pc.weight, pc.bias, None, None,
                                           pc.prelu_weight, True, eps=1e-3), torch.float64)
@@ -381,13 +487,13 @@ def test_dabnet_shapes(shape, dilations, layout, dtype):
     p64 = bn_map(p, torch.Tensor.double)
     for d in dilations:
         weights, bns = neck_params(C, dtype)
-        poison()
+        Gpu().poison()
         out = neck_cuda(x, weights, bns, d)
         want = reference.dab_neck(x64, [w.double() for w in weights],
                                   [bn_map(b, torch.Tensor.double) for b in bns], d)
         torch.testing.assert_close(out.double(), want, **TOL[dtype])
         cw = weights[2]
-        poison()
+        Gpu().poison()
         gx, gw = torch.ops.dabnet.dwconv3_backward(g, x, cw, d, [True, True])
         x64r, cw64 = x64.clone().requires_grad_(), cw.double().requires_grad_()
         reference.dwconv3(x64r, cw64, d).backward(g64)
@@ -395,7 +501,7 @@ def test_dabnet_shapes(shape, dilations, layout, dtype):
         tol = dict(TOL[dtype])
         tol["atol"] *= math.sqrt(M)
         torch.testing.assert_close(gw.double(), cw64.grad, **tol)
-    poison()
+    Gpu().poison()
     out, mean, var = torch.ops.dabnet.bn_prelu(x, p.weight, p.bias, None, None, p.prelu_weight,
                                                True, 1e-3)
     want = reference.bn_prelu(x64, p64.weight, p64.bias, None, None, p64.prelu_weight, True,

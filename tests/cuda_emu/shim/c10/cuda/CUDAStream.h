@@ -1,0 +1,3 @@
+// Stand-in for c10/cuda/CUDAStream.h in the CUDA emulation.
+#pragma once
+#include "../../../cuemu.h"
