@@ -1,7 +1,7 @@
 """Performance tables, rendered from bench/results/*.json only: README.md and bench/README.md
 state no number that a results file does not hold.
 
-    python -m bench.report                      # markdown: the full tables, latest results per device
+    python -m bench.report                      # markdown: full tables, the latest run per device
     python -m bench.report --summary            # markdown: README's one summary table
     python -m bench.report FILE.json ...        # markdown for these files
     python -m bench.report --write README.md bench/README.md
