@@ -73,7 +73,7 @@ deploy/build/dabnet_run: deploy/dabnet_run.cpp
 deploy: setup deploy/build/dabnet_run
 
 bench-report: setup
-	$(PY) -m bench.report --write README.md
+	$(PY) -m bench.report --write README.md bench/README.md
 
 # ------------------------------------------------------------------------ the GPU machine's stack
 # make check-device-stack: the software of the GPU machine that bench/gpu_suite.sh runs on (Python

@@ -1,11 +1,20 @@
-"""README performance tables, rendered from bench/results/*.json only: README states no number
-that a results file does not hold.
+"""Performance tables, rendered from bench/results/*.json only: README.md and bench/README.md
+state no number that a results file does not hold.
 
-    python -m bench.report                      # markdown for the latest results per device
+    python -m bench.report                      # markdown: full tables, the latest run per device
+    python -m bench.report --summary            # markdown: README's one summary table
     python -m bench.report FILE.json ...        # markdown for these files
-    python -m bench.report --write README.md    # rewrite README between the bench markers
+    python -m bench.report --write README.md bench/README.md
+                                                # rewrite each file's marked sections (see below)
+    python -m bench.report --write              # the same: README.md and bench/README.md
     python -m bench.report --level all          # every op case (default: a compact table)
     python -m bench.report --compare OLD NEW    # what got slower between two results files
+
+--write rewrites, in each file it is given, what lies between the markers that file has:
+<!-- bench:summary:start --> ... <!-- bench:summary:end --> gets the summary table (README.md),
+<!-- bench:start --> ... <!-- bench:end --> the full tables (bench/README.md). Every file is
+rendered from the same results in one call, so the summary and the full tables cannot disagree;
+<!-- bench:history:start --> ... <!-- bench:history:end --> gets one row per run on record.
 """
 from __future__ import annotations
 
@@ -19,7 +28,12 @@ import sys
 from . import cases as C
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+SUMMARY_START, SUMMARY_END = "<!-- bench:summary:start -->", "<!-- bench:summary:end -->"
+HISTORY_START, HISTORY_END = "<!-- bench:history:start -->", "<!-- bench:history:end -->"
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What `--write` without file names rewrites: README's summary and bench/README.md's full tables.
+DEFAULT_WRITE = (os.path.join(REPO_DIR, "README.md"), os.path.join(REPO_DIR, "bench", "README.md"))
 BASELINES = ("reference", "compile")
 
 
@@ -29,6 +43,19 @@ def load(path: str) -> dict:
         res = json.load(f)
     res["_path"] = path
     return res
+
+
+def all_runs(results_dir: str = RESULTS_DIR) -> list:
+    """Every bench.run results file in results_dir, oldest first."""
+    out = []
+    for p in glob.glob(os.path.join(results_dir, "*.json")):
+        try:
+            r = load(p)
+        except (OSError, ValueError):
+            continue
+        if r.get("kind", "run") == "run" and "slug" in r.get("machine", {}):
+            out.append(r)
+    return sorted(out, key=lambda r: (r.get("date", ""), r["_path"]))
 
 
 def latest(results_dir: str = RESULTS_DIR) -> list:
@@ -224,6 +251,103 @@ def model_tables(res) -> str:
     return "\n\n".join(out)
 
 
+def history_table(results) -> str:
+    """One row per run: when, where, and the machine's own speed (copy bandwidth, fp32 matmul
+    rate), which moves from run to run on shared VMs."""
+    rows = []
+    for res in sorted(results, key=lambda r: r.get("date", "")):
+        m = res["machine"]
+        dev = (m["gpu_model"] if m["device"] == "cuda"
+               else f"{m['cpu_model']}, {m['cpu_usable_cores']} cores")
+        bw = res.get("copy_bandwidth", {}).get("gbs")
+        mm = next((r["matmul_gmacs_per_s"] for r in res.get("model", {}).get("conv_floor", [])
+                   if r.get("matmul_gmacs_per_s")), None)
+        flags = m.get("cpu_vector_flags")
+        rows.append([res.get("date", "-"),
+                     f"`{os.path.basename(res['_path'])}`" if "_path" in res else "-", dev,
+                     ", ".join(flags) if flags else "(not recorded)",
+                     f"{bw:.3g}" if bw else "-", f"{mm:.0f}" if mm else "-",
+                     m.get("malloc") or "glibc defaults (not recorded)",
+                     ("complete" if res.get("complete") else "incomplete")
+                     + (f", {res['mode']}" if res.get("mode") else "")])
+    return _table(["date", "file", "machine", "CPU vector flags", "copy GB/s",
+                   "fp32 matmul GMAC/s", "malloc", "run"], rows) + "\n"
+
+
+# The variants of bench.model_bench in words, for the summary table.
+VARIANT_WORDS = {
+    "eager": "PyTorch, NCHW",
+    "eager-cl": "PyTorch, channels_last",
+    "fused": "dabnet kernels (`fused=True`), NCHW",
+    "fused-cl": "dabnet kernels (`fused=True`), channels_last",
+    "eager-cl-bf16": "PyTorch, channels_last, whole network in bfloat16",
+    "fused-cl-bf16": "dabnet kernels, channels_last, whole network in bfloat16",
+    "compile": "`torch.compile` of the PyTorch model, NCHW",
+    "compile-cl": "`torch.compile` of the PyTorch model, channels_last",
+    "fused+compile": "`torch.compile` of the dabnet model",
+    "compile-cl-bf16": "`torch.compile`, channels_last, bfloat16",
+}
+
+
+def _short_machine(res) -> str:
+    m = res["machine"]
+    dev = (f"{m['gpu_model']}" if m["device"] == "cuda"
+           else f"{m['cpu_model']} CPU, {m['cpu_usable_cores']} cores")
+    return f"{dev}, torch {m['torch']}, {res['date']}"
+
+
+def summary_table(results) -> str:
+    """README's one table: DABNet inference per variant, from the interleaved rounds of each
+    results file where it has them (the figures least exposed to the machine's drift), else from
+    the plain inference table at its largest input; plus one line on the training step."""
+    out = []
+    for res in results:
+        model = res.get("model", {})
+        inf = [r for r in model.get("inference", []) if r.get("median_ms")]
+        il = [r for r in model.get("interleaved", []) if r.get("median_ms")]
+        if il:
+            hw = il[0]["res"]
+            base = il[0].get("baseline", "baseline")
+            recs = [(r, r.get("speedup_vs_baseline")) for r in il]
+            how = (f"{il[0]['rounds']} rounds, each calling every variant once in a rotated "
+                   f"order; vs {base}: the median over rounds of the ratio of {base}'s time "
+                   f"(the fastest plain-PyTorch fp32 variant) to the variant's, in the same "
+                   f"round")
+        elif inf:
+            hw = max((r["res"] for r in inf), key=lambda v: v[0] * v[1])
+            base = "eager"
+            recs = [(r, r.get("speedup_vs_eager")) for r in inf if r["res"] == hw]
+            how = "vs eager: eager fp32 NCHW's time over the variant's, timed in the same pass"
+        else:
+            continue
+        labels = {r["variant"]: r.get("label_agreement_vs_eager") for r in inf
+                  if r["res"] == hw}
+        rows = [[f"`{r['variant']}`", VARIANT_WORDS.get(r["variant"], "-"),
+                 r.get("dtype", "fp32"), _ms(r), _x(x),
+                 f"{100 * labels[r['variant']]:.1f}%"
+                 if labels.get(r["variant"]) is not None else "-"] for r, x in recs]
+        text = (f"DABNet inference at {hw[0]}x{hw[1]}, batch 1, on {_short_machine(res)} "
+                f"({how}; labels: pixels whose class is eager fp32's):\n\n"
+                + _table(["variant", "model", "dtype", "ms, median (IQR)", f"vs {base}",
+                          "labels as eager"], rows))
+        tr = {r["variant"]: r for r in model.get("train", []) if r.get("median_ms")}
+        if "eager" in tr and "fused" in tr:
+            e, f = tr["eager"], tr["fused"]
+            text += (f"\n\nOne SGD training step on {f['batch']}x3x{f['res'][0]}x{f['res'][1]}, "
+                     f"fp32: {f['median_ms']:.3g} ms fused against {e['median_ms']:.3g} ms eager "
+                     f"({e['median_ms'] / f['median_ms']:.2f}x)")
+            if "peak_over_base_bytes" in e and "peak_over_base_bytes" in f:
+                text += (f", peak memory {f['peak_over_base_bytes'] / 2**20:.0f} MiB against "
+                         f"{e['peak_over_base_bytes'] / 2**20:.0f} MiB")
+            text += "."
+        if "_path" in res:
+            text += f"\n\nSource: `{os.path.relpath(res['_path'], REPO_DIR)}`"
+        out.append(text)
+    if not out:
+        return "No DABNet inference results yet: run `python -m bench.run`.\n"
+    return "\n\n".join(out).rstrip() + "\n"
+
+
 def render(results, level="compact") -> str:
     parts = []
     for res in results:
@@ -239,7 +363,8 @@ def render(results, level="compact") -> str:
                          + "\n\n" + ops_table(res, level=lv) + "\n")
         if res.get("model"):
             parts.append(model_tables(res) + "\n")
-        parts.append(f"Source: `{os.path.relpath(res['_path'])}`\n" if "_path" in res else "")
+        parts.append(f"Source: `{os.path.relpath(res['_path'], REPO_DIR)}`\n" if "_path" in res
+                     else "")
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -294,16 +419,58 @@ def compare_table(rows, threshold: float, all_rows: bool = False) -> str:
                                       ""], body) + "\n"
 
 
-def write_readme(readme: str, markdown: str) -> None:
-    """Replaces what lies between START and END in `readme` with `markdown`."""
+def _marker(name: str) -> re.Pattern:
+    """A marker counts only on a line of its own, so that prose may quote it."""
+    return re.compile(r"^[ \t]*" + re.escape(name) + r"[ \t]*$", re.M)
+
+
+def _section(text: str, start: str, end: str):
+    """The (start, end) character span of the text between the `start` and `end` marker lines,
+    or None when `text` has no such section."""
+    a = _marker(start).search(text)
+    b = _marker(end).search(text, a.end()) if a else None
+    return (a.end(), b.start()) if a and b else None
+
+
+def write_readme(readme: str, markdown: str, start: str = START, end: str = END) -> None:
+    """Replaces what lies between the `start` and `end` marker lines of `readme` with
+    `markdown`."""
     with open(readme) as f:
         text = f.read()
-    if START not in text or END not in text or text.index(START) > text.index(END):
-        raise ValueError(f"{readme} has no '{START}' ... '{END}' section to rewrite")
-    pat = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    text = pat.sub(lambda _m: f"{START}\n{markdown.rstrip()}\n{END}", text, count=1)
+    span = _section(text, start, end)
+    if span is None:
+        raise ValueError(f"{readme} has no '{start}' ... '{end}' section to rewrite (each "
+                         "marker on a line of its own)")
+    text = text[:span[0]] + f"\n{markdown.rstrip()}\n" + text[span[1]:]
     with open(readme, "w") as f:
         f.write(text)
+
+
+def write_files(paths, results, level="compact", history=None) -> list:
+    """Rewrites, in each file, the sections it has: the summary table between SUMMARY_START and
+    SUMMARY_END, the full tables between START and END, both from the same `results`, and the
+    list of runs (`history`, default: `results`) between HISTORY_START and HISTORY_END. A file
+    with none is an error (before anything is written). Returns [(path, [section names])]."""
+    sections = {"summary": (SUMMARY_START, SUMMARY_END, lambda: summary_table(results)),
+                "tables": (START, END, lambda: render(results, level=level)),
+                "history": (HISTORY_START, HISTORY_END,
+                            lambda: history_table(results if history is None else history))}
+    plan = []
+    for path in paths:
+        with open(path) as f:
+            text = f.read()
+        have = [n for n, (a, b, _) in sections.items() if _section(text, a, b)]
+        if not have:
+            raise ValueError(f"{path} has no section to rewrite: neither '{SUMMARY_START}' ... "
+                             f"'{SUMMARY_END}' nor '{START}' ... '{END}' nor '{HISTORY_START}' "
+                             f"... '{HISTORY_END}'")
+        plan.append((path, have))
+    rendered = {n: make() for n, (_, _, make) in sections.items()
+                if any(n in have for _, have in plan)}
+    for path, have in plan:
+        for n in have:
+            write_readme(path, rendered[n], *sections[n][:2])
+    return plan
 
 
 def main(argv=None):
@@ -311,8 +478,13 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="*", help="results files (default: the latest per device in "
                                             "bench/results)")
-    p.add_argument("--write", metavar="README", help="rewrite the section between "
-                                                     f"{START} and {END} of this file")
+    p.add_argument("--write", nargs="*", metavar="FILE",
+                   help="rewrite the marked sections of these files: the summary table between "
+                        f"{SUMMARY_START} and {SUMMARY_END}, the full tables between {START} and "
+                        f"{END} (default, with no file named: README.md and bench/README.md); put "
+                        "results files before --write")
+    p.add_argument("--summary", action="store_true",
+                   help="print README's summary table instead of the full tables")
     p.add_argument("--level", choices=tuple(LEVELS), default="compact",
                    help="which op cases: compact (README: key shapes, fp32 NCHW, dilation 2/4), "
                         "key (every key shape, dtype and layout) or all")
@@ -345,15 +517,16 @@ def main(argv=None):
         for r in results:
             for q in plots.plot_all(r, r["_path"]):
                 print(f"wrote {q}", file=sys.stderr)
-    md = render(results, level=args.level)
-    if args.write:
+    if args.write is not None:
         try:
-            write_readme(args.write, md)
+            plan = write_files(args.write or DEFAULT_WRITE, results, level=args.level,
+                               history=None if args.files else all_runs())
         except (OSError, ValueError) as e:
             raise SystemExit(f"bench.report: {e}")
-        print(f"rewrote the benchmark section of {args.write}", file=sys.stderr)
+        for path, have in plan:
+            print(f"rewrote {' and '.join(have)} in {path}", file=sys.stderr)
     else:
-        print(md)
+        print(summary_table(results) if args.summary else render(results, level=args.level))
     return 0
 
 

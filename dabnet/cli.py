@@ -52,7 +52,8 @@ def _common(p, checkpoint_required=True):
     p.add_argument("--default-malloc", action="store_true",
                    help="keep glibc's malloc settings; by default they are tuned so that freed "
                         "activations stay mapped between forwards instead of being faulted in "
-                        "again (dabnet_kernels.tune_malloc; faster CPU inference, see README)")
+                        "again (dabnet_kernels.tune_malloc; faster CPU inference, see "
+                        "docs/design.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluates a checkpoint: per-class IoU from the confusion "
                                    "matrix and mIoU over the classes present (a class absent "
                                    "from both ground truth and prediction is shown as 'absent' "
-                                   "and left out of the mean). --fps also times the model the "
-                                   "paper's way (warm-up, synchronize, mean over 100 frames).")
+                                   "and left out of the mean). --fps also times the model: "
+                                   "--fps-warmup untimed runs, synchronize, mean over "
+                                   "--fps-iters runs, under torch.no_grad (the authors' "
+                                   "eval_fps.py differs: see README, 'FPS').")
     e.add_argument("--dataset", choices=list(DATASETS), help="default: the checkpoint's")
     e.add_argument("--data-root")
     e.add_argument("--split", default="val")

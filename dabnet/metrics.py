@@ -1,4 +1,5 @@
-"""Confusion matrix, per-class IoU, mIoU, and FPS measured the paper's way."""
+"""Confusion matrix, per-class IoU, mIoU, and FPS (timed as the paper's FPS was, except for the
+differences the README lists under 'FPS': no_grad, warm-up count, cudnn.benchmark)."""
 from __future__ import annotations
 
 import math

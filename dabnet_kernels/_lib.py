@@ -8,7 +8,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
     raise ImportError(
         "dabnet_kernels._C is not built or does not match this PyTorch "
         f"({torch.__version__}): {e}. Build it with `pip install --no-build-isolation -e .` "
-        "(see README.md)."
+        "(see docs/building.md)."
     ) from e
 
 _ext_path = _C.__file__

@@ -164,3 +164,79 @@ def test_latest_takes_the_newest_complete_run_and_skips_other_kinds(tmp_path):
     write("e.json", kind="malloc_ab", machine={"slug": "cpu-y-4c"})  # not a bench.run file
     (got,) = report.latest(str(tmp_path))
     assert got["date"] == "2026-12-02 10:00 UTC"
+
+
+def _run_results(tmp_path, eager_ms=300.0, fused_ms=100.0):
+    """A bench.run results file with just what the summary and the full model tables read."""
+    inter = [dict(res=[64, 128], variant=v, dtype="fp32", median_ms=ms, iqr_ms=1.0, min_ms=ms,
+                  rounds=5, baseline="eager", speedup_vs_baseline=eager_ms / ms)
+             for v, ms in (("eager", eager_ms), ("fused-cl", fused_ms))]
+    inf = [dict(res=[64, 128], variant=v, fused=v != "eager", dtype="fp32", median_ms=ms,
+                iqr_ms=1.0, speedup_vs_eager=eager_ms / ms,
+                label_agreement_vs_eager=None if v == "eager" else 0.5)
+           for v, ms in (("eager", eager_ms), ("fused-cl", fused_ms))]
+    res = {"date": "2026-12-03 12:00 UTC", "command": "python -m bench.run", "complete": True,
+           "mode": "default", "copy_bandwidth": {"gbs": 10.0},
+           "machine": {"device": "cpu", "cpu_model": "Test CPU", "cpu_usable_cores": 2,
+                       "torch": "2.x", "triton": "3.x", "python": "3.x", "slug": "cpu-test-2c"},
+           "model": {"inference": inf, "interleaved": inter}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(res))
+    return path
+
+
+def _between(text, start, end):
+    span = report._section(text, start, end)
+    assert span, f"no {start} ... {end} section"
+    return text[span[0]:span[1]]
+
+
+def test_write_puts_the_summary_in_readme_and_the_full_tables_in_bench_readme(tmp_path):
+    """One --write call renders both files from the same results: README's summary table and
+    bench/README.md's full tables name the same source and hold the same timings."""
+    results = _run_results(tmp_path, eager_ms=300.0, fused_ms=123.0)
+    readme, bench_readme = tmp_path / "README.md", tmp_path / "BENCH.md"
+    quoted = f"Prose may quote `{report.SUMMARY_START}` and `{report.SUMMARY_END}`.\n"
+    readme.write_text(f"# x\n{quoted}\n{report.SUMMARY_START}\nold numbers\n{report.SUMMARY_END}"
+                      "\n\nrest\n")
+    bench_readme.write_text(f"# b\n{report.START}\nold tables\n{report.END}\n")
+    assert report.main([str(results), "--write", str(readme), str(bench_readme)]) == 0
+    summary = _between(readme.read_text(), report.SUMMARY_START, report.SUMMARY_END)
+    tables = _between(bench_readme.read_text(), report.START, report.END)
+    assert "old" not in summary and "old" not in tables
+    assert readme.read_text().endswith("\n\nrest\n") and quoted in readme.read_text()
+    assert "| `fused-cl` |" in summary and "123 (1)" in summary and "2.44x" in summary
+    assert "interleaved" in tables and "123 (1)" in tables and "2.44x" in tables
+    assert "DABNet inference, batch 1" not in summary  # the full tables stay out of README
+    src = [line for line in summary.splitlines() if line.startswith("Source:")]
+    assert src and src == [line for line in tables.splitlines() if line.startswith("Source:")]
+    # A file with neither section is refused before anything is written.
+    other = tmp_path / "other.md"
+    other.write_text("no markers\n")
+    before = readme.read_text()
+    with pytest.raises(SystemExit, match="no section"):
+        report.main([str(_run_results(tmp_path, fused_ms=50.0)), "--write", str(readme),
+                     str(other)])
+    assert readme.read_text() == before
+
+
+def test_readme_and_bench_readme_are_rendered_from_the_results_on_record():
+    """README.md's summary and bench/README.md's tables are what `make bench-report` renders from
+    bench/results today: numbers edited by hand, or a new results file not rendered, fail here."""
+    import os
+
+    results = report.latest()
+    with open(os.path.join(report.REPO_DIR, "README.md")) as f:
+        readme = f.read()
+    with open(os.path.join(report.REPO_DIR, "bench", "README.md")) as f:
+        bench_readme = f.read()
+    summary = _between(readme, report.SUMMARY_START, report.SUMMARY_END)
+    tables = _between(bench_readme, report.START, report.END)
+    assert summary.strip() == report.summary_table(results).strip(), \
+        "README.md's benchmark summary is stale: run `make bench-report`"
+    assert tables.strip() == report.render(results).strip(), \
+        "bench/README.md's benchmark tables are stale: run `make bench-report`"
+    history = _between(bench_readme, report.HISTORY_START, report.HISTORY_END)
+    assert history.strip() == report.history_table(report.all_runs()).strip(), \
+        "bench/README.md's list of runs is stale: run `make bench-report`"
+    assert report.START not in readme  # the full tables live in bench/README.md only
