@@ -11,6 +11,9 @@ time over the row's time in the same round.
     python -m bench.deploy_bench                           # 512x1024, 30 rounds
     python -m bench.deploy_bench --res 64x128 --rounds 3   # smoke run (still two exports)
 
+glibc's malloc is tuned first (dabnet_kernels.tune_malloc, as bench.run; --default-malloc keeps
+its defaults); the results file records the setting.
+
 Writes bench/results/<date>-cpu-deploy.json (or --out). The exports take minutes (AOTInductor).
 """
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 
 import torch
 
+from . import machine
 from .run import RESULTS_DIR, _parse_res
 from .timing import quantiles
 
@@ -44,7 +48,7 @@ def _rows(res, workdir, log):
         export(None, paths[fmt], size=res, model=model, meta=meta, check=False, log=log)
     package = load_package(paths["pt2"])
     return {"fused eager (channels_last)": eager, "AOTInductor package (.pt2)": package,
-            "onnxruntime (.onnx)": onnx_runner(paths["onnx"])}
+            "onnxruntime (.onnx)": onnx_runner(paths["onnx"], spin=False)}  # see onnx_runner
 
 
 def bench(res, rounds, log=print) -> dict:
@@ -77,10 +81,13 @@ def main(argv=None):
                    help="HxW (default 512x1024)")
     p.add_argument("--rounds", type=int, default=30, help="timed rounds (default 30)")
     p.add_argument("--out", help="results file (default bench/results/<date>-cpu-deploy.json)")
+    p.add_argument("--default-malloc", action="store_true", help=machine.MALLOC_HELP)
     a = p.parse_args(argv)
+    machine.apply_malloc(a.default_malloc)  # as bench.run: the eager rows fault far less
     from .machine import info
 
     res = bench(a.res[0], a.rounds)
+    res["kind"] = "deploy"  # bench.report's tables skip it (they render bench.run's files)
     res["machine"] = info("cpu")
     res["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     for row in res["rows"]:

@@ -169,10 +169,16 @@ def _json_or_str(v):
         return v
 
 
-def onnx_runner(path):
+def onnx_runner(path, spin=True):
+    """onnxruntime on the CPU. spin=False: its worker threads sleep between runs instead of
+    spinning, so that on a few cores they do not steal time from whatever runs next (a
+    benchmark timing several runtimes in turn)."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return lambda x: torch.from_numpy(sess.run(None, {"image": x.cpu().numpy()})[0])
 
 
