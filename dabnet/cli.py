@@ -32,13 +32,14 @@ def floats_arg(text: str):
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
 
 
-def _inference_opts(p):
+def _inference_opts(p, cpu_default=""):
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="run the whole network in this precision (default fp32); bf16 is about "
                         "twice as fast on CPUs with AVX512_BF16 or AMX, with a few labels "
                         "changed where classes nearly tie")
-    p.add_argument("--channels-last", action="store_true",
-                   help="channels_last memory format (faster on CPU, with --fused most of all)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (faster on CPU, with --fused most of all)"
+                        + cpu_default)
 
 
 def _common(p, checkpoint_required=True):
@@ -146,11 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-ids", action="store_true", help="also write Cityscapes labelId PNGs")
     p.add_argument("--input-scale", type=float, default=1.0)
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
-    p.add_argument("--fused", action="store_true", help="run the fused-kernel model")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the fused-kernel model (default: on CPU yes, elsewhere no)")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first image that cannot be read (default: skip it with a "
                         "message, segment the rest, and exit with status 1 at the end)")
-    _inference_opts(p)
+    _inference_opts(p, " (default: on CPU yes, elsewhere no)")
     _common(p)
 
     x = sub.add_parser(
@@ -232,7 +234,7 @@ def cmd_eval(a):
 
     device = _device(a.device)
     model, meta = load_model(a.checkpoint, fused=a.fused, device=device)
-    model = for_inference(model, a.precision, a.channels_last)
+    model = for_inference(model, a.precision, bool(a.channels_last))
     name = a.dataset or meta.get("dataset")
     if name is None:
         raise ValueError("the checkpoint does not say its dataset: pass --dataset")
@@ -256,7 +258,7 @@ def cmd_eval(a):
               f"{', channels_last' if a.channels_last else ''}: {fps:.1f} FPS "
               f"({ms:.2f} ms/frame, mean of {a.fps_iters})")
         res.update(fps=fps, ms_per_frame=ms, fps_size=list(a.fps_size), device=str(device),
-                   precision=a.precision, channels_last=a.channels_last)
+                   precision=a.precision, channels_last=bool(a.channels_last))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
@@ -266,10 +268,20 @@ def cmd_eval(a):
 def cmd_predict(a):
     from .predict import predict
 
+    device = _device(a.device)
+    # On CPU the fused channels_last model is the fastest fp32 path (bench/README.md); bf16 is
+    # faster still on CPUs with AVX512_BF16 or AMX but changes a few labels, so it is asked for.
+    cpu = device.type == "cpu"
+    fused = cpu if a.fused is None else a.fused
+    channels_last = cpu if a.channels_last is None else a.channels_last
+    print(f"dabnet predict: {'fused' if fused else 'plain'} model, {a.precision}"
+          f"{', channels_last' if channels_last else ''}, on {device}"
+          + (" (the fastest fp32 path on CPU; --no-fused / --no-channels-last to change it)"
+             if cpu and a.fused is None and a.channels_last is None else ""))
     skipped = []
-    files = predict(a.checkpoint, a.inputs, a.out, a.dataset, _device(a.device), a.label_ids,
-                    a.input_scale, a.fused, a.alpha, progress=not a.no_progress,
-                    precision=a.precision, channels_last=a.channels_last, strict=a.strict,
+    files = predict(a.checkpoint, a.inputs, a.out, a.dataset, device, a.label_ids,
+                    a.input_scale, fused, a.alpha, progress=not a.no_progress,
+                    precision=a.precision, channels_last=channels_last, strict=a.strict,
                     skipped=skipped)
     print(f"wrote {len(files)} file(s) to {a.out}")
     if skipped:

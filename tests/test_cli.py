@@ -170,3 +170,15 @@ def test_malloc_is_tuned_unless_asked_not_to(flag, monkeypatch, capsys):
     monkeypatch.setattr(malloc, "tune_malloc", lambda *a: calls.append(a) or True)
     assert main(["info", "--size", "32x64", "--device", "cpu", *flag]) == 0
     assert len(calls) == (0 if flag else 1)
+
+
+def test_predict_takes_the_fastest_cpu_path_by_default_and_says_so(trained, tmp_path, capsys):
+    write_png(tmp_path / "in" / "s.png", np.random.default_rng(2).integers(0, 256, (32, 48, 3)))
+    args = ["predict", "-c", str(trained), str(tmp_path / "in"), "--no-progress", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "auto")]) == 0
+    assert "fused model, fp32, channels_last, on cpu (the fastest" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "plain"), "--no-fused", "--no-channels-last"]) == 0
+    out = capsys.readouterr().out
+    assert "plain model, fp32, on cpu\n" in out
+    auto, plain = (np.asarray(Image.open(tmp_path / d / "s_color.png")) for d in ("auto", "plain"))
+    assert (auto == plain).all(-1).mean() > 0.99
