@@ -60,7 +60,8 @@ def all_runs(results_dir: str = RESULTS_DIR) -> list:
 
 def latest(results_dir: str = RESULTS_DIR) -> list:
     """Per device slug, the newest results file, preferring complete default/full runs over quick
-    and smoke runs."""
+    and smoke runs, and runs with the op micro-benchmarks over `--only model` runs (the full
+    tables need both parts)."""
     best = {}
     for p in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
         try:
@@ -69,7 +70,7 @@ def latest(results_dir: str = RESULTS_DIR) -> list:
             continue
         if r.get("kind", "run") != "run":  # e.g. bench.malloc_ab's A/B files
             continue
-        rank = (bool(r.get("complete")), not r.get("smoke_resolutions"),
+        rank = (bool(r.get("complete")), "ops" in r, not r.get("smoke_resolutions"),
                 r.get("mode") != "quick", r.get("date", ""))
         slug = r["machine"]["slug"]
         if slug not in best or rank > best[slug][0]:

@@ -157,11 +157,13 @@ def test_latest_takes_the_newest_complete_run_and_skips_other_kinds(tmp_path):
         rec.setdefault("machine", {"slug": "cpu-x-2c"})
         (tmp_path / name).write_text(json.dumps(rec))
 
-    write("a.json", complete=True, mode="default", date="2026-12-01 10:00 UTC")
-    write("b.json", complete=True, mode="default", date="2026-12-02 10:00 UTC")
-    write("c.json", complete=False, mode="default", date="2026-12-03 10:00 UTC")
+    write("a.json", complete=True, mode="default", date="2026-12-01 10:00 UTC", ops=[])
+    write("b.json", complete=True, mode="default", date="2026-12-02 10:00 UTC", ops=[])
+    write("c.json", complete=False, mode="default", date="2026-12-03 10:00 UTC", ops=[])
     write("d.json", kind="malloc_ab", date="2026-12-04 10:00 UTC")
     write("e.json", kind="malloc_ab", machine={"slug": "cpu-y-4c"})  # not a bench.run file
+    write("f.json", kind="deploy", date="2026-12-05 10:00 UTC")
+    write("g.json", complete=True, mode="default", date="2026-12-06 10:00 UTC")  # --only model
     (got,) = report.latest(str(tmp_path))
     assert got["date"] == "2026-12-02 10:00 UTC"
 
