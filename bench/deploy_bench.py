@@ -29,7 +29,7 @@ import torch
 
 from . import machine
 from .run import RESULTS_DIR, _parse_res
-from .timing import quantiles
+from .timing import paired_speedup, quantiles, round_order
 
 
 def _rows(res, workdir, log):
@@ -60,7 +60,7 @@ def bench(res, rounds, log=print) -> dict:
         names = list(rows)
         times = {n: [] for n in names}
         for r in range(rounds):
-            for n in names[r % len(names):] + names[:r % len(names)]:
+            for n in round_order(names, r):
                 t0 = time.perf_counter()
                 rows[n](x)
                 times[n].append(time.perf_counter() - t0)
@@ -68,9 +68,9 @@ def bench(res, rounds, log=print) -> dict:
     out = []
     for n in names:
         q1, med, q3 = quantiles(times[n])
-        speedup = quantiles([b / t for b, t in zip(base, times[n])])[1]
         out.append({"variant": n, "median_ms": med * 1e3, "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3,
-                    "min_ms": min(times[n]) * 1e3, "speedup_vs_fused_eager": speedup})
+                    "min_ms": min(times[n]) * 1e3,
+                    "speedup_vs_fused_eager": paired_speedup(base, times[n])})
     return {"res": list(res), "rounds": rounds, "rows": out}
 
 
@@ -84,11 +84,9 @@ def main(argv=None):
     p.add_argument("--default-malloc", action="store_true", help=machine.MALLOC_HELP)
     a = p.parse_args(argv)
     machine.apply_malloc(a.default_malloc)  # as bench.run: the eager rows fault far less
-    from .machine import info
-
     res = bench(a.res[0], a.rounds)
     res["kind"] = "deploy"  # bench.report's tables skip it (they render bench.run's files)
-    res["machine"] = info("cpu")
+    res["machine"] = machine.info("cpu")
     res["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     for row in res["rows"]:
         print(f"{row['variant']:32s} {row['median_ms']:9.2f} ms (q1 {row['q1_ms']:.2f}, q3 "

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .progress import progress_bar
-from .timing import Budget, Stats, first_call_s, quantiles, time_fn
+from .timing import (Budget, Stats, first_call_s, paired_speedup, quantiles, round_order,
+                     time_fn)
 
 # DABNet's row of the paper's Table 5 (GTX 1080Ti, batch 1), for context in the report.
 PAPER_TABLE5_MS = {"256x512": 6, "512x1024": 10, "1024x2048": 36}
@@ -255,8 +256,7 @@ def bench_interleaved(device: str, res, budget: Budget, with_compile=True, progr
         while names and (rounds < min_rounds or time.perf_counter() < t_end):
             if rounds >= min_rounds and deadline is not None and time.time() > deadline:
                 break
-            k = rounds % len(names)
-            for n in names[k:] + names[:k]:
+            for n in round_order(names, rounds):
                 sync()
                 t0 = time.perf_counter()
                 fns[n]()
@@ -277,9 +277,8 @@ def bench_interleaved(device: str, res, budget: Budget, with_compile=True, progr
     if base:
         best = min(base, key=lambda n: out[n]["median_ms"])
         for n in names:
-            ratios = [b / t for b, t in zip(times[best], times[n])]
             out[n]["baseline"] = best
-            out[n]["speedup_vs_baseline"] = quantiles(ratios)[1]
+            out[n]["speedup_vs_baseline"] = paired_speedup(times[best], times[n])
     return list(out.values())
 
 

@@ -57,6 +57,19 @@ def quantiles(xs):
     return q(0.25), q(0.5), q(0.75)
 
 
+def round_order(names, r):
+    """The order of round r of an interleaved benchmark: names rotated by r, so that no variant
+    always runs first (or right after the same other one)."""
+    k = r % len(names)
+    return names[k:] + names[:k]
+
+
+def paired_speedup(base_times, times):
+    """The median over rounds of base's time over the variant's, in the same round: a ratio that
+    a machine speeding up or slowing down between rounds does not move."""
+    return quantiles([b / t for b, t in zip(base_times, times)])[1]
+
+
 def _gpu_events(fn, warmup_ms, rep_ms):
     """do_bench's method without Triton: estimate, warm up, time each call after an L2 flush."""
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")

@@ -244,8 +244,8 @@ def export(checkpoint, out, fmt=None, size=(512, 1024), precision="fp32", channe
               "channels_last": channels_last, "dynamic": dynamic, "classes": model.classes}
     if check:
         run = load_package(out) if fmt == "pt2" else onnx_runner(out)
-        errs = []
-        for s in check_sizes(size, dynamic):
+        sizes, errs = check_sizes(size, dynamic), []
+        for s in sizes:
             x = torch.rand(1, 3, *s, device=device) * 255
             with torch.no_grad():
                 got, ref = run(x), deployed(x)
@@ -254,6 +254,6 @@ def export(checkpoint, out, fmt=None, size=(512, 1024), precision="fp32", channe
                 raise RuntimeError(f"the {fmt} file's logits differ from the fused model's by "
                                    f"{errs[-1]:.3g} of the largest logit at {s[0]}x{s[1]} "
                                    f"(> {RTOL[precision]})")
-        result["checked_sizes"] = check_sizes(size, dynamic)
+        result["checked_sizes"] = sizes
         result["max_rel_diff"] = max(errs)
     return result

@@ -118,19 +118,6 @@ def _is_bn(m, channels=None) -> bool:
     return type(m) in _BN_TYPES and (channels is None or m.num_features == channels)
 
 
-def _is_prelu(m, channels) -> bool:
-    m = _unwrap(m)
-    return type(m) is nn.PReLU and m.num_parameters in (1, channels)
-
-
-def _bn_pair_ok(bn, acti, channels=None) -> bool:
-    return _is_bn(bn, channels) and _is_prelu(acti, _unwrap(bn).num_features)
-
-
-def _cbp_ok(conv, bn, acti) -> bool:
-    return dw3_dilation(conv) is not None and _bn_pair_ok(bn, acti, conv.out_channels)
-
-
 def _pair_problem(bn, acti) -> Optional[str]:
     """Why (bn, acti) is not a BatchNorm2d + PReLU pair that ops.bn_prelu computes, or None."""
     b, a = _unwrap(bn), _unwrap(acti)
@@ -141,6 +128,15 @@ def _pair_problem(bn, acti) -> Optional[str]:
     if a.num_parameters not in (1, b.num_features):
         return f"PReLU has {a.num_parameters} slopes for {b.num_features} channels"
     return None
+
+
+def _bn_pair_ok(bn, acti, channels=None) -> bool:
+    """(bn, acti) is a pair ops.bn_prelu computes (see _pair_problem), of `channels` if given."""
+    return _pair_problem(bn, acti) is None and _is_bn(bn, channels)
+
+
+def _cbp_ok(conv, bn, acti) -> bool:
+    return dw3_dilation(conv) is not None and _bn_pair_ok(bn, acti, conv.out_channels)
 
 
 # --------------------------------------------------------------------- forward via the ops
@@ -653,8 +649,9 @@ def _chain_notes(items) -> List[str]:
         elif unit[0] is not None:
             continue
         prev_name, prev = items[i - 1] if i > 0 else (None, None)
-        if _looks_depthwise(prev) and conv_problem(prev) is not None:
-            notes.append(f"{prev_name}: conv not fused ({conv_problem(prev)}); only the "
+        problem = conv_problem(prev) if _looks_depthwise(prev) else None
+        if problem is not None:
+            notes.append(f"{prev_name}: conv not fused ({problem}); only the "
                          "BatchNorm + PReLU after it is")
     return notes
 

@@ -39,6 +39,11 @@ def _prelu(x, slope):
     return op.PRelu(x, _per_channel(slope))
 
 
+def _affine_prelu(x, scale, shift, slope):
+    """PReLU(x * scale + shift), per channel: an eval BatchNorm folded into scale and shift."""
+    return _prelu(op.Add(op.Mul(x, _per_channel(scale)), _per_channel(shift)), slope)
+
+
 def _scale_shift(weight, bias, running_mean, running_var, eps):
     """Eval-mode BatchNorm as y = x * scale + shift."""
     scale = op.Div(weight, op.Sqrt(op.Add(running_var, op.CastLike(eps, running_var))))
@@ -66,7 +71,7 @@ def dwconv3(x, weight, dilation):
 def bn_prelu(x, weight, bias, running_mean, running_var, prelu_weight, training, eps):
     _eval_only("bn_prelu", training)
     scale, shift = _scale_shift(weight, bias, running_mean, running_var, eps)
-    y = _prelu(op.Add(op.Mul(x, _per_channel(scale)), _per_channel(shift)), prelu_weight)
+    y = _affine_prelu(x, scale, shift, prelu_weight)
     return y, op.Identity(running_mean), op.Identity(running_var)  # eval: the running ones
 
 
@@ -93,13 +98,11 @@ def dab_neck(x, weight, bias, slope, out_scale, out_shift, out_slope, dilation):
 
     local = unit(unit(x, 0, 1), 1, 1)
     context = unit(unit(x, 2, dilation), 3, dilation)
-    y = op.Add(op.Mul(op.Add(local, context), _per_channel(out_scale)), _per_channel(out_shift))
-    return _prelu(y, out_slope)
+    return _affine_prelu(op.Add(local, context), out_scale, out_shift, out_slope)
 
 
 def cat_bn_prelu(xs, scale, shift, slope):
-    y = op.Concat(*xs, axis=1)
-    return _prelu(op.Add(op.Mul(y, _per_channel(scale)), _per_channel(shift)), slope)
+    return _affine_prelu(op.Concat(*xs, axis=1), scale, shift, slope)
 
 
 def _resize(x, out_h, out_w):

@@ -34,6 +34,11 @@ def bn_params(C, dtype=torch.float64, device="cpu", single_slope=False, nbt=Fals
         torch.zeros((), dtype=torch.long, device=device) if nbt else None)
 
 
+def bn_list(C, **kw):
+    """bn_params' five tensors as a list, to splat into the ops' positional arguments."""
+    return list(bn_params(C, **kw)[:5])
+
+
 def clone_params(p):
     return BNPReLUParams(*[t.clone() if t is not None else None for t in p])
 

@@ -36,3 +36,13 @@ def fake_camvid(root, split="train", n=2, size=(24, 32), seed=0):
         write_png(Path(root) / f"{split}annot" / f"0001TP_{i:06d}.png",
                   rng.integers(0, 12, (h, w)))  # 0..10 classes, 11 void
     return Path(root)
+
+
+def tiny_cfg(out, **kw):
+    """A TrainConfig for a few steps on tiny synthetic images, writing to `out`."""
+    from dabnet.train import TrainConfig
+
+    base = dict(out_dir=str(out), crop=(32, 32), batch_size=2, synthetic_length=4,
+                synthetic_size=(32, 64), workers=0, progress=False, val_every=0, seed=1)
+    base.update(kw)
+    return TrainConfig(**base)

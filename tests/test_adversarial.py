@@ -16,7 +16,7 @@ import torch
 import dabnet_kernels
 from dabnet_kernels import ops, reference
 from dabnet_kernels.backend import triton_available, use_backend
-from helpers import bn_params, dw_weight
+from helpers import bn_list, bn_params, clone_params, dw_weight
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
@@ -24,10 +24,6 @@ BACKENDS = ["cpu", "reference"] + (["triton"] if triton_available() else [])
 
 
 # --------------------------------------------------------------------------- empty tensors
-def _bn(C, **kw):
-    return list(bn_params(C, **kw)[:5])
-
-
 def _neck_args(C):
     return [dw_weight(C, a) for a in "hwhw"], [bn_params(C) for _ in range(5)]
 
@@ -36,16 +32,16 @@ def _neck_args(C):
 EMPTY_OPS = {
     "dwconv3 3x1": (lambda x: ops.dwconv3(x, dw_weight(x.shape[1], "h"), 2), lambda s: s),
     "dwconv3 1x3": (lambda x: ops.dwconv3(x, dw_weight(x.shape[1], "w"), 3), lambda s: s),
-    "bn_prelu train": (lambda x: ops.bn_prelu(x, *_bn(x.shape[1]), True), lambda s: s),
-    "bn_prelu eval": (lambda x: ops.bn_prelu(x, *_bn(x.shape[1]), False), lambda s: s),
+    "bn_prelu train": (lambda x: ops.bn_prelu(x, *bn_list(x.shape[1]), True), lambda s: s),
+    "bn_prelu eval": (lambda x: ops.bn_prelu(x, *bn_list(x.shape[1]), False), lambda s: s),
     "dwconv3_bn_prelu train": (lambda x: ops.dwconv3_bn_prelu(
-        x, dw_weight(x.shape[1], "h"), 2, *_bn(x.shape[1]), True), lambda s: s),
+        x, dw_weight(x.shape[1], "h"), 2, *bn_list(x.shape[1]), True), lambda s: s),
     "dwconv3_bn_prelu eval": (lambda x: ops.dwconv3_bn_prelu(
-        x, dw_weight(x.shape[1], "w"), 2, *_bn(x.shape[1]), False), lambda s: s),
+        x, dw_weight(x.shape[1], "w"), 2, *bn_list(x.shape[1]), False), lambda s: s),
     "dab_neck eval": (lambda x: ops.dab_neck(x, *_neck_args(x.shape[1]), 2), lambda s: s),
     "dab_neck train": (lambda x: ops.dab_neck(x, *_neck_args(x.shape[1]), 2, training=True),
                        lambda s: s),
-    "cat_bn_prelu eval": (lambda x: ops.cat_bn_prelu([x, x], *_bn(2 * x.shape[1]), False),
+    "cat_bn_prelu eval": (lambda x: ops.cat_bn_prelu([x, x], *bn_list(2 * x.shape[1]), False),
                           lambda s: (s[0], 2 * s[1], *s[2:])),
     "upsample_bilinear": (lambda x: ops.upsample_bilinear(x, (8, 8)),
                           lambda s: (*s[:2], 8, 8)),
@@ -122,7 +118,7 @@ def test_dab_neck_second_derivative_is_that_of_the_reference():
         gx, = torch.autograd.grad(f(x, weights, bns, 2, True).pow(2).sum(), x, create_graph=True)
         return torch.autograd.grad(gx.pow(2).sum(), w)[0]
 
-    bns_ref = [type(p)(*[t.clone() if t is not None else None for t in p]) for p in bns]
+    bns_ref = [clone_params(p) for p in bns]
     want = second(lambda *a: reference.dab_neck(*a[:3], a[3], training=a[4]))
     bns[:] = bns_ref
     got = second(lambda *a: ops.dab_neck(*a[:3], a[3], training=a[4]))
@@ -138,7 +134,7 @@ def _gg_cases(shape):
     p = bn_params(C)
     single = bn_params(C, single_slope=True)
     aff = [p.weight, p.bias, p.prelu_weight]
-    cat_bn = _bn(2 * C)
+    cat_bn = bn_list(2 * C)
     stats = [p.running_mean, p.running_var]
 
     def with_stats(training, f):  # fresh running statistics per call: training updates them
@@ -298,17 +294,16 @@ def test_checkpoint_formats_still_load(tmp_path):
 
 def test_resume_from_an_older_checkpoint_with_a_numpy_rng_state(tmp_path):
     from dabnet.checkpoint import load_checkpoint
-    from dabnet.train import TrainConfig, train
+    from dabnet.train import train
+    from pipeline_utils import tiny_cfg
 
-    cfg = dict(out_dir=str(tmp_path), crop=(32, 32), batch_size=2, synthetic_length=4,
-               synthetic_size=(32, 64), workers=0, progress=False, val_every=0, seed=1)
-    train(TrainConfig(**cfg, max_steps=2, stop_after_steps=1))
+    train(tiny_cfg(tmp_path, max_steps=2, stop_after_steps=1))
     ck = load_checkpoint(tmp_path / "last.pt")
     kind, keys, *rest = ck["rng"]["numpy"]
     assert isinstance(keys, torch.Tensor)  # written weights-only loadable
     ck["rng"]["numpy"] = (kind, keys.numpy().astype(np.uint32), *rest)  # as older files hold it
     torch.save(ck, tmp_path / "last.pt")
-    r = train(TrainConfig(**cfg, max_steps=2, resume="auto"))
+    r = train(tiny_cfg(tmp_path, max_steps=2, resume="auto"))
     assert r["iteration"] == 2
 
 

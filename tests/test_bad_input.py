@@ -3,13 +3,13 @@ import pytest
 import torch
 
 from dabnet_kernels import ops
-from helpers import bn_params, dw_weight, make_input
+from helpers import bn_list, dw_weight, make_input
 
 X = lambda: make_input((2, 4, 5, 6))  # noqa: E731
 
 
 def bn(C=4, **kw):
-    return list(bn_params(C, **kw)[:5])
+    return bn_list(C, **kw)
 
 
 CASES = [

@@ -6,16 +6,9 @@ import torch
 
 pytest.importorskip("PIL", reason="pillow is not installed (dabnet.train reads PNG datasets)")
 from dabnet.checkpoint import load_checkpoint, save_atomic  # noqa: E402
-from pipeline_utils import fake_camvid  # noqa: E402
+from pipeline_utils import fake_camvid, tiny_cfg  # noqa: E402
 
 from dabnet.train import TrainConfig, _StopFlag, poly_lr, train  # noqa: E402
-
-
-def tiny_cfg(out, **kw):
-    base = dict(out_dir=str(out), crop=(32, 32), batch_size=2, synthetic_length=4,
-                synthetic_size=(32, 64), workers=0, progress=False, val_every=0, seed=1)
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def test_poly_lr_and_warmup():
