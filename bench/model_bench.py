@@ -8,6 +8,7 @@ with the numbers (0 means the model ran plain PyTorch ops only, and is labelled 
 """
 from __future__ import annotations
 
+import functools
 import gc
 import time
 from collections import Counter
@@ -100,6 +101,9 @@ def inference_variants(device: str, with_compile: bool):
     if device == "cuda":
         v += [("eager+cudagraph", False, "nchw", "cudagraph", "fp32"),
               ("fused+cudagraph", True, "nchw", "cudagraph", "fp32")]
+    else:  # the fused model frozen for inference (dabnet.freeze): CPU only
+        v += [("frozen-cl", True, "cl", "frozen", "fp32"),
+              ("frozen-cl-bf16", True, "cl", "frozen", "bf16")]
     if with_compile:
         v += [("compile", False, "nchw", "compile", "fp32")]
         if device != "cuda":  # channels_last is the faster CPU layout: compile that one too
@@ -111,16 +115,35 @@ def inference_variants(device: str, with_compile: bool):
     return v
 
 
+PLAIN_HOWS = ("eager", "cudagraph", "frozen")  # the ways to run a model without torch.compile
+
+
 def _error(e):
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
 
 def _callable(model, x, how, device):
     """(fn, first output, compile seconds or None): model(x) run the way `how` says (eager, a
-    CUDA graph replay, or torch.compile with that mode), called once."""
+    CUDA graph replay, the frozen model, the dense convolutions alone, or torch.compile with
+    that mode), called once."""
     if how == "eager":
         fn = lambda: model(x)  # noqa: E731
         return fn, fn(), None
+    if how == "frozen":
+        from dabnet import freeze
+
+        frozen = freeze(model, x.dtype, channels_last=not x.is_contiguous())
+        fn = lambda: frozen(x)  # noqa: E731
+        return fn, fn(), None
+    if how == "floor":
+        convs = [(functools.partial(F.conv2d, weight=m.weight, bias=m.bias, stride=m.stride,
+                                    padding=m.padding, dilation=m.dilation, groups=m.groups), inp)
+                 for m, inp in dense_convs(model, x)]
+
+        def fn():  # F.conv2d as the models call it, without nn.Module's call overhead
+            for conv, inp in convs:
+                conv(inp)
+        return fn, None, None
     if how == "cudagraph":
         fn, y = _cuda_graph(model, x)
         fn()
@@ -150,7 +173,7 @@ def bench_inference(device: str, resolutions, compile_resolutions, budget: Budge
     state = _bench_state()
     jobs = [(res, v) for res in resolutions
             for v in inference_variants(device, res in compile_resolutions)
-            if which == "all" or (v[3] in ("eager", "cudagraph")) == (which == "plain")]
+            if which == "all" or (v[3] in PLAIN_HOWS) == (which == "plain")]
     out, ref = [], {}
     if which == "compile":  # the eager outputs the compiled ones are compared with
         jobs = [(res, ("eager", False, "nchw", "eager-ref", "fp32")) for res in
@@ -173,10 +196,12 @@ def bench_inference(device: str, resolutions, compile_resolutions, budget: Budge
             rec["how"] = how
             if how in ("eager", "cudagraph"):
                 rec["dabnet_kernel_calls"] = dabnet_kernel_calls(model, x)
-            if how not in ("eager", "cudagraph"):
+            if how not in PLAIN_HOWS:
                 torch._dynamo.reset()  # compile_s: a compile from scratch
             with torch.no_grad():
                 fn, y, compile_s = _callable(model, x, how, device)
+                if how == "frozen":
+                    rec["dabnet_kernel_calls"] = dabnet_kernel_calls(lambda _: fn(), x)
                 if compile_s is not None:
                     rec["compile_s"] = compile_s
                 y = y.float().clone()
@@ -214,17 +239,36 @@ def bench_inference(device: str, resolutions, compile_resolutions, budget: Budge
 BASELINES_FP32 = ("eager", "eager-cl", "compile", "compile-cl")  # plain PyTorch, fp32
 
 
+def floor_variants(device: str):
+    """The dense convolutions alone (dense_convs: what no fusion of the other ops can go below),
+    as variants of the interleaved rounds, fp32 and bf16, in the faster layout of each device."""
+    layout = "nchw" if device == "cuda" else "cl"
+    sfx = "" if device == "cuda" else "-cl"
+    return [(f"floor{sfx}", False, layout, "floor", "fp32"),
+            (f"floor{sfx}-bf16", False, layout, "floor", "bf16")]
+
+
+# The variants of issue 17's targets: the fp32 plain baselines, the fused and frozen models in
+# fp32 and bf16, and the floors (bench.run --only interleaved).
+TARGET_VARIANTS = ("eager", "eager-cl", "compile", "compile-cl", "eager-cl-bf16", "fused-cl",
+                   "fused-cl-bf16", "frozen-cl", "frozen-cl-bf16", "floor-cl", "floor-cl-bf16")
+
+
 def bench_interleaved(device: str, res, budget: Budget, with_compile=True, progress=True,
-                      deadline=None, min_rounds: int = 7) -> list:
+                      deadline=None, min_rounds: int = 7, names=None) -> list:
     """Every inference variant at one resolution, timed in rounds: each round calls each variant
     once, in an order rotated from round to round, so that a machine that speeds up or slows down
     during the run (shared VMs: 20-40% within minutes) moves every variant alike. Per variant:
     median / quartiles / min of its per-call times, and its speedup over the fp32 plain-PyTorch
     baseline with the lowest median, as the median over rounds of the ratio of the two calls in
-    the same round. Rounds go on for 10x budget.cpu_min_run_s (CPU) or 10x budget.gpu_rep_ms
-    (GPU) per variant, and at least `min_rounds`."""
+    the same round; and its time over the dense-convolution floor of its dtype (a row of the
+    same rounds), the same way. Rounds go on for 10x budget.cpu_min_run_s (CPU) or 10x
+    budget.gpu_rep_ms (GPU) per variant, and at least `min_rounds`. names: the variants to run
+    (default all)."""
     state = _bench_state()
-    variants = inference_variants(device, with_compile)
+    variants = inference_variants(device, with_compile) + floor_variants(device)
+    if names is not None:
+        variants = [v for v in variants if v[0] in names]
     fns, out = {}, {}
     if with_compile:
         torch._dynamo.reset()
@@ -279,7 +323,33 @@ def bench_interleaved(device: str, res, budget: Budget, with_compile=True, progr
         for n in names:
             out[n]["baseline"] = best
             out[n]["speedup_vs_baseline"] = paired_speedup(times[best], times[n])
+    floors = {dt: name for name, _, _, how, dt in variants if how == "floor" and name in times}
+    for n in names:
+        f = floors.get(out[n]["dtype"])
+        if f and f != n:
+            out[n]["floor"] = f
+            out[n]["over_floor"] = paired_speedup(times[n], times[f])  # median of n's / floor's
     return list(out.values())
+
+
+def dense_convs(model, x) -> list:
+    """[(conv, its input)] for every Conv2d of the model that is not a depthwise 3-tap one (the
+    3x3 init/downsampling/DAB convs and the 1x1 convs: what dabnet does not replace), with the
+    activations they see in a forward of x."""
+    convs, seen = [], []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d) and not (
+                m.groups == m.in_channels > 1 and m.kernel_size in ((3, 1), (1, 3))):
+            convs.append(m)
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((m, i[0].clone())))
+             for m in convs]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
 
 
 def bench_conv_floor(device: str, resolutions, budget: Budget, progress=True,
@@ -308,18 +378,7 @@ def bench_conv_floor(device: str, resolutions, budget: Budget, progress=True,
                "variant": "dense convs only" + ("-cl" if layout == "cl" else "")}
         try:
             model = build(True, device, torch.float32, layout, state)
-            convs, seen = [], []
-            for m in model.modules():
-                if isinstance(m, torch.nn.Conv2d) and not (
-                        m.groups == m.in_channels > 1 and m.kernel_size in ((3, 1), (1, 3))):
-                    convs.append(m)
-            hooks = [m.register_forward_hook(lambda m, i, o: seen.append((m, i[0].clone())))
-                     for m in convs]
-            x = _image(res, 1, device, torch.float32, layout)
-            with torch.no_grad():
-                model(x)
-            for h in hooks:
-                h.remove()
+            seen = dense_convs(model, _image(res, 1, device, torch.float32, layout))
             macs = count_macs(build(False, "cpu", state=state), res)
             rec["convs"] = len(seen)
             rec["macs"] = macs["dense"] + macs["pointwise"]

@@ -61,8 +61,8 @@ def all_runs(results_dir: str = RESULTS_DIR) -> list:
 def latest(results_dir: str = RESULTS_DIR) -> list:
     """Per device slug, the newest results file, preferring complete default/full runs over quick
     and smoke runs, and runs with the op micro-benchmarks over `--only model` runs (the full
-    tables need both parts)."""
-    best = {}
+    tables need both parts); then per slug the newest `--only interleaved` run (the floors)."""
+    best, floors = {}, {}
     for p in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
         try:
             r = load(p)
@@ -70,19 +70,25 @@ def latest(results_dir: str = RESULTS_DIR) -> list:
             continue
         if r.get("kind", "run") != "run":  # e.g. bench.malloc_ab's A/B files
             continue
+        slug = r["machine"]["slug"]
+        if r.get("only") == "interleaved":  # the floor runs: listed after the full runs
+            rank = (not r.get("smoke_resolutions"), r.get("date", ""))
+            if slug not in floors or rank > floors[slug][0]:
+                floors[slug] = (rank, r)
+            continue
         rank = (bool(r.get("complete")), "ops" in r, not r.get("smoke_resolutions"),
                 r.get("mode") != "quick", r.get("date", ""))
-        slug = r["machine"]["slug"]
         if slug not in best or rank > best[slug][0]:
             best[slug] = (rank, r)
-    return [v[1] for _, v in sorted(best.items())]
+    return [v[1] for _, v in sorted(best.items())] + [v[1] for _, v in sorted(floors.items())]
 
 
 # ----------------------------------------------------------------------------- formatting
 def _ms(r):
     if not r or "median_ms" not in r:
         return "error" if r and "error" in r else "-"
-    return f"{r['median_ms']:.3g} ({r['iqr_ms']:.2g})"
+    m = r["median_ms"]
+    return (f"{m:.0f}" if m >= 1000 else f"{m:.3g}") + f" ({r['iqr_ms']:.2g})"
 
 
 def _x(v):
@@ -187,6 +193,14 @@ def _calls(r):
     return "-" if c is None else str(sum(c.values()))
 
 
+def _by_res(recs) -> list:
+    """Interleaved records grouped by resolution (a run may hold several), in their order."""
+    groups = {}
+    for r in recs:
+        groups.setdefault(tuple(r["res"]), []).append(r)
+    return [g for g in groups.values() if any(r.get("median_ms") for r in g)]
+
+
 def model_tables(res) -> str:
     model = res.get("model", {})
     out = []
@@ -225,22 +239,26 @@ def model_tables(res) -> str:
                         "GMAC/s", "fp32 matmul GMAC/s", "fastest fused variant ms",
                         "half the fastest plain variant ms"],
                        rows))
-    il = [r for r in model.get("interleaved", []) if r.get("median_ms")]
-    if il:
+    for il in _by_res(model.get("interleaved", [])):
         r0 = il[0]
+        floor = any("over_floor" in r for r in il)
         rows = [[_variant(r), r.get("dtype", "fp32"), _ms(r), f"{r['min_ms']:.3g}",
-                 _x(r.get("speedup_vs_baseline"))] for r in il]
-        skipped = [f"{r['variant']} ({r['error']})" for r in model.get("interleaved", [])
-                   if r.get("error")]
+                 _x(r.get("speedup_vs_baseline"))]
+                + ([_x(r.get("over_floor"))] if floor else []) for r in il if r.get("median_ms")]
+        skipped = [f"{r['variant']} ({r['error']})" for r in il if r.get("error")]
         out.append(
             f"DABNet inference at {r0['res'][0]}x{r0['res'][1]}, batch 1, interleaved: "
-            f"{r0['rounds']} rounds, each calling every variant once in a rotated order, so "
-            f"that drift in the machine's speed hits all alike; vs baseline: the median over "
-            f"rounds of {r0.get('baseline', '-')}'s time (the fp32 plain-PyTorch variant with "
-            f"the lowest median) over the variant's, in the same round"
+            f"{r0.get('rounds', '-')} rounds, each calling every variant once in a rotated "
+            f"order, so that drift in the machine's speed hits all alike; vs baseline: the "
+            f"median over rounds of {r0.get('baseline', '-')}'s time (the fp32 plain-PyTorch "
+            f"variant with the lowest median) over the variant's, in the same round"
+            + ("; over floor: the median over rounds of the variant's time over the "
+               "dense-convolution floor of its dtype (floor rows: the model's dense 3x3 and 1x1 "
+               "convolutions alone, on a forward's activations)" if floor else "")
             + (f"; not run: {', '.join(skipped)}" if skipped else "") + ":\n\n"
             + _table(["variant", "dtype", "ms (IQR)", "min ms",
-                      f"vs {r0.get('baseline', 'baseline')}"], rows))
+                      f"vs {r0.get('baseline', 'baseline')}"]
+                     + (["over floor"] if floor else []), rows))
     tr = model.get("train", [])
     if tr:
         rows = [[f"{r['batch']}x3x{r['res'][0]}x{r['res'][1]}", _variant(r), _calls(r), _ms(r),
@@ -287,6 +305,10 @@ VARIANT_WORDS = {
     "compile-cl": "`torch.compile` of the PyTorch model, channels_last",
     "fused+compile": "`torch.compile` of the dabnet model",
     "compile-cl-bf16": "`torch.compile`, channels_last, bfloat16",
+    "frozen-cl": "`dabnet.freeze` of the fused model, channels_last",
+    "frozen-cl-bf16": "`dabnet.freeze`, channels_last, bfloat16",
+    "floor-cl": "the dense convolutions alone, channels_last",
+    "floor-cl-bf16": "the dense convolutions alone, channels_last, bfloat16",
 }
 
 
@@ -303,6 +325,9 @@ def summary_table(results) -> str:
     the plain inference table at its largest input; plus one line on the training step."""
     out = []
     for res in results:
+        if res.get("only") == "interleaved":
+            out.append(floor_summary(res))
+            continue
         model = res.get("model", {})
         inf = [r for r in model.get("inference", []) if r.get("median_ms")]
         il = [r for r in model.get("interleaved", []) if r.get("median_ms")]
@@ -347,6 +372,31 @@ def summary_table(results) -> str:
     if not out:
         return "No DABNet inference results yet: run `python -m bench.run`.\n"
     return "\n\n".join(out).rstrip() + "\n"
+
+
+def floor_summary(res) -> str:
+    """README's table of an `--only interleaved` run: per resolution, each variant's time, its
+    speed against the fastest fp32 plain-PyTorch variant and its time over the dense-convolution
+    floor of its dtype, all from the same interleaved rounds."""
+    parts = []
+    for il in _by_res(res.get("model", {}).get("interleaved", [])):
+        il = [r for r in il if r.get("median_ms")]
+        hw, base = il[0]["res"], il[0].get("baseline", "baseline")
+        rows = [[f"`{r['variant']}`", VARIANT_WORDS.get(r["variant"], "-"), r["dtype"], _ms(r),
+                 _x(r.get("speedup_vs_baseline")), _x(r.get("over_floor"))] for r in il]
+        parts.append(f"At {hw[0]}x{hw[1]} ({il[0]['rounds']} rounds):\n\n" + _table(
+            ["variant", "model", "dtype", "ms, median (IQR)", f"vs {base}", "over its floor"],
+            rows))
+    text = (f"DABNet inference against its floor, batch 1, on {_short_machine(res)}: each "
+            f"variant and the dense convolutions alone (`floor-*`: the model's 3x3 and 1x1 "
+            f"convolutions on a forward's activations, what fusing the other ops cannot go "
+            f"below) timed in the same interleaved rounds; vs: the median over rounds of the "
+            f"fastest plain-PyTorch fp32 variant's time over the variant's; over its floor: the "
+            f"median over rounds of the variant's time over the floor of its dtype.\n\n"
+            + "\n\n".join(parts))
+    if "_path" in res:
+        text += f"\n\nSource: `{os.path.relpath(res['_path'], REPO_DIR)}`"
+    return text
 
 
 def render(results, level="compact") -> str:

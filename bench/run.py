@@ -46,7 +46,11 @@ def _parse(argv):
     p.add_argument("--compile", choices=("none", "key", "all"), default=None,
                    help="which op cases also time torch.compile of the reference (default: key "
                         "shapes; none with --quick); none also drops DABNet's compiled runs")
-    p.add_argument("--only", choices=("ops", "model"), default=None, help="run one part only")
+    p.add_argument("--only", choices=("ops", "model", "interleaved"), default=None,
+                   help="run one part only; interleaved: the model's target variants (fp32 "
+                        "baselines, fused and frozen in fp32 and bf16, the dense-convolution "
+                        "floors) in interleaved rounds at each resolution (CPU: 256x512, "
+                        "512x1024, 1024x2048; --res to choose)")
     p.add_argument("--time-limit", type=float, default=None, metavar="S",
                    help="stop starting new work after about S seconds: op cases (key shapes "
                         "first) until 55%% of it, DABNet until 95%%; what was skipped is counted "
@@ -211,6 +215,7 @@ def main(argv=None):
         "command": "python -m bench.run " + " ".join(shlex.quote(a) for a in (
             sys.argv[1:] if argv is None else argv)),
         "mode": "quick" if args.quick else ("full" if args.full else "default"),
+        "only": args.only,
         "smoke_resolutions": args.res,
         "machine": m,
         "budget": vars(budget),
@@ -253,6 +258,16 @@ def main(argv=None):
                             copy["gbs"], on_result, progress=not args.no_progress,
                             deadline=deadline(0.55 if args.only is None else 0.95))
         res["ops_skipped"] = len(todo) - len(res["ops"])
+    if args.only == "interleaved":
+        from .cases import RESOLUTIONS
+
+        res["model"] = {"interleaved": []}
+        for r in p["inference_res"] if args.res else RESOLUTIONS:
+            res["model"]["interleaved"] += model_bench.bench_interleaved(
+                device, r, budget.scaled(4.0), with_compile=p["compile"] != "none",
+                progress=not args.no_progress, deadline=deadline(0.95),
+                names=model_bench.TARGET_VARIANTS)
+            save(res, path)
     if args.only in (None, "model"):
         inf = []
         res["model"] = {"inference": inf}
@@ -303,7 +318,10 @@ def main(argv=None):
             plots = P.plot_all(res, path)
         except Exception as e:  # plots are a convenience; the numbers are saved already
             print(f"plots failed: {type(e).__name__}: {e}", file=sys.stderr)
-    print(report.quick_table(res) if args.quick else report.ops_table(res, level="compact"))
+    if args.quick:
+        print(report.quick_table(res))
+    elif res.get("ops"):
+        print(report.ops_table(res, level="compact"))
     if res.get("model"):
         print(report.model_tables(res))
     print(f"\nwrote {path}" + "".join(f"\nwrote {q}" for q in plots))

@@ -51,6 +51,11 @@ TORCH_LIBRARY(dabnet, m) {
   // Eval-mode BN-PReLU (folded: y = x*scale + shift, then PReLU) of torch.cat(xs, 1), without the
   // concatenated intermediate.
   m.def("cat_bn_prelu(Tensor[] xs, Tensor scale, Tensor shift, Tensor slope) -> Tensor");
+  // The same on one tensor, in place: x = PReLU(x*scale + shift) (a fresh conv output).
+  m.def("affine_prelu_(Tensor(a!) x, Tensor scale, Tensor shift, Tensor slope) -> ()");
+  // y += r in place (a residual add), and returns PReLU(y*scale + shift) of the sum.
+  m.def("add_affine_prelu_(Tensor(a!) y, Tensor r, Tensor scale, Tensor shift, Tensor slope)"
+        " -> Tensor");
   // Bilinear upsampling, align_corners=False, as F.interpolate (DABNet's final x8 upsampling).
   m.def("upsample_bilinear(Tensor x, int out_h, int out_w) -> Tensor");
   // Labels of the bilinear (align_corners=False) upsampling of logits to (out_h, out_w): argmax

@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="run the fused-kernel model (default: on CPU yes, elsewhere no)")
+    p.add_argument("--frozen", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the fused model frozen for inference (dabnet.freeze: the same "
+                        "outputs without the per-layer Python; CPU only; default: on CPU yes "
+                        "unless --no-fused)")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first image that cannot be read (default: skip it with a "
                         "message, segment the rest, and exit with status 1 at the end)")
@@ -273,16 +277,21 @@ def cmd_predict(a):
     # faster still on CPUs with AVX512_BF16 or AMX but changes a few labels, so it is asked for.
     cpu = device.type == "cpu"
     fused = cpu if a.fused is None else a.fused
+    frozen = (cpu and fused) if a.frozen is None else a.frozen
+    if frozen and not cpu:
+        raise SystemExit(f"dabnet predict: --frozen runs on CPU only, not on {device}")
     channels_last = cpu if a.channels_last is None else a.channels_last
-    print(f"dabnet predict: {'fused' if fused else 'plain'} model, {a.precision}"
+    what = "frozen fused (dabnet.freeze)" if frozen else ("fused" if fused else "plain")
+    print(f"dabnet predict: {what} model, {a.precision}"
           f"{', channels_last' if channels_last else ''}, on {device}"
-          + (" (the fastest fp32 path on CPU; --no-fused / --no-channels-last to change it)"
-             if cpu and a.fused is None and a.channels_last is None else ""))
+          + (" (the fastest fp32 path on CPU; --no-frozen / --no-fused / --no-channels-last to "
+             "change it)" if cpu and a.fused is None and a.frozen is None
+             and a.channels_last is None else ""))
     skipped = []
     files = predict(a.checkpoint, a.inputs, a.out, a.dataset, device, a.label_ids,
                     a.input_scale, fused, a.alpha, progress=not a.no_progress,
                     precision=a.precision, channels_last=channels_last, strict=a.strict,
-                    skipped=skipped)
+                    skipped=skipped, frozen=frozen)
     print(f"wrote {len(files)} file(s) to {a.out}")
     if skipped:
         print(f"dabnet predict: {len(skipped)} image(s) could not be read and were skipped: "

@@ -25,6 +25,8 @@ def for_inference(model, precision: str = "fp32", channels_last: bool = False):
 
 def _input_like_model(model, x):
     """x in the dtype of the model's weights, channels_last where its convolutions' weights are."""
+    if not isinstance(model, torch.nn.Module):  # a FrozenDABNet: it sets the layout itself
+        return x.to(model.dtype)
     w = next((m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
     if w is None:
         return x

@@ -195,25 +195,7 @@ class DABNet(nn.Module):
         return self._fit(x, labels=True)
 
     def _fit(self, x, labels):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"DABNet expects an (N, 3, H, W) image batch, got {shape}")
-        H, W = x.shape[2:]
-        if H < 1 or W < 1 or not x.is_floating_point():
-            raise ValueError(f"DABNet expects a floating-point image of at least 1x1 pixels, got "
-                             f"shape {tuple(x.shape)} and dtype {x.dtype}")
-        pad_h, pad_w = _pad_to_fit(H), _pad_to_fit(W)
-        if _tracing():
-            # H and W stand for every size: always pad (by 0 where none is needed) rather than
-            # record the branch taken at the example size. The crop is a gather: a slice's
-            # strides tie H, W to the padded size in the exporter's shape guards, and Inductor
-            # drops a slice it takes for a no-op at the example size.
-            out = self._forward(F.pad(x, (0, pad_w, 0, pad_h)), labels)
-            rows, cols = (torch.arange(n, device=x.device) for n in (H, W))
-            return out.index_select(-2, rows).index_select(-1, cols)
-        if pad_h or pad_w:
-            return self._forward(F.pad(x, (0, pad_w, 0, pad_h)), labels)[..., :H, :W]
-        return self._forward(x, labels)
+        return fit_size(lambda t: self._forward(t, labels), x)
 
     def injections(self, x):
         """down_1(x), down_2(x), down_3(x): the image pooled 1, 2 and 3 times. The authors' code
@@ -247,6 +229,31 @@ class DABNet(nn.Module):
             return ops.upsample_argmax(out, size) if labels else ops.upsample_bilinear(out, size)
         out = F.interpolate(out, size, mode="bilinear", align_corners=False)
         return out.argmax(1) if labels else out
+
+
+def fit_size(forward, x):
+    """forward(x) for an (N, 3, H, W) image batch of any H, W >= 1: x zero-padded at the bottom
+    and right to the next size DABNet takes (see the module docstring), the output cropped back
+    to H x W. Shared by DABNet and the frozen model (dabnet.frozen)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"DABNet expects an (N, 3, H, W) image batch, got {shape}")
+    H, W = x.shape[2:]
+    if H < 1 or W < 1 or not x.is_floating_point():
+        raise ValueError(f"DABNet expects a floating-point image of at least 1x1 pixels, got "
+                         f"shape {tuple(x.shape)} and dtype {x.dtype}")
+    pad_h, pad_w = _pad_to_fit(H), _pad_to_fit(W)
+    if _tracing():
+        # H and W stand for every size: always pad (by 0 where none is needed) rather than
+        # record the branch taken at the example size. The crop is a gather: a slice's
+        # strides tie H, W to the padded size in the exporter's shape guards, and Inductor
+        # drops a slice it takes for a no-op at the example size.
+        out = forward(F.pad(x, (0, pad_w, 0, pad_h)))
+        rows, cols = (torch.arange(n, device=x.device) for n in (H, W))
+        return out.index_select(-2, rows).index_select(-1, cols)
+    if pad_h or pad_w:
+        return forward(F.pad(x, (0, pad_w, 0, pad_h)))[..., :H, :W]
+    return forward(x)
 
 
 def _cat_bn_prelu(unit, xs):

@@ -42,15 +42,21 @@ def overlay(img: np.ndarray, color: np.ndarray, alpha=0.5) -> np.ndarray:
 @torch.no_grad()
 def predict(checkpoint, inputs, out_dir, dataset=None, device="cpu", label_ids=False,
             input_scale=1.0, fused=False, alpha=0.5, progress=True, model=None, meta=None,
-            precision="fp32", channels_last=False, strict=False, skipped=None):
+            precision="fp32", channels_last=False, strict=False, skipped=None, frozen=False):
     """Segments every input image; writes <name>_color.png, <name>_overlay.png and, with
     label_ids (Cityscapes only), <name>_labelIds.png. Returns the list of written files.
     precision / channels_last: see evaluate.for_inference (applied to a model loaded here).
+    frozen: run dabnet.freeze of the model (CPU; the fastest CPU path, same outputs).
     An image that cannot be read is skipped with a message on stderr and appended to `skipped`
     (a list, if given) as (path, reason); with strict=True it stops the run instead."""
     if model is None:
         model, meta = load_model(checkpoint, fused=fused, device=device)
         model = for_inference(model, precision, channels_last)
+    if frozen:
+        from .frozen import freeze
+        from .evaluate import PRECISIONS
+
+        model = freeze(model, PRECISIONS[precision], channels_last)
     meta = meta or {}
     name = dataset or meta.get("dataset") or "cityscapes"
     info = dataset_info(name)

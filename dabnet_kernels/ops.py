@@ -17,9 +17,9 @@ from . import reference as _ref
 from .backend import ops_for
 from .reference import BNPReLUParams
 
-__all__ = ["dwconv3", "bn_prelu", "dwconv3_bn_prelu", "dab_neck", "fold_dab_neck", "cat_bn_prelu", "upsample_bilinear",
-           "upsample_argmax", "avg_pool3x3s2", "max_pool2x2",
-           "BNPReLUParams"]
+__all__ = ["dwconv3", "bn_prelu", "dwconv3_bn_prelu", "dab_neck", "fold_dab_neck", "cat_bn_prelu",
+           "fold_bn_prelu", "affine_prelu_", "add_affine_prelu_", "upsample_bilinear",
+           "upsample_argmax", "avg_pool3x3s2", "max_pool2x2", "BNPReLUParams"]
 
 _ops = torch.ops.dabnet
 
@@ -272,11 +272,62 @@ def cat_bn_prelu(xs: Sequence[Tensor], weight: Optional[Tensor], bias: Optional[
     C = sum(t.shape[1] for t in xs)
     like = x0.new_empty((1, C, 1, 1))
     weight, bias, _ = _bn_args(like, weight, bias, running_mean, running_var, prelu_weight, False)
-    acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
-    scale = weight.double() * torch.rsqrt(running_var.double() + eps)
-    shift = bias.double() - running_mean.double() * scale
-    return torch.ops.dabnet.cat_bn_prelu(list(xs), scale.to(acc), shift.to(acc),
-                                         prelu_weight.to(acc))
+    scale, shift, _ = fold_bn_prelu(weight, bias, running_mean, running_var, prelu_weight[:1],
+                                    eps, x0.dtype)
+    acc = scale.dtype
+    return torch.ops.dabnet.cat_bn_prelu(list(xs), scale, shift, prelu_weight.to(acc))
+
+
+def fold_bn_prelu(weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
+                  running_var: Tensor, prelu_weight: Tensor, eps: float, dtype: torch.dtype):
+    """An eval BatchNorm + PReLU as (scale, shift, slope) in the accumulation type of dtype
+    (float64 for float64, else float32): PReLU(x * scale + shift) is its output. The fold is
+    computed in float64, as the CPU kernels fold."""
+    C = running_mean.shape[0]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    w = running_var.new_ones(C, dtype=torch.float64) if weight is None else weight.double()
+    b = running_var.new_zeros(C, dtype=torch.float64) if bias is None else bias.double()
+    scale = w * torch.rsqrt(running_var.double() + eps)
+    shift = b - running_mean.double() * scale
+    return scale.to(acc), shift.to(acc), prelu_weight.to(acc).expand(C).contiguous()
+
+
+def _check_inplace(y, name):
+    _check_x(y, name)
+    if y.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(y.shape)}")
+    if not (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(f"{name} is updated in place, so it must be contiguous (NCHW or "
+                         f"channels_last), got strides {y.stride()}")
+    if torch.is_grad_enabled() and y.requires_grad:
+        raise ValueError(f"{name} requires grad: the in-place eval ops are for inference only "
+                         f"(use bn_prelu, which has a backward)")
+    if ops_for(y) is None or y.device.type != "cpu":
+        raise ValueError(f"{name} is on {y.device}: the in-place eval ops have CPU kernels only")
+
+
+def affine_prelu_(x: Tensor, scale: Tensor, shift: Tensor, slope: Tensor) -> Tensor:
+    """In place, ``x = PReLU(x * scale + shift)``: an eval BN-PReLU folded by
+    :func:`fold_bn_prelu`, applied to a tensor nothing else needs (a conv's fresh output), where
+    a new output would cost a write to fresh memory. Inference only, CPU. Returns x."""
+    _check_inplace(x, "x")
+    torch.ops.dabnet.affine_prelu_(x, scale, shift, slope)
+    return x
+
+
+def add_affine_prelu_(y: Tensor, r: Tensor, scale: Tensor, shift: Tensor, slope: Tensor) -> Tensor:
+    """``y += r`` in place (a residual add), and returns ``PReLU(y * scale + shift)`` of the sum,
+    in one pass: what ``y.add_(r)`` followed by an eval BN-PReLU computes. Inference only, CPU."""
+    _check_inplace(y, "y")
+    _check_x(r, "r")
+    _check_same(r, y, "r")
+    if r.dtype != y.dtype:
+        raise ValueError(f"r has dtype {r.dtype}, y {y.dtype}: they must agree")
+    if r.shape != y.shape:
+        raise ValueError(f"r has shape {tuple(r.shape)}, y {tuple(y.shape)}: they must agree")
+    if r is y or (r.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()):
+        raise ValueError("r shares y's memory: add_affine_prelu_ updates y in place")
+    return torch.ops.dabnet.add_affine_prelu_(y, r, scale, shift, slope)
 
 
 def _check_size(size):
@@ -415,6 +466,16 @@ def _fake_cat_bn_prelu(xs, scale, shift, slope):
     x0 = xs[0]
     return torch.empty((x0.shape[0], sum(t.shape[1] for t in xs), *x0.shape[2:]), dtype=x0.dtype,
                        device=x0.device, memory_format=_out_format(x0))
+
+
+@torch.library.register_fake("dabnet::affine_prelu_")
+def _fake_affine_prelu_(x, scale, shift, slope):
+    return None
+
+
+@torch.library.register_fake("dabnet::add_affine_prelu_")
+def _fake_add_affine_prelu_(y, r, scale, shift, slope):
+    return _like(y)
 
 
 @torch.library.register_fake("dabnet::upsample_bilinear")

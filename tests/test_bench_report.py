@@ -130,13 +130,14 @@ def test_interleaved_bench_times_every_variant_in_rounds_and_renders():
     of times; the speedups are paired ratios against the fastest fp32 plain-PyTorch variant,
     which therefore scores exactly 1; the report renders the table."""
     from bench import report
-    from bench.model_bench import BASELINES_FP32, bench_interleaved, inference_variants
+    from bench.model_bench import (BASELINES_FP32, bench_interleaved, floor_variants,
+                                   inference_variants)
     from bench.timing import Budget
 
     recs = bench_interleaved("cpu", (32, 64), Budget().scaled(0.02), with_compile=False,
                              progress=False, min_rounds=4)
     by = {r["variant"]: r for r in recs}
-    assert set(by) == {v[0] for v in inference_variants("cpu", False)}
+    assert set(by) == {v[0] for v in inference_variants("cpu", False) + floor_variants("cpu")}
     rounds = {r["rounds"] for r in recs}
     assert len(rounds) == 1 and rounds.pop() >= 4
     for name, r in by.items():
@@ -150,6 +151,42 @@ def test_interleaved_bench_times_every_variant_in_rounds_and_renders():
     text = report.model_tables({"model": {"inference": [], "interleaved": recs}})
     assert "interleaved" in text and f"vs {base}" in text
     assert all(f"| {name} |" in text for name in by)
+    # Each variant's time over the floor of its dtype, a row of the same rounds: the floor is
+    # the dense convolutions alone, so no whole-model variant can be below it.
+    for name, r in by.items():
+        if name.startswith("floor"):
+            assert "over_floor" not in r
+        else:
+            assert r["floor"] == ("floor-cl-bf16" if r["dtype"] == "bf16" else "floor-cl")
+            assert r["over_floor"] > 1.0, (name, r["over_floor"])
+    assert "over floor" in text
+
+
+def test_floor_run_renders_per_resolution_and_is_listed_after_the_full_run(tmp_path):
+    from bench import report
+
+    def rec(res, variant, dtype, ms, floor=None):
+        r = {"res": list(res), "variant": variant, "dtype": dtype, "median_ms": ms,
+             "iqr_ms": 1.0, "min_ms": ms, "rounds": 9, "baseline": "compile-cl",
+             "speedup_vs_baseline": 100.0 / ms}
+        return dict(r, floor=floor, over_floor=ms / 50.0) if floor else r
+
+    inter = [rec(hw, v, dt, ms, f) for hw in ((256, 512), (512, 1024)) for v, dt, ms, f in (
+        ("compile-cl", "fp32", 100.0, "floor-cl"), ("frozen-cl-bf16", "bf16", 64.5, "floor-cl-bf16"),
+        ("floor-cl-bf16", "bf16", 50.0, None))]
+    machine = {"slug": "cpu-x-2c", "device": "cpu", "cpu_model": "X", "cpu_usable_cores": 2,
+               "torch": "2.14"}
+    full = {"complete": True, "mode": "default", "date": "2026-12-03 10:00 UTC", "ops": [],
+            "machine": machine, "model": {"inference": []}}
+    floors = {"only": "interleaved", "complete": True, "mode": "default", "machine": machine,
+              "date": "2026-12-03 11:00 UTC", "model": {"interleaved": inter}}
+    (tmp_path / "a.json").write_text(json.dumps(full))
+    (tmp_path / "b.json").write_text(json.dumps(floors))
+    got = report.latest(str(tmp_path))
+    assert [r.get("only") for r in got] == [None, "interleaved"]
+    text = report.summary_table(got)
+    assert "At 256x512 (9 rounds)" in text and "At 512x1024 (9 rounds)" in text
+    assert "| `frozen-cl-bf16` |" in text and "1.29x" in text  # 64.5 / 50
 
 
 def test_latest_takes_the_newest_complete_run_and_skips_other_kinds(tmp_path):

@@ -75,3 +75,74 @@ def test_mixed_dtypes_promote_like_torch_cat():
 def test_wrong_parameter_length():
     with pytest.raises(ValueError, match=r"\(10,\)"):
         ops.cat_bn_prelu(_inputs("nchw", torch.float32), *bn_params(9, torch.float32)[:5], False)
+
+
+# ------------------------------------------ the in-place forms: affine_prelu_, add_affine_prelu_
+def _folded(C, dtype):
+    p = bn_params(C, torch.float32)
+    return p, ops.fold_bn_prelu(*p[:4], p.prelu_weight, 1e-3, dtype)
+
+
+def _low(dtype):  # one rounding step of the output dtype, relative
+    return dict(rtol=2 ** -7, atol=2 ** -7) if dtype == torch.bfloat16 else (
+        dict(rtol=1e-3, atol=1e-3) if dtype == torch.float16 else tol(dtype))
+
+
+# C = 1, 5, 33: odd counts and one past a vector width, both layouts, every dtype.
+@pytest.mark.parametrize("C", [1, 5, 33])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_affine_prelu_inplace_matches_bn_prelu(dtype, layout, C):
+    x = make_input((2, C, 5, 9), layout, dtype)
+    p, folded = _folded(C, dtype)
+    ref = reference.bn_prelu(x.double(), *[t.double() for t in p[:5]], False)
+    y = x.clone()
+    ptr = y.data_ptr()
+    assert ops.affine_prelu_(y, *folded) is y
+    assert y.data_ptr() == ptr and y.stride() == x.stride()
+    torch.testing.assert_close(y.double(), ref, **_low(dtype))
+
+
+@pytest.mark.parametrize("C", [1, 5, 33])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_add_affine_prelu_is_add_then_bn_prelu(dtype, layout, C):
+    y, r = make_input((2, C, 5, 9), layout, dtype), make_input((2, C, 5, 9), "nchw", dtype)
+    p, folded = _folded(C, dtype)
+    y0 = y.clone()
+    out = ops.add_affine_prelu_(y, r, *folded)
+    torch.testing.assert_close(y, y0 + r, rtol=0, atol=0)  # the sum, rounded as add_ rounds
+    ref = reference.bn_prelu((y0 + r).double(), *[t.double() for t in p[:5]], False)
+    torch.testing.assert_close(out.double(), ref, **_low(dtype))
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt) and out.data_ptr() != y.data_ptr()
+
+
+def test_inplace_ops_opcheck():
+    x = make_input((2, 6, 5, 7), "channels_last", torch.float32)
+    _, folded = _folded(6, torch.float32)
+    torch.library.opcheck(torch.ops.dabnet.affine_prelu_, (x.clone(), *folded))
+    torch.library.opcheck(torch.ops.dabnet.add_affine_prelu_, (x.clone(), x.clone(), *folded))
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (lambda y: (y[:, :, :, ::2], None), "contiguous"),
+    (lambda y: (y.requires_grad_(), None), "requires grad"),
+    (lambda y: (y, y), "memory"),
+    (lambda y: (y, y[:, :, :3]), "shape"),
+    (lambda y: (y, y.double()), "dtype"),
+])
+def test_inplace_ops_refuse_bad_input(bad, msg):
+    _, folded = _folded(4, torch.float32)
+    y, r = bad(torch.randn(1, 4, 6, 6))
+    with pytest.raises(ValueError, match=msg):
+        if r is None:
+            ops.affine_prelu_(y, *folded)
+        else:
+            ops.add_affine_prelu_(y, r, *folded)
+
+
+def test_inplace_op_names_a_wrong_parameter_length():
+    _, folded = _folded(3, torch.float32)
+    with pytest.raises(RuntimeError, match=r"scale must have shape \(4\)"):
+        torch.ops.dabnet.affine_prelu_(torch.randn(1, 4, 2, 2), *folded)

@@ -176,9 +176,14 @@ def test_predict_takes_the_fastest_cpu_path_by_default_and_says_so(trained, tmp_
     write_png(tmp_path / "in" / "s.png", np.random.default_rng(2).integers(0, 256, (32, 48, 3)))
     args = ["predict", "-c", str(trained), str(tmp_path / "in"), "--no-progress", "--device", "cpu"]
     assert main([*args, "--out", str(tmp_path / "auto")]) == 0
-    assert "fused model, fp32, channels_last, on cpu (the fastest" in capsys.readouterr().out
+    assert ("frozen fused (dabnet.freeze) model, fp32, channels_last, on cpu (the fastest"
+            in capsys.readouterr().out)
+    assert main([*args, "--out", str(tmp_path / "fused"), "--no-frozen"]) == 0
+    assert "fused model, fp32, channels_last, on cpu\n" in capsys.readouterr().out
     assert main([*args, "--out", str(tmp_path / "plain"), "--no-fused", "--no-channels-last"]) == 0
     out = capsys.readouterr().out
     assert "plain model, fp32, on cpu\n" in out
-    auto, plain = (np.asarray(Image.open(tmp_path / d / "s_color.png")) for d in ("auto", "plain"))
+    auto, fused, plain = (np.asarray(Image.open(tmp_path / d / "s_color.png"))
+                          for d in ("auto", "fused", "plain"))
+    assert (auto == fused).all()  # the frozen model computes the fused model's labels
     assert (auto == plain).all(-1).mean() > 0.99

@@ -1,6 +1,12 @@
-// cat_bn_prelu on CPU: eval-mode BN-PReLU of a channel concatenation, written straight into the
-// output (DABNet's bn_prelu_1/2/3 follow concatenations): one read of each input, one write, and
-// no concatenated intermediate.
+// Eval-mode BN-PReLU on folded parameters (y = x*scale + shift, then PReLU), on CPU:
+//   cat_bn_prelu: of a channel concatenation, written straight into the output (DABNet's
+//     bn_prelu_1/2/3 follow concatenations): one read of each input, one write, and no
+//     concatenated intermediate;
+//   affine_prelu_: in place, on a tensor nothing else needs (a conv's fresh output): the write
+//     lands on cache lines the read just brought in, where a new output costs a read for
+//     ownership too;
+//   add_affine_prelu_: y += r in place (DAB's residual), and the BN-PReLU of the sum, in one pass
+//     (the next module's first BN-PReLU), where add_ then bn_prelu read the sum twice.
 #include <ATen/ops/cat.h>
 #include <torch/library.h>
 
@@ -41,7 +47,93 @@ void bn_prelu_narrow(T* __restrict__ o, int64_t o_stride, const T* __restrict__ 
       o[q * o_stride + c] = T(prelu(acc_t(x[q * Ci + c]) * S[c] + Tt[c], A[c]));
 }
 
+// The in-place forms over one run of n elements (VEC: parameters per element, an NHWC pixel's
+// channels; else one channel's scalars): RES, y[j] <- y[j] + r[j] (rounded to T, as add_ rounds)
+// and o[j] = PReLU(y[j]*s + t); else y[j] <- PReLU(y[j]*s + t). Three distinct restrict pointers:
+// with o aliasing y instead, GCC would guard its vector loop with an overlap test that in-place
+// calls always fail.
+template <bool VEC, bool RES, typename T, typename acc_t>
+inline void affine_prelu_run(T* __restrict__ y, const T* __restrict__ r, T* __restrict__ o,
+                             const acc_t* __restrict__ s, const acc_t* __restrict__ t,
+                             const acc_t* __restrict__ a, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t c = VEC ? j : 0;
+    // Every store is a T(...) written in place: a named T local (a struct) is copied with a
+    // load and a store in one statement, which GCC refuses to vectorize (scalar: 10x slower).
+    if (RES) {
+      y[j] = T(acc_t(y[j]) + acc_t(r[j]));
+      o[j] = T(prelu(affine(acc_t(y[j]), s[c], t[c]), a[c]));  // the sum as stored, rounded
+    } else {
+      y[j] = T(prelu(affine(acc_t(y[j]), s[c], t[c]), a[c]));
+    }
+  }
+}
+
+// y is updated in place: it must already be dense in one of the two layouts.
+bool dense_layout(const at::Tensor& y, const char* name) {
+  const bool cl = !y.is_contiguous() && y.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(cl || y.is_contiguous(), "dabnet: ", name, " is updated in place, so it must be "
+              "contiguous (NCHW or channels_last), got strides ", y.strides());
+  return cl;
+}
+
+// The body of affine_prelu_ (r, o undefined) and add_affine_prelu_.
+template <bool RES>
+void affine_prelu_impl(at::Tensor& y, const at::Tensor& r_, const at::Tensor& o,
+                       const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& slope,
+                       bool cl) {
+  check_vec(scale, y, "scale");
+  check_vec(shift, y, "shift");
+  check_vec(slope, y, "slope", /*allow_single=*/true);
+  if (y.numel() == 0) return;
+  const at::Tensor r = RES ? r_.contiguous(fmt(cl)) : r_;
+  const int64_t N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "affine_prelu_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto s = to_vec<acc_t>(scale, C), t = to_vec<acc_t>(shift, C), a = to_vec<acc_t>(slope, C);
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* rp = RES ? r.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = RES ? o.data_ptr<scalar_t>() : nullptr;
+    if (!cl) {
+      at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+          const int64_t c = p % C, off = p * HW;
+          affine_prelu_run<false, RES>(yp + off, RES ? rp + off : nullptr, RES ? op + off : nullptr, &s[c], &t[c],
+                                       &a[c], HW);
+        }
+      });
+    } else {
+      at::parallel_for(0, N * HW, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t q = begin; q < end; ++q)
+          affine_prelu_run<true, RES>(yp + q * C, RES ? rp + q * C : nullptr, RES ? op + q * C : nullptr,
+                                      s.data(), t.data(), a.data(), C);
+      });
+    }
+  });
+}
+
 }  // namespace
+
+void affine_prelu_(at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                   const at::Tensor& slope) {
+  check_input(x);
+  const bool cl = dense_layout(x, "x");
+  affine_prelu_impl<false>(x, at::Tensor(), at::Tensor(), scale, shift, slope, cl);
+}
+
+at::Tensor add_affine_prelu_(at::Tensor& y, const at::Tensor& r, const at::Tensor& scale,
+                             const at::Tensor& shift, const at::Tensor& slope) {
+  check_input(y, "y");
+  check_input(r, "r");
+  check_like(r, y, "r");
+  TORCH_CHECK(r.sizes() == y.sizes(), "dabnet: r must have y's shape ", y.sizes(), ", got ",
+              r.sizes());
+  const bool cl = dense_layout(y, "y");
+  TORCH_CHECK(!r.is_same(y), "dabnet: add_affine_prelu_ needs r to be another tensor than y");
+  at::Tensor out = empty_out_as(y, cl);
+  affine_prelu_impl<true>(y, r, out, scale, shift, slope, cl);
+  return out;
+}
 
 at::Tensor cat_bn_prelu(at::TensorList xs, const at::Tensor& scale, const at::Tensor& shift,
                         const at::Tensor& slope) {
@@ -120,8 +212,12 @@ at::Tensor cat_bn_prelu(at::TensorList xs, const at::Tensor& scale, const at::Te
 // Registered once, from the baseline build (isa.h).
 #ifndef DABNET_CPU_VARIANT
 DABNET_CPU_DECLARE(cat_bn_prelu)
+DABNET_CPU_DECLARE(affine_prelu_)
+DABNET_CPU_DECLARE(add_affine_prelu_)
 
 TORCH_LIBRARY_IMPL(dabnet, CPU, m) {
   m.impl("cat_bn_prelu", DABNET_CPU_KERNEL(cat_bn_prelu));
+  m.impl("affine_prelu_", DABNET_CPU_KERNEL(affine_prelu_));
+  m.impl("add_affine_prelu_", DABNET_CPU_KERNEL(add_affine_prelu_));
 }
 #endif

@@ -1,0 +1,190 @@
+"""A frozen DABNet for CPU inference: the fused model's ops called in a fixed sequence on
+parameters folded once, without the module tree.
+
+    frozen = dabnet.freeze(model)                 # fp32, channels_last
+    frozen = dabnet.freeze(model, torch.bfloat16) # the whole network in bfloat16
+    logits = frozen(images)                       # as model(images) in eval, no autograd
+    labels = frozen.predict(images)               # as model.predict(images)
+
+What it saves over ``DABNet(fused=True)`` in eval (bench/README.md has the measurements):
+- the per-forward Python of ~100 module calls, argument checks and BatchNorm folds;
+- a memory pass per BN-PReLU that follows a convolution: it is applied in place on the conv's
+  fresh output (``affine_prelu_``), whose cache lines the read has just brought in, where a new
+  output also costs a read for ownership;
+- the read of each DAB module's residual sum by the next module's first BN-PReLU: the sum and
+  that BN-PReLU are one pass (``add_affine_prelu_``).
+The arithmetic is the fused model's: outputs equal ``model.eval()``'s to rounding (bit for bit
+on the machines tested, fp32 and bf16).
+
+It is a snapshot, as ``torch.jit.freeze``: the parameters and BatchNorm statistics are copied
+when it is made, so later training or ``load_state_dict`` on the model does not reach it (freeze
+again). The model may be plain or fused (the same state_dict). CPU only: on a GPU, CUDA graphs
+remove the Python cost (bench/README.md).
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float64, torch.float16)
+_NECK = ("dconv3x1", "dconv1x3", "ddconv3x1", "ddconv1x3")
+
+
+class _Conv(NamedTuple):
+    weight: Tensor
+    stride: int
+    padding: int
+
+
+class _Affine(NamedTuple):  # a folded eval BN-PReLU: PReLU(x * scale + shift)
+    scale: Tensor
+    shift: Tensor
+    slope: Tensor
+
+
+class _DAB(NamedTuple):
+    bn_relu_1: _Affine
+    conv3x3: _Conv
+    conv3x3_bn: _Affine
+    neck: tuple  # the arguments of torch.ops.dabnet.dab_neck after x, dilation last
+    conv1x1: _Conv
+
+
+class FrozenDABNet:
+    """See the module docstring. Made by :func:`freeze`."""
+
+    def __init__(self, model, dtype: torch.dtype = torch.float32, channels_last: bool = True):
+        from dabnet_kernels import ops
+
+        from .model import DABNet
+
+        if not isinstance(model, DABNet):
+            raise TypeError(f"freeze expects a dabnet.DABNet, got {type(model).__name__}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype}")
+        sd = model.state_dict()
+        for k, v in sd.items():
+            if v.device.type != "cpu":
+                raise ValueError(f"freeze runs on CPU; {k} is on {v.device} (model.cpu() first)")
+        self.dtype, self.classes = dtype, model.classes
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        def eps(prefix):  # of the BatchNorm at prefix.bn (the state_dict does not hold it)
+            return model.get_submodule(prefix + ".bn").eps
+
+        def conv(prefix, stride=1):
+            w = sd[prefix + ".weight"].detach().to(dtype).clone(memory_format=self.memory_format)
+            return _Conv(w, stride, w.shape[-1] // 2)
+
+        def bnp(prefix):  # prefix.bn and prefix.acti, as dabnet.model.BNPReLU names them
+            g = lambda n: sd[f"{prefix}.bn.{n}"].detach()  # noqa: E731
+            folded = ops.fold_bn_prelu(g("weight"), g("bias"), g("running_mean"),
+                                       g("running_var"), sd[f"{prefix}.acti.weight"],
+                                       eps(prefix), dtype)
+            return _Affine(*(t.clone() for t in folded))  # the slope may be the model's tensor
+
+        def dab(prefix, d):
+            units = [f"{prefix}.{n}" for n in _NECK]
+            weights = [sd[u + ".conv.weight"].detach() for u in units]
+            params = [ops.BNPReLUParams(*(sd[f"{p}.{n}"].detach() for n in (
+                "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "acti.weight")))
+                for p in [u + ".bn_prelu" for u in units] + [prefix + ".bn_relu_2"]]
+            e = {eps(p) for p in [u + ".bn_prelu" for u in units] + [prefix + ".bn_relu_2"]}
+            if len(e) != 1:
+                raise ValueError(f"{prefix}: the neck's BatchNorms differ in eps ({sorted(e)}); "
+                                 f"the fused neck takes one")
+            neck = tuple(t.clone() for t in ops.fold_dab_neck(weights, params, e.pop(), dtype))
+            return _DAB(bnp(prefix + ".bn_relu_1"), conv(prefix + ".conv3x3.conv"),
+                        bnp(prefix + ".conv3x3.bn_prelu"), neck + (d,),
+                        conv(prefix + ".conv1x1.conv"))
+
+        self.init = [(conv(f"init_conv.{i}.conv", 2 if i == 0 else 1),
+                      bnp(f"init_conv.{i}.bn_prelu")) for i in range(len(model.init_conv))]
+        self.bn_prelu = [bnp(f"bn_prelu_{i}") for i in (1, 2, 3)]
+        self.down = [(conv(f"downsample_{i}.conv3x3.conv", 2), bnp(f"downsample_{i}.bn_prelu"),
+                      getattr(model, f"downsample_{i}").widen) for i in (1, 2)]
+        self.blocks: List[List[_DAB]] = [
+            [dab(f"{b}.{name}", m.dilation) for name, m in getattr(model, b).named_children()]
+            for b in ("DAB_Block_1", "DAB_Block_2")]
+        self.classifier = conv("classifier.0.conv")
+
+    # ------------------------------------------------------------------------------- forward
+    def __call__(self, x: Tensor) -> Tensor:
+        """Logits (N, classes, H, W) of an (N, 3, H, W) image batch, as the model's forward."""
+        return self._fit(x, labels=False)
+
+    def predict(self, x: Tensor) -> Tensor:
+        """Per-pixel labels (N, H, W), int64, as the model's predict."""
+        return self._fit(x, labels=True)
+
+    def _fit(self, x, labels):
+        from .model import fit_size
+
+        if isinstance(x, Tensor) and (x.device.type != "cpu" or x.dtype != self.dtype):
+            raise ValueError(f"this frozen DABNet runs {self.dtype} on CPU; got a {x.dtype} "
+                             f"tensor on {x.device} (x.to('cpu', {self.dtype}), or freeze with "
+                             f"that dtype)")
+        with torch.no_grad():
+            return fit_size(lambda t: self._forward(t.contiguous(memory_format=self.memory_format),
+                                                    labels), x)
+
+    def _forward(self, x, labels):
+        from dabnet_kernels import ops
+
+        D = torch.ops.dabnet
+        inj1 = ops.avg_pool3x3s2(x)
+        inj2 = ops.avg_pool3x3s2(inj1)
+        inj3 = ops.avg_pool3x3s2(inj2)
+        y = x
+        for c, a in self.init:
+            y = _conv(y, c)
+            D.affine_prelu_(y, *a)
+        b1_in = self._down(D.cat_bn_prelu([y, inj1], *self.bn_prelu[0]), 0)
+        b1_out = self._block(b1_in, self.blocks[0])
+        b2_in = self._down(D.cat_bn_prelu([b1_out, b1_in, inj2], *self.bn_prelu[1]), 1)
+        b2_out = self._block(b2_in, self.blocks[1])
+        out = _conv(D.cat_bn_prelu([b2_out, b2_in, inj3], *self.bn_prelu[2]), self.classifier)
+        size = tuple(x.shape[2:])
+        return ops.upsample_argmax(out, size) if labels else ops.upsample_bilinear(out, size)
+
+    def _down(self, x, i):
+        c, a, widen = self.down[i]
+        y = _conv(x, c)
+        if widen:
+            from dabnet_kernels.ops import max_pool2x2
+
+            return torch.ops.dabnet.cat_bn_prelu([y, max_pool2x2(x)], *a)
+        torch.ops.dabnet.affine_prelu_(y, *a)
+        return y
+
+    @staticmethod
+    def _block(x, mods: List[_DAB]):
+        """The DAB modules in sequence. Each module's residual sum is formed together with the
+        next module's first BN-PReLU (add_affine_prelu_), the last one's with a plain add."""
+        if not mods:
+            return x
+        D = torch.ops.dabnet
+        z = D.cat_bn_prelu([x], *mods[0].bn_relu_1)
+        for i, m in enumerate(mods):
+            y = _conv(z, m.conv3x3)
+            D.affine_prelu_(y, *m.conv3x3_bn)
+            y = _conv(D.dab_neck(y, *m.neck), m.conv1x1)
+            if i + 1 < len(mods):
+                z = D.add_affine_prelu_(y, x, *mods[i + 1].bn_relu_1)
+            else:
+                y.add_(x)
+            x = y
+        return x
+
+
+def _conv(x, c: _Conv):
+    return F.conv2d(x, c.weight, None, c.stride, c.padding)
+
+
+def freeze(model, dtype: torch.dtype = torch.float32, channels_last: bool = True) -> FrozenDABNet:
+    """A frozen copy of a DABNet (plain or fused) for CPU inference in `dtype`: see
+    dabnet.frozen. channels_last is the fast layout on CPU (oneDNN's convolutions and the fused
+    kernels); NCHW is kept for comparison."""
+    return FrozenDABNet(model, dtype, channels_last)

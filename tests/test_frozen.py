@@ -1,0 +1,115 @@
+"""dabnet.freeze: the fused model as a fixed sequence of op calls on parameters folded once."""
+import pytest
+import torch
+
+import dabnet
+from dabnet import DABNet
+
+
+def _model(fused=True, seed=0, **kw):
+    torch.manual_seed(seed)
+    m = DABNet(fused=fused, **kw)
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.2)
+                mod.running_var.uniform_(0.5, 1.5)
+                mod.weight.normal_(1, 0.2)
+                mod.bias.normal_(0, 0.2)
+    return m.eval()
+
+
+def _image(h, w, n=1, dtype=torch.float32):
+    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_matches_the_fused_model_fp32(channels_last):
+    m = _model(classes=7, block_1=2, block_2=3)
+    x = _image(64, 96, n=2)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ref = m.to(memory_format=fmt)(x.contiguous(memory_format=fmt)).detach()
+    frozen = dabnet.freeze(m, channels_last=channels_last)
+    out = frozen(x)
+    assert out.shape == (2, 7, 64, 96)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(frozen.predict(x), m.predict(x.contiguous(memory_format=fmt)))
+
+
+def test_a_plain_model_freezes_to_the_same_network():
+    plain, fused = _model(fused=False), _model(fused=True)
+    x = _image(32, 64)
+    with torch.no_grad():
+        ref = plain(x)
+    torch.testing.assert_close(dabnet.freeze(plain)(x), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dabnet.freeze(plain)(x), dabnet.freeze(fused)(x), rtol=0, atol=0)
+
+
+def test_bf16_matches_the_fused_bf16_model():
+    m = _model().to(torch.bfloat16).to(memory_format=torch.channels_last)
+    x = _image(64, 128, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = m(x)
+    out = dabnet.freeze(m, torch.bfloat16)(x)
+    assert out.dtype == torch.bfloat16
+    # The same ops on the same values: equal, but for a rare rounding step where the frozen
+    # model forms a BN-PReLU with another kernel (cat_bn_prelu for a block's first module).
+    assert (out.float() - ref.float()).abs().max() <= 0.05 * ref.float().abs().max()
+    assert (out.argmax(1) == ref.argmax(1)).double().mean() > 0.99
+
+
+@pytest.mark.parametrize("hw", [(37, 53), (1, 1), (30, 45)])
+def test_any_size_is_padded_and_cropped_as_the_model_does(hw):
+    m = _model(classes=5, block_1=1, block_2=2)
+    x = _image(*hw)
+    with torch.no_grad():
+        ref = m(x)
+    torch.testing.assert_close(dabnet.freeze(m)(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_is_a_snapshot_of_the_parameters():
+    m = _model(block_1=1, block_2=1)
+    x = _image(32, 32)
+    frozen = dabnet.freeze(m)
+    before = frozen(x)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1.5)
+        for b in m.buffers():
+            if b.is_floating_point():
+                b.add_(0.1)
+    torch.testing.assert_close(frozen(x), before, rtol=0, atol=0)
+    refrozen = dabnet.freeze(m)(x)
+    assert not torch.allclose(refrozen, before)
+    with torch.no_grad():
+        torch.testing.assert_close(refrozen, m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_runs_under_inference_mode_and_leaves_no_graph():
+    m = _model(block_1=1, block_2=1)
+    x = _image(16, 16).requires_grad_()
+    out = dabnet.freeze(m)(x)
+    assert not out.requires_grad
+    with torch.inference_mode():
+        frozen = dabnet.freeze(m)
+        torch.testing.assert_close(frozen(x.detach()), out)
+
+
+@pytest.mark.parametrize("bad,exc,msg", [
+    (lambda: _image(16, 16, dtype=torch.float64), ValueError, "float32 on CPU"),
+    (lambda: torch.rand(1, 4, 16, 16), ValueError, r"\(N, 3, H, W\)"),
+    (lambda: torch.rand(3, 16, 16), ValueError, r"\(N, 3, H, W\)"),
+    (lambda: "image.png", ValueError, "image batch"),
+    (lambda: torch.rand(1, 3, 0, 16), ValueError, "at least 1x1"),
+])
+def test_bad_input_is_named(bad, exc, msg):
+    frozen = dabnet.freeze(_model(block_1=1, block_2=1))
+    with pytest.raises(exc, match=msg):
+        frozen(bad())
+
+
+def test_refuses_what_it_cannot_freeze():
+    with pytest.raises(TypeError, match="dabnet.DABNet"):
+        dabnet.freeze(torch.nn.Conv2d(3, 3, 1))
+    with pytest.raises(ValueError, match="dtype"):
+        dabnet.freeze(_model(block_1=1, block_2=1), torch.int8)
