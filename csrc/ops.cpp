@@ -50,7 +50,9 @@ TORCH_LIBRARY(dabnet, m) {
       " Tensor out_shift, Tensor out_slope, int dilation) -> Tensor");
   // Eval-mode BN-PReLU (folded: y = x*scale + shift, then PReLU) of torch.cat(xs, 1), without the
   // concatenated intermediate.
-  m.def("cat_bn_prelu(Tensor[] xs, Tensor scale, Tensor shift, Tensor slope) -> Tensor");
+  // With add0, xs[0] + add0 (rounded as add_ rounds) takes xs[0]'s place.
+  m.def("cat_bn_prelu(Tensor[] xs, Tensor scale, Tensor shift, Tensor slope, Tensor? add0=None)"
+        " -> Tensor");
   // The same on one tensor, in place: x = PReLU(x*scale + shift) (a fresh conv output).
   m.def("affine_prelu_(Tensor(a!) x, Tensor scale, Tensor shift, Tensor slope) -> ()");
   // y += r in place (a residual add), and returns PReLU(y*scale + shift) of the sum.

@@ -12,7 +12,8 @@ What it saves over ``DABNet(fused=True)`` in eval (bench/README.md has the measu
   fresh output (``affine_prelu_``), whose cache lines the read has just brought in, where a new
   output also costs a read for ownership;
 - the read of each DAB module's residual sum by the next module's first BN-PReLU: the sum and
-  that BN-PReLU are one pass (``add_affine_prelu_``).
+  that BN-PReLU are one pass (``add_affine_prelu_``); a block's last sum is formed inside the
+  concatenation that reads it (``cat_bn_prelu``'s ``add0``) and never written.
 The arithmetic is the fused model's: outputs equal ``model.eval()``'s to rounding (bit for bit
 on the machines tested, fp32 and bf16).
 
@@ -142,10 +143,11 @@ class FrozenDABNet:
             y = _conv(y, c)
             D.affine_prelu_(y, *a)
         b1_in = self._down(D.cat_bn_prelu([y, inj1], *self.bn_prelu[0]), 0)
-        b1_out = self._block(b1_in, self.blocks[0])
-        b2_in = self._down(D.cat_bn_prelu([b1_out, b1_in, inj2], *self.bn_prelu[1]), 1)
-        b2_out = self._block(b2_in, self.blocks[1])
-        out = _conv(D.cat_bn_prelu([b2_out, b2_in, inj3], *self.bn_prelu[2]), self.classifier)
+        b1_out, r1 = self._block(b1_in, self.blocks[0])
+        b2_in = self._down(D.cat_bn_prelu([b1_out, b1_in, inj2], *self.bn_prelu[1], r1), 1)
+        b2_out, r2 = self._block(b2_in, self.blocks[1])
+        out = _conv(D.cat_bn_prelu([b2_out, b2_in, inj3], *self.bn_prelu[2], r2),
+                    self.classifier)
         size = tuple(x.shape[2:])
         return ops.upsample_argmax(out, size) if labels else ops.upsample_bilinear(out, size)
 
@@ -161,22 +163,23 @@ class FrozenDABNet:
 
     @staticmethod
     def _block(x, mods: List[_DAB]):
-        """The DAB modules in sequence. Each module's residual sum is formed together with the
-        next module's first BN-PReLU (add_affine_prelu_), the last one's with a plain add."""
+        """The DAB modules in sequence: (y, r), the last module's output before its residual
+        add and the residual (y + r is the block's output), or (x, None) for no modules. Each
+        other module's residual sum is formed together with the next module's first BN-PReLU
+        (add_affine_prelu_); the last one's is left to the concatenation that reads it
+        (cat_bn_prelu's add0), so the block's output is never written."""
         if not mods:
-            return x
+            return x, None
         D = torch.ops.dabnet
         z = D.cat_bn_prelu([x], *mods[0].bn_relu_1)
         for i, m in enumerate(mods):
             y = _conv(z, m.conv3x3)
             D.affine_prelu_(y, *m.conv3x3_bn)
             y = _conv(D.dab_neck(y, *m.neck), m.conv1x1)
-            if i + 1 < len(mods):
-                z = D.add_affine_prelu_(y, x, *mods[i + 1].bn_relu_1)
-            else:
-                y.add_(x)
+            if i + 1 == len(mods):
+                return y, x
+            z = D.add_affine_prelu_(y, x, *mods[i + 1].bn_relu_1)
             x = y
-        return x
 
 
 def _conv(x, c: _Conv):

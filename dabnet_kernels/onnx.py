@@ -101,7 +101,10 @@ def dab_neck(x, weight, bias, slope, out_scale, out_shift, out_slope, dilation):
     return _affine_prelu(op.Add(local, context), out_scale, out_shift, out_slope)
 
 
-def cat_bn_prelu(xs, scale, shift, slope):
+def cat_bn_prelu(xs, scale, shift, slope, add0=None):
+    xs = list(xs)
+    if add0 is not None:
+        xs[0] = op.Add(xs[0], add0)
     return _affine_prelu(op.Concat(*xs, axis=1), scale, shift, slope)
 
 

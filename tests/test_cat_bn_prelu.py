@@ -146,3 +146,28 @@ def test_inplace_op_names_a_wrong_parameter_length():
     _, folded = _folded(3, torch.float32)
     with pytest.raises(RuntimeError, match=r"scale must have shape \(4\)"):
         torch.ops.dabnet.affine_prelu_(torch.randn(1, 4, 2, 2), *folded)
+
+
+# add0: a residual added to the first input on the way in (a DAB block's last sum).
+@pytest.mark.parametrize("sizes", [(5, 2, 3), (3, 6)])  # a wide and a narrow (<= 4) first input
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_add0_is_the_residual_sum_of_the_first_input(dtype, layout, sizes):
+    xs = _inputs(layout, dtype, sizes)
+    r = make_input(tuple(xs[0].shape), "nchw", dtype)
+    p, (s, t, a) = _folded(sum(sizes), dtype)
+    out = torch.ops.dabnet.cat_bn_prelu(xs, s, t, a, r)
+    ref = torch.ops.dabnet.cat_bn_prelu([xs[0] + r] + xs[1:], s, t, a)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)  # the sum rounded as add_ rounds it
+    base = reference.bn_prelu(torch.cat([xs[0] + r] + xs[1:], 1).double(),
+                              *[v.double() for v in p[:5]], False)
+    torch.testing.assert_close(out.double(), base, **_low(dtype))
+    assert not torch.equal(out, torch.ops.dabnet.cat_bn_prelu(xs, s, t, a))
+
+
+def test_add0_opcheck_and_bad_shape():
+    xs = _inputs("channels_last", torch.float32)
+    _, folded = _folded(10, torch.float32)
+    torch.library.opcheck(torch.ops.dabnet.cat_bn_prelu, (xs, *folded, xs[0].clone()))
+    with pytest.raises(RuntimeError, match="add0 must have xs\\[0\\]'s shape"):
+        torch.ops.dabnet.cat_bn_prelu(xs, *folded, xs[1])
