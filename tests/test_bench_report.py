@@ -185,8 +185,13 @@ def test_floor_run_renders_per_resolution_and_is_listed_after_the_full_run(tmp_p
     got = report.latest(str(tmp_path))
     assert [r.get("only") for r in got] == [None, "interleaved"]
     text = report.summary_table(got)
-    assert "At 256x512 (9 rounds)" in text and "At 512x1024 (9 rounds)" in text
+    # README: the 512x1024 table, a pointer to the others; the full run adds no second table.
+    assert "At 512x1024 (9 rounds)" in text and "At 256x512" not in text
+    assert "The same rows at 256x512" in text
     assert "| `frozen-cl-bf16` |" in text and "1.29x" in text  # 64.5 / 50
+    assert text.count("| variant |") == 1
+    full_tables = report.model_tables(got[1])  # bench/README.md: every resolution
+    assert "at 256x512, batch 1, interleaved" in full_tables and "over floor" in full_tables
 
 
 def test_latest_takes_the_newest_complete_run_and_skips_other_kinds(tmp_path):
