@@ -520,7 +520,10 @@ def analyze_function(name: str, instrs: list, usage: dict, dem: str = None) -> K
     overhead = 0 if loop_free else fallthrough_count(hot, in_phase)
     order = {"stage": 0, "reduce": 1, "output": 2, "body": 3}
     u = usage or {}
-    allmem = [i for i in hot]
+    # The widest load and store of the data path: the phase loops' (per-channel parameters are
+    # read once per thread, outside them, and may be wider); the whole kernel if it has no loop.
+    allmem = hot if loop_free else [i for i in hot if any(p.start <= i.addr <= p.end
+                                                          for p in chosen.values())]
     return KernelSass(
         name=name, demangled=dem or name, regs=u.get("REG", 0), stack=u.get("STACK", 0),
         local_mem=u.get("LOCAL", 0), shared_static=u.get("SHARED", 0), n_instrs=len(hot),
