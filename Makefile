@@ -15,7 +15,7 @@ TEST_DEPS := ninja numpy pytest expecttest pillow tqdm onnx onnxruntime onnxscri
 # nvcc jobs in parallel: 2 fit a 2-core, 24 GiB machine.
 export MAX_JOBS ?= 2
 
-.PHONY: setup build demo test emu-mutants emu-asan bench bench-quick bench-report deploy \
+.PHONY: setup build demo test emu-mutants emu-asan bench bench-quick bench-report sass-model deploy \
 	check-device-stack clean
 
 $(VENV)/.deps:
@@ -73,6 +73,12 @@ deploy/build/dabnet_run: deploy/dabnet_run.cpp
 deploy: setup deploy/build/dabnet_run
 
 bench-report: setup
+	$(PY) -m bench.report --write README.md bench/README.md
+
+# The static performance MODEL of sm_90 (docs/sass-model.md): builds the kernels for sm_90, reads
+# their SASS, writes bench/results/<date>-sm90-static.json and re-renders the tables. Needs nvcc.
+sass-model: setup
+	$(PY) -m bench.sass
 	$(PY) -m bench.report --write README.md bench/README.md
 
 # ------------------------------------------------------------------------ the GPU machine's stack

@@ -15,6 +15,9 @@ state no number that a results file does not hold.
 <!-- bench:start --> ... <!-- bench:end --> the full tables (bench/README.md). Every file is
 rendered from the same results in one call, so the summary and the full tables cannot disagree;
 <!-- bench:history:start --> ... <!-- bench:history:end --> gets one row per run on record.
+<!-- sass:summary:start --> ... <!-- sass:summary:end --> (README.md) and <!-- sass:start --> ...
+<!-- sass:end --> (bench/README.md) get the static performance MODEL of sm_90 from the newest
+kind=sm90-static file (python -m bench.sass): estimates, not measurements.
 """
 from __future__ import annotations
 
@@ -26,10 +29,15 @@ import re
 import sys
 
 from . import cases as C
+from . import sass
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 SUMMARY_START, SUMMARY_END = "<!-- bench:summary:start -->", "<!-- bench:summary:end -->"
 HISTORY_START, HISTORY_END = "<!-- bench:history:start -->", "<!-- bench:history:end -->"
+# The static performance MODEL of sm_90 (bench.sass, kind=sm90-static files): its compact table in
+# README.md, its fuller tables in bench/README.md.
+SASS_SUMMARY_START, SASS_SUMMARY_END = "<!-- sass:summary:start -->", "<!-- sass:summary:end -->"
+SASS_START, SASS_END = "<!-- sass:start -->", "<!-- sass:end -->"
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What `--write` without file names rewrites: README's summary and bench/README.md's full tables.
@@ -68,7 +76,7 @@ def latest(results_dir: str = RESULTS_DIR) -> list:
             r = load(p)
         except (OSError, ValueError):
             continue
-        if r.get("kind", "run") != "run":  # e.g. bench.malloc_ab's A/B files
+        if r.get("kind", "run") != "run":  # bench.malloc_ab's A/B files, bench.sass's model
             continue
         slug = r["machine"]["slug"]
         if r.get("only") == "interleaved":  # the floor runs: listed after the full runs
@@ -451,6 +459,11 @@ def render(results, level="compact") -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
+def static_model(res=None, results_dir: str = RESULTS_DIR):
+    """The static model to render: `res` if given, else the newest kind=sm90-static file."""
+    return res if res is not None else sass.latest_static(results_dir)
+
+
 # ----------------------------------------------------------------------------- regressions
 def _timings(res):
     """{key: (our median ms, the same pass's baseline median ms)} for every op case and backend
@@ -529,7 +542,7 @@ def write_readme(readme: str, markdown: str, start: str = START, end: str = END)
         f.write(text)
 
 
-def write_files(paths, results, level="compact", history=None) -> list:
+def write_files(paths, results, level="compact", history=None, static=None) -> list:
     """Rewrites, in each file, the sections it has: the summary table between SUMMARY_START and
     SUMMARY_END, the full tables between START and END, both from the same `results`, and the
     list of runs (`history`, default: `results`) between HISTORY_START and HISTORY_END. A file
@@ -537,7 +550,11 @@ def write_files(paths, results, level="compact", history=None) -> list:
     sections = {"summary": (SUMMARY_START, SUMMARY_END, lambda: summary_table(results)),
                 "tables": (START, END, lambda: render(results, level=level)),
                 "history": (HISTORY_START, HISTORY_END,
-                            lambda: history_table(results if history is None else history))}
+                            lambda: history_table(results if history is None else history)),
+                "static model summary": (SASS_SUMMARY_START, SASS_SUMMARY_END,
+                                         lambda: sass.summary_markdown(static_model(static))),
+                "static model tables": (SASS_START, SASS_END,
+                                        lambda: sass.tables_markdown(static_model(static)))}
     plan = []
     for path in paths:
         with open(path) as f:

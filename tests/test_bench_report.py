@@ -206,6 +206,7 @@ def test_latest_takes_the_newest_complete_run_and_skips_other_kinds(tmp_path):
     write("e.json", kind="malloc_ab", machine={"slug": "cpu-y-4c"})  # not a bench.run file
     write("f.json", kind="deploy", date="2026-12-05 10:00 UTC")
     write("g.json", complete=True, mode="default", date="2026-12-06 10:00 UTC")  # --only model
+    write("h.json", kind="sm90-static", date="2026-12-07 10:00 UTC", records=[])  # the model
     (got,) = report.latest(str(tmp_path))
     assert got["date"] == "2026-12-02 10:00 UTC"
 
@@ -284,3 +285,10 @@ def test_readme_and_bench_readme_are_rendered_from_the_results_on_record():
     assert history.strip() == report.history_table(report.all_runs()).strip(), \
         "bench/README.md's list of runs is stale: run `make bench-report`"
     assert report.START not in readme  # the full tables live in bench/README.md only
+    model = report.static_model()
+    assert _between(readme, report.SASS_SUMMARY_START, report.SASS_SUMMARY_END).strip() == \
+        report.sass.summary_markdown(model).strip(), \
+        "README.md's static model table is stale: run `make bench-report`"
+    assert _between(bench_readme, report.SASS_START, report.SASS_END).strip() == \
+        report.sass.tables_markdown(model).strip(), \
+        "bench/README.md's static model tables are stale: run `make bench-report`"

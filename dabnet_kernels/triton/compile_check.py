@@ -59,13 +59,60 @@ def _kernels(cm, bn, dw, dn, tl, dt, cl):
     ]
 
 
+def cuobjdump() -> str:
+    """The cuobjdump that ships with triton (backends/nvidia/bin); bench.sass looks in the CUDA
+    toolkit first."""
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def jit_fn(k):
+    """The JITFunction under a kernel's autotuner and heuristics wrappers."""
+    import triton
+
+    while not isinstance(k, triton.runtime.jit.JITFunction):
+        k = k.fn
+    return k
+
+
+def compile_kernel(fn, signature: dict, constexprs: dict, num_warps: int, arch: int = 90,
+                   attrs=None, options=None):
+    """triton.compile of one JITFunction for sm_`arch`, no GPU needed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    opts = dict(options or {}, num_warps=num_warps)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                          target=GPUTarget("cuda", arch, 32), options=opts)
+
+
+def compile_call(fn, args, kwargs, arch: int = 90):
+    """Compiles `fn` for the call fn[grid](*args, **kwargs) exactly as a launch on an sm_`arch`
+    GPU would specialize it (argument types, divisibility by 16 of pointers and integers,
+    constexprs, num_warps), through the JITFunction's own binder; no GPU needed. Tensors may be on
+    the CPU: only their dtype and address alignment count."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = jit_fn(fn)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, opts = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                          options=options.__dict__)
+
+
 def _usage(k) -> str:
     """Registers and stack (spills) per thread from the cubin, via the cuobjdump Triton bundles."""
     import tempfile
 
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tool = cuobjdump()
     if "cubin" not in k.asm or not os.path.exists(tool):
         return ""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -80,19 +127,10 @@ def _usage(k) -> str:
 
 def check(arch: int, dtypes, layouts, verbose=True) -> int:
     """Compiles every kernel; returns the number compiled. Raises on the first failure."""
-    import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from . import _common as cm, bn_prelu as bn, dab_neck as dn, dwconv3 as dw
 
-    def jit_fn(k):
-        while not isinstance(k, triton.runtime.jit.JITFunction):
-            k = k.fn  # through the autotuner and heuristics wrappers
-        return k
-
-    target = GPUTarget("cuda", arch, 32)
     n = 0
     for dt in dtypes:
         for cl in layouts:
@@ -100,8 +138,7 @@ def check(arch: int, dtypes, layouts, verbose=True) -> int:
                 fn = jit_fn(kernel)
                 sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
                 t0 = time.time()
-                k = triton.compile(ASTSource(fn, sig, consts), target=target,
-                                   options=dict(num_warps=warps))
+                k = compile_kernel(fn, sig, consts, warps, arch)
                 n += 1
                 if verbose:
                     print(f"ok  {fn.__name__:20s} {dt} {'NHWC' if cl else 'NCHW'} "

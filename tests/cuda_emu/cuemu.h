@@ -14,6 +14,7 @@
 #include <cstring>
 #include <memory>
 #include <type_traits>
+#include <typeinfo>
 
 using std::sqrt;  // CUDA's math library has float overloads; the C one takes double only
 
@@ -86,14 +87,16 @@ T atomicAdd(T* p, T v) {
 // `K<<<grid, block, smem, stream>>>(args)` becomes launch(site, key, [&] { K(args); }, grid, ...);
 // key is K's address when K names one function (the cudaFuncSetAttribute opt-in is per kernel),
 // else null.
+// `what` names the launch for record-only mode (bench/sass.py): the mangled type of the launch's
+// lambda, which carries the enclosing host function and its template arguments.
 void launch_impl(const char* file, int line, const void* key, void (*body)(void*), void* ctx,
-                 dim3 grid, dim3 block, size_t smem);
+                 dim3 grid, dim3 block, size_t smem, const char* what = nullptr);
 template <typename F>
 void launch(const char* file, int line, const void* key, F&& body, dim3 grid, dim3 block,
             size_t smem = 0, cudaStream_t = nullptr) {
   using B = std::remove_reference_t<F>;
   launch_impl(file, line, key, [](void* b) { (*static_cast<B*>(b))(); }, &body, grid, block,
-              smem);
+              smem, typeid(B).name());
 }
 template <typename Tag, typename F>
 const void* key_of(F* f) {

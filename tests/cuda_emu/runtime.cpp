@@ -128,6 +128,9 @@ unsigned char* arena = nullptr;
 std::map<const void*, int> optin;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
 std::string pending;               // launch error not yet collected by a launch check
 std::map<std::string, int64_t> launches;  // "file:line" -> launches
+// Record-only mode (bench/sass.py): launches are checked and logged, never run.
+bool record_only = false;
+std::vector<std::string> launch_log_;  // "file:line|gx,gy,gz|bx,by,bz|smem|what" per launch
 #if CUEMU_ASAN
 void* sched_fake = nullptr;
 const void* main_bottom = nullptr;
@@ -421,6 +424,18 @@ std::vector<std::string> launch_counts(bool reset) {
   return out;
 }
 
+void set_record_only(bool on) {
+  std::lock_guard<std::mutex> g(mutex);
+  record_only = on;
+}
+
+std::vector<std::string> launch_log(bool reset) {
+  std::lock_guard<std::mutex> g(mutex);
+  std::vector<std::string> out = launch_log_;
+  if (reset) launch_log_.clear();
+  return out;
+}
+
 struct Init {
   Init() {
     if (const char* o = std::getenv("CUEMU_ORDER")) config.order = o;
@@ -529,7 +544,7 @@ void* dynamic_shared() { return arena; }
 
 // ----------------------------------------------------------------------------- host API
 void launch_impl(const char* file, int line, const void* key, void (*body)(void*), void* ctx,
-                 dim3 grid, dim3 block, size_t smem) {
+                 dim3 grid, dim3 block, size_t smem, const char* what) {
   std::lock_guard<std::mutex> g(mutex);
   TORCH_CHECK(L.current < 0 && L.body == nullptr, "cuemu: a kernel launched another kernel");
   const std::string bad = check_config(grid, block, smem, key);
@@ -541,6 +556,13 @@ void launch_impl(const char* file, int line, const void* key, void (*body)(void*
   TORCH_CHECK(blocks <= (int64_t(1) << 26), "cuemu: grid of ", blocks,
               " blocks is too large to emulate");
   ++launches[where(file, line)];
+  if (record_only) {  // the launch's shape, for the static model of bench/sass.py; no execution
+    std::ostringstream rec;
+    rec << where(file, line) << "|" << grid.x << "," << grid.y << "," << grid.z << "|" << block.x
+        << "," << block.y << "," << block.z << "|" << smem << "|" << (what ? what : "");
+    launch_log_.push_back(rec.str());
+    return;
+  }
   L = Launch();
   L.file = file;
   L.line = line;
@@ -622,4 +644,6 @@ AutoRegister::AutoRegister(void (*init)(Registrar&), const char* file, int line)
 TORCH_LIBRARY_FRAGMENT(dabnet_cuemu, m) {
   m.def("set_schedule(str order, int seed) -> ()", &cuemu::set_schedule);
   m.def("launch_counts(bool reset) -> str[]", &cuemu::launch_counts);
+  m.def("set_record_only(bool on) -> ()", &cuemu::set_record_only);
+  m.def("launch_log(bool reset) -> str[]", &cuemu::launch_log);
 }
