@@ -115,20 +115,25 @@ struct NeckChannel {
   T w[4][3], b[4], a[4], fs, ft, fa;
 };
 
-// The neck at one pixel (h, w). x.at(dr, dc) is the input at (h+dr, w+dc), zero outside the image;
-// x.col_in(dc) says whether column w+dc lies inside it. A first conv's output is zero outside the
-// image (the 1x3 conv zero-pads its own input), not prelu(bias).
+// Rows of the neck's 3x1 convs, relative to the output pixel: x.at(k, dc) reads row kRowOf[k]
+// (h-d, h-1, h, h+1, h+d) at column w+dc. With k a constant at every call, the sources resolve
+// the row at compile time (the tile source keeps one offset per row).
+enum NeckRow { kUpD = 0, kUp1 = 1, kMid = 2, kDown1 = 3, kDownD = 4 };
+
+// The neck at one pixel (h, w). x.at(k, dc) is the input at row k (NeckRow) and column w+dc,
+// zero outside the image; x.col_in(dc) says whether column w+dc lies inside it. A first conv's
+// output is zero outside the image (the 1x3 conv zero-pads its own input), not prelu(bias).
 template <typename T, typename Src>
 DABNET_HD T neck_point(const Src& x, const NeckChannel<T>& p, int d) {
   T t1[3], t2[3];
   for (int k = 0; k < 3; ++k) {
     const int c1 = k - 1, c2 = (k - 1) * d;
-    t1[k] = x.col_in(c1) ? prelu(p.b[0] + p.w[0][0] * x.at(-1, c1) + p.w[0][1] * x.at(0, c1) +
-                                     p.w[0][2] * x.at(1, c1),
+    t1[k] = x.col_in(c1) ? prelu(p.b[0] + p.w[0][0] * x.at(kUp1, c1) + p.w[0][1] * x.at(kMid, c1) +
+                                     p.w[0][2] * x.at(kDown1, c1),
                                  p.a[0])
                          : T(0);
-    t2[k] = x.col_in(c2) ? prelu(p.b[2] + p.w[2][0] * x.at(-d, c2) + p.w[2][1] * x.at(0, c2) +
-                                     p.w[2][2] * x.at(d, c2),
+    t2[k] = x.col_in(c2) ? prelu(p.b[2] + p.w[2][0] * x.at(kUpD, c2) + p.w[2][1] * x.at(kMid, c2) +
+                                     p.w[2][2] * x.at(kDownD, c2),
                                  p.a[2])
                          : T(0);
   }
@@ -137,88 +142,160 @@ DABNET_HD T neck_point(const Src& x, const NeckChannel<T>& p, int d) {
   return prelu(p.fs * (b1 + b2) + p.ft, p.fa);
 }
 
-// Input read straight from global memory (the path for dilations the tile does not hold).
+// Input read straight from global memory (the path for dilations the ring does not hold).
 template <typename T, typename S>
 struct GlobalSrc {
   const S* x;
   int64_t off;  // offset of (n, c, h, w)
   const Geo& g;
-  int h, w;
+  int h, w, d;
   DABNET_HD bool col_in(int dc) const { return w + int64_t(dc) >= 0 && w + int64_t(dc) < g.W; }
-  DABNET_HD T at(int dr, int dc) const {
+  DABNET_HD T at(int k, int dc) const {
+    const int dr = k == kUpD ? -d : k == kDownD ? d : k - kMid;
     const int64_t r = h + int64_t(dr);
     return r >= 0 && r < g.H && col_in(dc) ? T(x[off + dr * g.sH + dc * g.sW]) : T(0);
   }
 };
 
-// Input read from a tile staged in shared memory, zero-filled outside the image.
-template <typename T, typename S, int CT>
+// Input read from the ring of staged rows in shared memory (zero outside the image).
+template <typename T, int CT>
 struct TileSrc {
-  const S* tile;
-  int base;  // index of (h, w, c) in the tile
-  int row;   // tile row stride (elements)
+  const T* ring;
+  int row[5];  // offset of each NeckRow's slot
+  int col;     // offset of (column w, channel) within a slot
   int w, W;
   DABNET_HD bool col_in(int dc) const { return w + dc >= 0 && w + dc < W; }
-  DABNET_HD T at(int dr, int dc) const { return T(tile[base + dr * row + dc * CT]); }
+  DABNET_HD T at(int k, int dc) const { return ring[row[k] + col + dc * CT]; }
 };
 
 constexpr int kMaxTileDilation = 16;  // larger dilations take the global-memory path
 
-// An output tile of TH x TW pixels and CT channels of one image, staged with a halo of d rows and
-// columns on each side: tile element e = (row*RW + col)*CT + ct, channel fastest, then column, so
-// consecutive threads read consecutive addresses in both layouts (CT = 1 for NCHW).
-template <int CT, int TH, int TW>
-struct NeckTile {
+// The halo a ring is compiled for: the smallest of 2, 4, 8, 16 that holds dilation d.
+DABNET_HD constexpr int neck_halo(int d) { return d <= 2 ? 2 : d <= 4 ? 4 : d <= 8 ? 8 : 16; }
+
+// Eval neck in shared memory, streaming rows. A block owns CT channels x TW columns of one image
+// over a segment of rows, and walks down it TR output rows per step. Shared memory is a ring of
+// kRows = TR + 2D slots, each one staged input row: TW + 2D columns (a halo of D each side),
+// CT channels, element (column, channel) = col * CT + ct, channel fastest, so consecutive threads
+// touch consecutive addresses in both layouts. Ring row j is input row h0 - D + j, in slot
+// j % kRows; a step reads kRows consecutive ring rows, so every input row is staged once per
+// segment and halos cost only in W (and 2D rows per segment). The values are kept in the
+// accumulation type, converted once when staged rather than at each of a pixel's 17 reads.
+//
+// Thread tid stages elements tid + a*kThreads of each row (a < kPasses) into registers (load),
+// then shared memory (store); it computes the outputs (row i, element e) with e = tid % kRowThreads
+// + a*kRowThreads and i = tid / kRowThreads + m*kOutRows. Every shape below is a constant: the
+// index math has no runtime division.
+template <int CT, int TW, int TR, int D>
+struct NeckRing {
+  static constexpr int kCT = CT, kTR = TR, kD = D;
+  static constexpr int kRowElems = (TW + 2 * D) * CT;  // elements of one staged row
+  static constexpr int kRows = TR + 2 * D;             // ring slots
+  static constexpr int kElems = kRows * kRowElems;
+  static constexpr int kPasses = (kRowElems + kThreads - 1) / kThreads;
+  static constexpr int kRowThreads = TW * CT < kThreads ? TW * CT : kThreads;
+  static constexpr int kOutRows = kThreads / kRowThreads;  // output rows computed side by side
   static_assert(kThreads % CT == 0, "a thread must keep one channel across its outputs");
-  static constexpr int kCT = CT;
-  static constexpr int kOutputs = TH * TW * CT;
-  int d, RW, RH;
+  static_assert(TR % kOutRows == 0 && (TW * CT) % kRowThreads == 0, "uneven output split");
+  static_assert((2 * D) % TR == 0, "the first 2D rows are staged in whole steps");
+
   int64_t n;
-  int c0, h0, w0;
+  int c0, h0, w0, rows;  // rows: output rows of this block's segment inside the image
 
-  DABNET_HD static int64_t tiles_w(const Geo& g) { return (g.W + TW - 1) / TW; }
-  DABNET_HD static int64_t tiles_h(const Geo& g) { return (g.H + TH - 1) / TH; }
   DABNET_HD static int64_t groups(const Geo& g) { return (g.C + CT - 1) / CT; }
-  DABNET_HD static int64_t blocks(const Geo& g) {
-    return g.N * groups(g) * tiles_h(g) * tiles_w(g);
+  DABNET_HD static int64_t tiles_w(const Geo& g) { return (g.W + TW - 1) / TW; }
+  DABNET_HD static int64_t segments(const Geo& g, int seg) { return (g.H + seg - 1) / seg; }
+  DABNET_HD static int64_t blocks(const Geo& g, int seg) {
+    return g.N * groups(g) * tiles_w(g) * segments(g, seg);
   }
-  DABNET_HD static int64_t elems(int d) { return int64_t(TH + 2 * d) * (TW + 2 * d) * CT; }
+  // Rows per segment: all of H, halved (in whole steps, down to kLeastSeg) while the grid has
+  // fewer than 1024 blocks. Each segment stages 2D extra rows; short segments buy parallelism.
+  // kLeastSeg: at most 2x the rows staged, and two steps, so a segment always wraps its ring.
+  static constexpr int kLeastSeg = 2 * TR > 2 * D ? 2 * TR : 2 * D;
+  DABNET_HD static int segment(const Geo& g) {
+    int seg = (g.H + TR - 1) / TR * TR;
+    const int least = kLeastSeg;
+    while (seg / 2 >= least && blocks(g, seg) < 1024) seg = (seg / 2 + TR - 1) / TR * TR;
+    return seg;
+  }
 
-  // Block b: column tiles fastest, so neighbouring blocks share their halos in L2.
-  DABNET_HD NeckTile(const Geo& g, int d_, int64_t b) : d(d_), RW(TW + 2 * d_), RH(TH + 2 * d_) {
-    const int64_t tw = tiles_w(g), th = tiles_h(g), gr = groups(g);
+  // Block b: channel groups fastest (blocks in flight share pixels' sectors in L2), then columns.
+  DABNET_HD NeckRing(const Geo& g, int seg, int64_t b) {
+    const int64_t gr = groups(g), tw = tiles_w(g), sg = segments(g, seg);
+    c0 = int(b % gr) * CT;
+    b /= gr;
     w0 = int(b % tw) * TW;
     b /= tw;
-    h0 = int(b % th) * TH;
-    b /= th;
-    c0 = int(b % gr) * CT;
-    n = b / gr;
+    h0 = int(b % sg) * seg;
+    n = b / sg;
+    rows = g.H - h0 < seg ? g.H - h0 : seg;
   }
+  DABNET_HD int steps() const { return (rows + TR - 1) / TR; }
 
-  // Stages tile element e: the input at (h0-d+row, w0-d+col, c0+ct), or zero outside the tensor.
-  template <typename S>
-  DABNET_HD void stage(const S* x, S* tile, const Geo& g, int e) const {
-    const int ct = e % CT, q = e / CT, col = q % RW, row = q / RW;
-    const int h = h0 - d + row, w = w0 - d + col, c = c0 + ct;
-    const bool in = h >= 0 && h < g.H && w >= 0 && w < g.W && c < g.C;
-    tile[e] = in ? x[g.offset(n, c, h, w)] : S(0);
-  }
+  template <typename T>
+  struct Staged {
+    T v[kPasses][TR];
+  };
 
-  // Output element e (same channel order as stage) from the staged tile, if inside the tensor.
+  // Ring rows j0 .. j0+TR-1 into registers: this thread's elements, zero outside the tensor.
   template <typename T, typename S>
-  DABNET_HD void output(const S* tile, S* out, const Geo& g, const NeckChannel<T>& p, int e) const {
-    const int ct = e % CT, q = e / CT, col = q % TW, row = q / TW;
-    const int h = h0 + row, w = w0 + col, c = c0 + ct;
-    if (h >= g.H || w >= g.W || c >= g.C) return;
-    const TileSrc<T, S, CT> src{tile, ((row + d) * RW + col + d) * CT + ct, RW * CT, w, g.W};
-    out[g.offset(n, c, h, w)] = S(neck_point(src, p, d));
+  DABNET_HD void load(const S* x, const Geo& g, int j0, int tid, Staged<T>& s) const {
+    const int h = h0 - D + j0;
+    for (int a = 0; a < kPasses; ++a) {
+      const int f = tid + a * kThreads, w = w0 - D + f / CT, c = c0 + f % CT;
+      const bool ok = f < kRowElems && w >= 0 && w < g.W && c < g.C;
+      const int64_t off = ok ? g.offset(n, c, 0, w) : 0;
+      for (int r = 0; r < TR; ++r) {
+        const bool in = ok && h + r >= 0 && h + r < g.H;
+        s.v[a][r] = in ? T(x[off + int64_t(h + r) * g.sH]) : T(0);
+      }
+    }
+  }
+
+  // The registers of load(j0) into their slots.
+  template <typename T>
+  DABNET_HD void store(T* ring, int j0, int tid, const Staged<T>& s) const {
+    for (int r = 0; r < TR; ++r) {
+      T* slot = ring + (j0 + r) % kRows * kRowElems;  // a constant modulus: no division
+      for (int a = 0; a < kPasses; ++a)
+        if (kRowElems % kThreads == 0 || tid + a * kThreads < kRowElems)
+          slot[tid + a * kThreads] = s.v[a][r];
+    }
+  }
+
+  DABNET_HD static int wrap(int j) { return j < 0 ? j + kRows : j >= kRows ? j - kRows : j; }
+
+  // This thread's outputs of step k (output rows k*TR ..), read from the ring, written once.
+  template <typename T, typename S>
+  DABNET_HD void compute(const T* ring, S* out, const Geo& g, const NeckChannel<T>& p, int d,
+                         int k, int tid) const {
+    const int c = c0 + tid % CT;
+    if (c >= g.C) return;
+    for (int i = tid / kRowThreads; i < TR && k * TR + i < rows; i += kOutRows) {
+      const int h = h0 + k * TR + i;
+      const int mid = (k * TR + i + D) % kRows;  // ring row k*TR + i + D is input row h
+      TileSrc<T, CT> src{ring, {wrap(mid - d) * kRowElems, wrap(mid - 1) * kRowElems,
+                                mid * kRowElems, wrap(mid + 1) * kRowElems,
+                                wrap(mid + d) * kRowElems},
+                         0, 0, g.W};
+      for (int a = 0; a < TW * CT / kRowThreads; ++a) {
+        const int e = tid % kRowThreads + a * kRowThreads, w = w0 + e / CT;
+        if (w >= g.W) break;  // e grows with a: so does w
+        src.col = e + D * CT;
+        src.w = w;
+        out[g.offset(n, c, h, w)] = S(neck_point(src, p, d));
+      }
+    }
   }
 };
 
-// The tile of each layout: NCHW tiles are wide rows of one channel; channels_last tiles hold
-// 32 bytes of channels per pixel (one memory sector) over 8 x 8 pixels.
-template <typename S, bool CL>
-using NeckTileFor = NeckTile<CL ? int(32 / sizeof(S)) : 1, CL ? 8 : 16, CL ? 8 : 64>;
+// The ring of each layout and halo D, T the accumulation type. NCHW: one channel, 128 columns.
+// channels_last: 32 bytes of staged channels per pixel (8 float or 4 double), 32 columns (64 at
+// D = 16, where a halo of 2 x 16 would double a narrower row), fewer rows per step at D = 16 to
+// keep the ring at 110 KB (two blocks per SM). TR divides 2D and keeps kRows small.
+template <typename T, bool CL, int D>
+using NeckRingFor = NeckRing<CL ? int(32 / sizeof(T)) : 1, CL ? (D == 16 ? 64 : 32) : 128,
+                             CL && D == 16 ? 4 : (2 * D < 8 ? 2 * D : 8), D>;
 
 }  // namespace cuda
 }  // namespace dabnet
