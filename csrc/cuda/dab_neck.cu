@@ -36,33 +36,34 @@ struct NeckParams {
 };
 
 // Streams the rows of one segment through a ring in shared memory (index.h: NeckRing). The next
-// step's rows are loaded into registers before this step's outputs are computed, so the loads are
-// in flight during the arithmetic; two barriers per step guard the ring's slots.
+// step's rows are loaded into registers before this step's arithmetic, so those loads are in
+// flight while it runs.
 template <typename scalar_t, typename Ring>
 __global__ void __launch_bounds__(kThreads)
     neck_ring_kernel(const scalar_t* x, scalar_t* out, const Geo g,
                      const NeckParams<at::opmath_type<scalar_t>> prm, int d, int seg) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ __align__(16) unsigned char smem[];
-  acc_t* ring = reinterpret_cast<acc_t*>(smem);
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
   const Ring t(g, seg, blockIdx.x);
   const int tid = threadIdx.x;
   const int c = t.c0 + tid % Ring::kCT;
-  const auto p = prm.channel(c < g.C ? c : g.C - 1);  // lanes past C stage, then compute nothing
+  const auto p = prm.channel(c < g.C ? c : g.C - 1);  // lanes past C work, write nothing
   constexpr int k2D = 2 * Ring::kD;
   typename Ring::template Staged<acc_t> v;
   for (int j0 = 0; j0 < k2D; j0 += Ring::kTR) {  // the rows above the first step's outputs
     t.load(x, g, j0, tid, v);
-    t.store(ring, j0, tid, v);
+    t.store(smem, j0, tid, v);
   }
   const int steps = t.steps();
   t.load(x, g, k2D, tid, v);
   for (int k = 0; k < steps; ++k) {
-    t.store(ring, k2D + k * Ring::kTR, tid, v);
+    t.store(smem, k2D + k * Ring::kTR, tid, v);  // over the rows step k-1 read last
     __syncthreads();
     if (k + 1 < steps) t.load(x, g, k2D + (k + 1) * Ring::kTR, tid, v);
-    t.compute(ring, out, g, p, d, k, tid);
-    __syncthreads();  // before the next step's store overwrites the oldest rows
+    t.vertical(smem, g, p, d, k, tid);
+    __syncthreads();
+    t.horizontal(smem, out, g, p, d, k, tid);  // the next store waits for vertical, not for this
   }
 }
 
@@ -79,7 +80,7 @@ struct NeckOp {
   __device__ void setup(int c) { p = prm.channel(c); }
   __device__ void operator()(const Cursor& cur, int c) const {
     const int64_t o = g.offset(cur.n, c, cur.h, cur.w);
-    const GlobalSrc<acc_t, scalar_t> src{x, o, g, cur.h, cur.w, d};
+    const GlobalSrc<acc_t, scalar_t> src{x, o, g, cur.h, cur.w};
     out[o] = scalar_t(neck_point(src, p, d));
   }
 };

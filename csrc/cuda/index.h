@@ -115,57 +115,44 @@ struct NeckChannel {
   T w[4][3], b[4], a[4], fs, ft, fa;
 };
 
-// Rows of the neck's 3x1 convs, relative to the output pixel: x.at(k, dc) reads row kRowOf[k]
-// (h-d, h-1, h, h+1, h+d) at column w+dc. With k a constant at every call, the sources resolve
-// the row at compile time (the tile source keeps one offset per row).
-enum NeckRow { kUpD = 0, kUp1 = 1, kMid = 2, kDown1 = 3, kDownD = 4 };
+// Conv k of the neck (NeckChannel order) at one pixel from its three taps, with bias and PReLU.
+template <typename T>
+DABNET_HD T neck_conv(const NeckChannel<T>& p, int k, T x0, T x1, T x2) {
+  return prelu(p.b[k] + p.w[k][0] * x0 + p.w[k][1] * x1 + p.w[k][2] * x2, p.a[k]);
+}
 
-// The neck at one pixel (h, w). x.at(k, dc) is the input at row k (NeckRow) and column w+dc,
-// zero outside the image; x.col_in(dc) says whether column w+dc lies inside it. A first conv's
-// output is zero outside the image (the 1x3 conv zero-pads its own input), not prelu(bias).
+// The final BN-PReLU of the two branches' sum.
+template <typename T>
+DABNET_HD T neck_final(const NeckChannel<T>& p, T b1, T b2) {
+  return prelu(p.fs * (b1 + b2) + p.ft, p.fa);
+}
+
+// The neck at one pixel (h, w). x.at(dr, dc) is the input at (h+dr, w+dc), zero outside the image;
+// x.col_in(dc) says whether column w+dc lies inside it. A first conv's output is zero outside the
+// image (the 1x3 conv zero-pads its own input), not prelu(bias).
 template <typename T, typename Src>
 DABNET_HD T neck_point(const Src& x, const NeckChannel<T>& p, int d) {
   T t1[3], t2[3];
   for (int k = 0; k < 3; ++k) {
     const int c1 = k - 1, c2 = (k - 1) * d;
-    t1[k] = x.col_in(c1) ? prelu(p.b[0] + p.w[0][0] * x.at(kUp1, c1) + p.w[0][1] * x.at(kMid, c1) +
-                                     p.w[0][2] * x.at(kDown1, c1),
-                                 p.a[0])
-                         : T(0);
-    t2[k] = x.col_in(c2) ? prelu(p.b[2] + p.w[2][0] * x.at(kUpD, c2) + p.w[2][1] * x.at(kMid, c2) +
-                                     p.w[2][2] * x.at(kDownD, c2),
-                                 p.a[2])
-                         : T(0);
+    t1[k] = x.col_in(c1) ? neck_conv(p, 0, x.at(-1, c1), x.at(0, c1), x.at(1, c1)) : T(0);
+    t2[k] = x.col_in(c2) ? neck_conv(p, 2, x.at(-d, c2), x.at(0, c2), x.at(d, c2)) : T(0);
   }
-  const T b1 = prelu(p.b[1] + p.w[1][0] * t1[0] + p.w[1][1] * t1[1] + p.w[1][2] * t1[2], p.a[1]);
-  const T b2 = prelu(p.b[3] + p.w[3][0] * t2[0] + p.w[3][1] * t2[1] + p.w[3][2] * t2[2], p.a[3]);
-  return prelu(p.fs * (b1 + b2) + p.ft, p.fa);
+  return neck_final(p, neck_conv(p, 1, t1[0], t1[1], t1[2]), neck_conv(p, 3, t2[0], t2[1], t2[2]));
 }
 
-// Input read straight from global memory (the path for dilations the ring does not hold).
+// Input read straight from global memory (the path for dilations the tile does not hold).
 template <typename T, typename S>
 struct GlobalSrc {
   const S* x;
   int64_t off;  // offset of (n, c, h, w)
   const Geo& g;
-  int h, w, d;
+  int h, w;
   DABNET_HD bool col_in(int dc) const { return w + int64_t(dc) >= 0 && w + int64_t(dc) < g.W; }
-  DABNET_HD T at(int k, int dc) const {
-    const int dr = k == kUpD ? -d : k == kDownD ? d : k - kMid;
+  DABNET_HD T at(int dr, int dc) const {
     const int64_t r = h + int64_t(dr);
     return r >= 0 && r < g.H && col_in(dc) ? T(x[off + dr * g.sH + dc * g.sW]) : T(0);
   }
-};
-
-// Input read from the ring of staged rows in shared memory (zero outside the image).
-template <typename T, int CT>
-struct TileSrc {
-  const T* ring;
-  int row[5];  // offset of each NeckRow's slot
-  int col;     // offset of (column w, channel) within a slot
-  int w, W;
-  DABNET_HD bool col_in(int dc) const { return w + dc >= 0 && w + dc < W; }
-  DABNET_HD T at(int k, int dc) const { return ring[row[k] + col + dc * CT]; }
 };
 
 constexpr int kMaxTileDilation = 16;  // larger dilations take the global-memory path
@@ -174,30 +161,36 @@ constexpr int kMaxTileDilation = 16;  // larger dilations take the global-memory
 DABNET_HD constexpr int neck_halo(int d) { return d <= 2 ? 2 : d <= 4 ? 4 : d <= 8 ? 8 : 16; }
 
 // Eval neck in shared memory, streaming rows. A block owns CT channels x TW columns of one image
-// over a segment of rows, and walks down it TR output rows per step. Shared memory is a ring of
-// kRows = TR + 2D slots, each one staged input row: TW + 2D columns (a halo of D each side),
-// CT channels, element (column, channel) = col * CT + ct, channel fastest, so consecutive threads
-// touch consecutive addresses in both layouts. Ring row j is input row h0 - D + j, in slot
-// j % kRows; a step reads kRows consecutive ring rows, so every input row is staged once per
-// segment and halos cost only in W (and 2D rows per segment). The values are kept in the
-// accumulation type, converted once when staged rather than at each of a pixel's 17 reads.
+// over a segment of rows, and walks down it TR output rows per step. Shared memory holds a ring of
+// kRows = TR + 2D slots, each one staged input row of TW + 2D columns (a halo of D each side) x CT
+// channels, element f = col * CT + ct (channel fastest: consecutive threads touch consecutive
+// addresses in both layouts); ring row j is input row h0 - D + j, in slot j % kRows. A step reads
+// kRows consecutive ring rows, so each input row is staged once per segment: halos cost only in W
+// (and 2D rows per segment). Values are kept in the accumulation type, converted once.
 //
-// Thread tid stages elements tid + a*kThreads of each row (a < kPasses) into registers (load),
-// then shared memory (store); it computes the outputs (row i, element e) with e = tid % kRowThreads
-// + a*kRowThreads and i = tid / kRowThreads + m*kOutRows. Every shape below is a constant: the
-// index math has no runtime division.
+// A step has two phases, each pixel's work done once (not once per output that needs it):
+//  A. the vertical convs (3x1 and dilated 3x1, bias, PReLU) at every staged column of the step's
+//     TR rows, zero outside the image, into two rows of TR x kRowElems (mid);
+//  B. the horizontal convs from three of those values each, and the final BN-PReLU: one write.
+// Thread tid handles elements f = tid + a*kThreads (a < kPasses) of every row, when staging and in
+// A, and outputs e = tid % kRowThreads + a*kRowThreads in rows tid / kRowThreads + m*kOutRows in B.
+// 256 is a multiple of CT, so a thread keeps one channel. All shapes are constants: no runtime
+// division in the index math.
 template <int CT, int TW, int TR, int D>
 struct NeckRing {
   static constexpr int kCT = CT, kTR = TR, kD = D;
   static constexpr int kRowElems = (TW + 2 * D) * CT;  // elements of one staged row
   static constexpr int kRows = TR + 2 * D;             // ring slots
-  static constexpr int kElems = kRows * kRowElems;
+  static constexpr int kMid = TR * kRowElems;          // one branch's phase-A values
+  static constexpr int kElems = kRows * kRowElems + 2 * kMid;  // shared memory, elements
   static constexpr int kPasses = (kRowElems + kThreads - 1) / kThreads;
   static constexpr int kRowThreads = TW * CT < kThreads ? TW * CT : kThreads;
   static constexpr int kOutRows = kThreads / kRowThreads;  // output rows computed side by side
-  static_assert(kThreads % CT == 0, "a thread must keep one channel across its outputs");
+  static_assert(kThreads % CT == 0, "a thread must keep one channel");
   static_assert(TR % kOutRows == 0 && (TW * CT) % kRowThreads == 0, "uneven output split");
   static_assert((2 * D) % TR == 0, "the first 2D rows are staged in whole steps");
+  // Shortest segment: at most 2x the rows staged, and two steps, so every ring wraps.
+  static constexpr int kLeastSeg = 2 * TR > 2 * D ? 2 * TR : 2 * D;
 
   int64_t n;
   int c0, h0, w0, rows;  // rows: output rows of this block's segment inside the image
@@ -209,13 +202,10 @@ struct NeckRing {
     return g.N * groups(g) * tiles_w(g) * segments(g, seg);
   }
   // Rows per segment: all of H, halved (in whole steps, down to kLeastSeg) while the grid has
-  // fewer than 1024 blocks. Each segment stages 2D extra rows; short segments buy parallelism.
-  // kLeastSeg: at most 2x the rows staged, and two steps, so a segment always wraps its ring.
-  static constexpr int kLeastSeg = 2 * TR > 2 * D ? 2 * TR : 2 * D;
+  // fewer than 1024 blocks: short segments stage more rows but fill the GPU.
   DABNET_HD static int segment(const Geo& g) {
     int seg = (g.H + TR - 1) / TR * TR;
-    const int least = kLeastSeg;
-    while (seg / 2 >= least && blocks(g, seg) < 1024) seg = (seg / 2 + TR - 1) / TR * TR;
+    while (seg / 2 >= kLeastSeg && blocks(g, seg) < 1024) seg = (seg / 2 + TR - 1) / TR * TR;
     return seg;
   }
 
@@ -244,19 +234,17 @@ struct NeckRing {
     for (int a = 0; a < kPasses; ++a) {
       const int f = tid + a * kThreads, w = w0 - D + f / CT, c = c0 + f % CT;
       const bool ok = f < kRowElems && w >= 0 && w < g.W && c < g.C;
-      const int64_t off = ok ? g.offset(n, c, 0, w) : 0;
-      for (int r = 0; r < TR; ++r) {
-        const bool in = ok && h + r >= 0 && h + r < g.H;
-        s.v[a][r] = in ? T(x[off + int64_t(h + r) * g.sH]) : T(0);
-      }
+      const S* px = x + (ok ? g.offset(n, c, h, w) : 0);  // row r: px + r * sH
+      for (int r = 0; r < TR; ++r)
+        s.v[a][r] = ok && h + r >= 0 && h + r < g.H ? T(px[r * g.sH]) : T(0);
     }
   }
 
   // The registers of load(j0) into their slots.
   template <typename T>
-  DABNET_HD void store(T* ring, int j0, int tid, const Staged<T>& s) const {
+  DABNET_HD void store(T* smem, int j0, int tid, const Staged<T>& s) const {
     for (int r = 0; r < TR; ++r) {
-      T* slot = ring + (j0 + r) % kRows * kRowElems;  // a constant modulus: no division
+      T* slot = smem + (j0 + r) % kRows * kRowElems;  // a constant modulus: no division
       for (int a = 0; a < kPasses; ++a)
         if (kRowElems % kThreads == 0 || tid + a * kThreads < kRowElems)
           slot[tid + a * kThreads] = s.v[a][r];
@@ -265,25 +253,42 @@ struct NeckRing {
 
   DABNET_HD static int wrap(int j) { return j < 0 ? j + kRows : j >= kRows ? j - kRows : j; }
 
-  // This thread's outputs of step k (output rows k*TR ..), read from the ring, written once.
+  // Phase A of step k: both vertical convs at this thread's elements of every row of the step.
+  template <typename T>
+  DABNET_HD void vertical(T* smem, const Geo& g, const NeckChannel<T>& p, int d, int k,
+                          int tid) const {
+    const T* ring = smem;
+    T* mid = smem + kRows * kRowElems;
+    for (int i = 0; i < TR; ++i) {
+      const int m = (k * TR + i + D) % kRows;  // slot of input row h0 + k*TR + i
+      const T *up = ring + wrap(m - 1) * kRowElems, *at = ring + m * kRowElems,
+              *dn = ring + wrap(m + 1) * kRowElems, *upd = ring + wrap(m - d) * kRowElems,
+              *dnd = ring + wrap(m + d) * kRowElems;
+      for (int a = 0; a < kPasses; ++a) {
+        const int f = tid + a * kThreads, w = w0 - D + f / CT;
+        if (f >= kRowElems) break;
+        const bool in = w >= 0 && w < g.W;  // a 1x3 conv's input is zero outside the image
+        mid[i * kRowElems + f] = in ? neck_conv(p, 0, up[f], at[f], dn[f]) : T(0);
+        mid[kMid + i * kRowElems + f] = in ? neck_conv(p, 2, upd[f], at[f], dnd[f]) : T(0);
+      }
+    }
+  }
+
+  // Phase B of step k: this thread's outputs, from three phase-A values of each branch.
   template <typename T, typename S>
-  DABNET_HD void compute(const T* ring, S* out, const Geo& g, const NeckChannel<T>& p, int d,
-                         int k, int tid) const {
+  DABNET_HD void horizontal(const T* smem, S* out, const Geo& g, const NeckChannel<T>& p, int d,
+                            int k, int tid) const {
     const int c = c0 + tid % CT;
     if (c >= g.C) return;
+    const T* mid = smem + kRows * kRowElems;
     for (int i = tid / kRowThreads; i < TR && k * TR + i < rows; i += kOutRows) {
-      const int h = h0 + k * TR + i;
-      const int mid = (k * TR + i + D) % kRows;  // ring row k*TR + i + D is input row h
-      TileSrc<T, CT> src{ring, {wrap(mid - d) * kRowElems, wrap(mid - 1) * kRowElems,
-                                mid * kRowElems, wrap(mid + 1) * kRowElems,
-                                wrap(mid + d) * kRowElems},
-                         0, 0, g.W};
+      const T *t1 = mid + i * kRowElems + D * CT, *t2 = t1 + kMid;  // at the strip's column 0
+      S* po = out + g.offset(n, c, h0 + k * TR + i, w0);
       for (int a = 0; a < TW * CT / kRowThreads; ++a) {
-        const int e = tid % kRowThreads + a * kRowThreads, w = w0 + e / CT;
-        if (w >= g.W) break;  // e grows with a: so does w
-        src.col = e + D * CT;
-        src.w = w;
-        out[g.offset(n, c, h, w)] = S(neck_point(src, p, d));
+        const int e = tid % kRowThreads + a * kRowThreads, col = e / CT;
+        if (w0 + col >= g.W) break;  // col grows with a
+        po[col * g.sW] = S(neck_final(p, neck_conv(p, 1, t1[e - CT], t1[e], t1[e + CT]),
+                                      neck_conv(p, 3, t2[e - d * CT], t2[e], t2[e + d * CT])));
       }
     }
   }

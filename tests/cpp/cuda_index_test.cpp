@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <random>
 #include <vector>
 
@@ -106,7 +107,7 @@ struct Cell {
 };
 
 // neck_ring_kernel on the host: each phase of a block runs for every thread before the next one
-// starts (a barrier); a slot is NaN until staged. Returns the outputs, NaN where none was written.
+// starts (a barrier); shared memory is NaN until written. Returns the outputs, NaN where none was written.
 template <typename Ring>
 static std::vector<double> ring_neck(const std::vector<double>& x, const Geo& g, int d, int seg,
                                      const std::vector<NeckChannel<double>>& prm) {
@@ -115,6 +116,7 @@ static std::vector<double> ring_neck(const std::vector<double>& x, const Geo& g,
   std::vector<typename Ring::template Staged<double>> v(kThreads);
   for (int64_t b = 0; b < Ring::blocks(g, seg); ++b) {
     const Ring t(g, seg, b);
+    auto channel = [&](int tid) { return std::min(t.c0 + tid % Ring::kCT, g.C - 1); };
     std::fill(ring.begin(), ring.end(), std::nan(""));
     for (int j0 = 0; j0 < 2 * Ring::kD; j0 += Ring::kTR)
       for (int tid = 0; tid < kThreads; ++tid) {
@@ -127,9 +129,10 @@ static std::vector<double> ring_neck(const std::vector<double>& x, const Geo& g,
         t.store(ring.data(), 2 * Ring::kD + k * Ring::kTR, tid, v[tid]);
       for (int tid = 0; tid < kThreads; ++tid) {
         if (k + 1 < t.steps()) t.load(x.data(), g, 2 * Ring::kD + (k + 1) * Ring::kTR, tid, v[tid]);
-        const int c = t.c0 + tid % Ring::kCT;
-        t.compute(ring.data(), out.data(), g, prm[c < g.C ? c : g.C - 1], d, k, tid);
+        t.vertical(ring.data(), g, prm[channel(tid)], d, k, tid);
       }
+      for (int tid = 0; tid < kThreads; ++tid)
+        t.horizontal(ring.data(), out.data(), g, prm[channel(tid)], d, k, tid);
     }
   }
   std::vector<double> vals(out.size());
@@ -179,7 +182,7 @@ static void check_neck(int64_t N, int C, int H, int W, int d, std::mt19937& rng)
     for (int64_t p = 0; p < g.M; ++p) {
       const Cursor cur(g, p);
       const int64_t off = g.offset(cur.n, c, cur.h, cur.w);
-      const GlobalSrc<double, double> src{x.data(), off, g, cur.h, cur.w, d};
+      const GlobalSrc<double, double> src{x.data(), off, g, cur.h, cur.w};
       global[off] = neck_point(src, prm[c], d);
     }
   // The ring kernel, compiled for each halo that holds d (the launcher picks the smallest).
