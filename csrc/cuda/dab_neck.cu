@@ -38,8 +38,10 @@ struct NeckParams {
 // Streams the rows of one segment through a ring in shared memory (index.h: NeckRing). The next
 // step's rows are loaded into registers before this step's arithmetic, so those loads are in
 // flight while it runs.
+// float32: three blocks per SM (at most 85 registers), so three steps' loads are in flight per SM
+// (see NeckRingFor). Two for the others: float16/bfloat16 spilled at 85 registers.
 template <typename scalar_t, typename Ring>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, sizeof(scalar_t) == 4 ? 3 : 2)
     neck_ring_kernel(const scalar_t* x, scalar_t* out, const Geo g,
                      const NeckParams<at::opmath_type<scalar_t>> prm, int d, int seg) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -51,7 +53,9 @@ __global__ void __launch_bounds__(kThreads)
   const auto p = prm.channel(c < g.C ? c : g.C - 1);  // lanes past C work, write nothing
   constexpr int k2D = 2 * Ring::kD;
   typename Ring::template Staged<acc_t> v;
-  for (int j0 = 0; j0 < k2D; j0 += Ring::kTR) {  // the rows above the first step's outputs
+  // The 2D rows above the first step's outputs, in whole steps (from TR > 2D on, the first step
+  // stages the same rows [2D, TR) again, into the same slots, from the same thread).
+  for (int j0 = 0; j0 < k2D; j0 += Ring::kTR) {
     t.load(x, g, j0, tid, v);
     t.store(smem, j0, tid, v);
   }

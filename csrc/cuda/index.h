@@ -188,7 +188,6 @@ struct NeckRing {
   static constexpr int kOutRows = kThreads / kRowThreads;  // output rows computed side by side
   static_assert(kThreads % CT == 0, "a thread must keep one channel");
   static_assert(TR % kOutRows == 0 && (TW * CT) % kRowThreads == 0, "uneven output split");
-  static_assert((2 * D) % TR == 0, "the first 2D rows are staged in whole steps");
   // Shortest segment: at most 2x the rows staged, and two steps, so every ring wraps.
   static constexpr int kLeastSeg = 2 * TR > 2 * D ? 2 * TR : 2 * D;
 
@@ -294,13 +293,15 @@ struct NeckRing {
   }
 };
 
-// The ring of each layout and halo D, T the accumulation type. NCHW: one channel, 128 columns.
-// channels_last: 32 bytes of staged channels per pixel (8 float or 4 double), 32 columns (64 at
-// D = 16, where a halo of 2 x 16 would double a narrower row), fewer rows per step at D = 16 to
-// keep the ring at 110 KB (two blocks per SM). TR divides 2D and keeps kRows small.
+// The ring of each layout and halo D, T the accumulation type. A step loads TR x (TW + 2D) x CT
+// inputs, issued together before the step's arithmetic: with 2-4 blocks per SM that is 25-40 KB
+// in flight per SM in float32 (Little's law on an H100/H200 asks for about 20-30 KB).
+// NCHW: one channel, 128 columns, 16 rows. channels_last: 32 bytes of staged channels per pixel
+// (8 float, 4 double) over 32 columns, 8 rows; at D = 16, 16 bytes over 64 columns, so that the
+// ring's 40 rows of 128 pixels stay at ~86 KB (two blocks per SM) and the halo costs 1.5x, not 2x.
 template <typename T, bool CL, int D>
-using NeckRingFor = NeckRing<CL ? int(32 / sizeof(T)) : 1, CL ? (D == 16 ? 64 : 32) : 128,
-                             CL && D == 16 ? 4 : (2 * D < 8 ? 2 * D : 8), D>;
+using NeckRingFor = NeckRing<CL ? int((D == 16 ? 16 : 32) / sizeof(T)) : 1,
+                             CL ? (D == 16 ? 64 : 32) : 128, CL ? 8 : 16, D>;
 
 }  // namespace cuda
 }  // namespace dabnet
