@@ -9,7 +9,10 @@
 // Put before a host/device template that kernels instantiate with device-only functors: it
 // silences nvcc's host/device call check for those instantiations (they never run on the host).
 #define DABNET_EXEC_CHECK_DISABLE _Pragma("nv_exec_check_disable")
+#define DABNET_PRAGMA(x) _Pragma(#x)
+#define DABNET_UNROLL(n) DABNET_PRAGMA(unroll n)  // nvcc's unroll factor for the loop that follows
 #else
+#define DABNET_UNROLL(n)
 #define DABNET_HD inline
 #define DABNET_EXEC_CHECK_DISABLE
 #endif
@@ -250,44 +253,60 @@ struct NeckRing {
     }
   }
 
-  DABNET_HD static int wrap(int j) { return j < 0 ? j + kRows : j >= kRows ? j - kRows : j; }
+  static constexpr int kRing = kRows * kRowElems;  // the ring's elements
+  // Offset o of a slot, moved by a row offset (|dr| <= 2D rows), wrapped into the ring.
+  DABNET_HD static int wrap(int o) { return o < 0 ? o + kRing : o >= kRing ? o - kRing : o; }
 
-  // Phase A of step k: both vertical convs at this thread's elements of every row of the step.
+  // Phase A of step k: both vertical convs at this thread's elements of the step's TR rows. A
+  // thread walks down its columns: rows h-1, h, h+1 slide through registers (one new read a
+  // row) and the offsets of rows h+1, h-d, h+d advance a slot at a time, wrapping at the end.
   template <typename T>
   DABNET_HD void vertical(T* smem, const Geo& g, const NeckChannel<T>& p, int d, int k,
                           int tid) const {
     const T* ring = smem;
-    T* mid = smem + kRows * kRowElems;
-    for (int i = 0; i < TR; ++i) {
-      const int m = (k * TR + i + D) % kRows;  // slot of input row h0 + k*TR + i
-      const T *up = ring + wrap(m - 1) * kRowElems, *at = ring + m * kRowElems,
-              *dn = ring + wrap(m + 1) * kRowElems, *upd = ring + wrap(m - d) * kRowElems,
-              *dnd = ring + wrap(m + d) * kRowElems;
-      for (int a = 0; a < kPasses; ++a) {
-        const int f = tid + a * kThreads, w = w0 - D + f / CT;
-        if (f >= kRowElems) break;
-        const bool in = w >= 0 && w < g.W;  // a 1x3 conv's input is zero outside the image
-        mid[i * kRowElems + f] = in ? neck_conv(p, 0, up[f], at[f], dn[f]) : T(0);
-        mid[kMid + i * kRowElems + f] = in ? neck_conv(p, 2, upd[f], at[f], dnd[f]) : T(0);
+    T* mid = smem + kRing;
+    const int mid0 = (k * TR + D) % kRows * kRowElems;  // slot of input row h0 + k*TR
+    for (int a = 0; a < kPasses; ++a) {
+      const int f = tid + a * kThreads, w = w0 - D + f / CT;
+      if (f >= kRowElems) break;
+      const bool in = w >= 0 && w < g.W;  // a 1x3 conv's input is zero outside the image
+      int next = wrap(mid0 + kRowElems), up = wrap(mid0 - d * kRowElems),
+          down = wrap(mid0 + d * kRowElems);
+      T x0 = ring[wrap(mid0 - kRowElems) + f], x1 = ring[mid0 + f];
+      DABNET_UNROLL(2)  // fully unrolled, 2 passes x 8 rows spilled under 3 blocks per SM
+      for (int i = 0; i < TR; ++i) {
+        const T x2 = ring[next + f];
+        mid[i * kRowElems + f] = in ? neck_conv(p, 0, x0, x1, x2) : T(0);
+        mid[kMid + i * kRowElems + f] = in ? neck_conv(p, 2, ring[up + f], x1, ring[down + f])
+                                           : T(0);
+        x0 = x1;
+        x1 = x2;
+        next = wrap(next + kRowElems);
+        up = wrap(up + kRowElems);
+        down = wrap(down + kRowElems);
       }
     }
   }
 
-  // Phase B of step k: this thread's outputs, from three phase-A values of each branch.
+  // Phase B of step k: this thread's outputs, from three phase-A values of each branch; a thread
+  // walks down its column, kOutRows rows at a time.
   template <typename T, typename S>
   DABNET_HD void horizontal(const T* smem, S* out, const Geo& g, const NeckChannel<T>& p, int d,
                             int k, int tid) const {
     const int c = c0 + tid % CT;
     if (c >= g.C) return;
-    const T* mid = smem + kRows * kRowElems;
-    for (int i = tid / kRowThreads; i < TR && k * TR + i < rows; i += kOutRows) {
-      const T *t1 = mid + i * kRowElems + D * CT, *t2 = t1 + kMid;  // at the strip's column 0
-      S* po = out + g.offset(n, c, h0 + k * TR + i, w0);
-      for (int a = 0; a < TW * CT / kRowThreads; ++a) {
-        const int e = tid % kRowThreads + a * kRowThreads, col = e / CT;
-        if (w0 + col >= g.W) break;  // col grows with a
-        po[col * g.sW] = S(neck_final(p, neck_conv(p, 1, t1[e - CT], t1[e], t1[e + CT]),
-                                      neck_conv(p, 3, t2[e - d * CT], t2[e], t2[e + d * CT])));
+    const int i0 = tid / kRowThreads, last = rows - k * TR < TR ? rows - k * TR : TR, dc = d * CT;
+    for (int a = 0; a < TW * CT / kRowThreads; ++a) {
+      const int e = tid % kRowThreads + a * kRowThreads, col = e / CT;
+      if (w0 + col >= g.W) break;  // col grows with a
+      const T* t1 = smem + kRing + i0 * kRowElems + D * CT + e;  // phase A, 3x1 branch
+      S* po = out + g.offset(n, c, h0 + k * TR + i0, w0 + col);
+      for (int i = i0; i < last; i += kOutRows) {
+        const T* t2 = t1 + kMid;  // dilated branch
+        *po = S(neck_final(p, neck_conv(p, 1, t1[-CT], t1[0], t1[CT]),
+                           neck_conv(p, 3, t2[-dc], t2[0], t2[dc])));
+        t1 += kOutRows * kRowElems;
+        po += kOutRows * g.sH;
       }
     }
   }
