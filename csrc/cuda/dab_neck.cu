@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(scalar_t) == 4 ? 3 : 2)
   }
 }
 
-// Global-memory path: one pixel per call, 18 (cached) loads instead of a staged tile.
+// Global-memory path: one pixel per call, 18 (cached) loads instead of the ring.
 template <typename scalar_t>
 struct NeckOp {
   using acc_t = at::opmath_type<scalar_t>;
@@ -89,8 +89,8 @@ struct NeckOp {
   }
 };
 
-// Launches the ring kernel; false when its ring does not fit in this device's shared memory or
-// its in-row offsets would not fit in int (then the global path runs).
+// Launches the ring kernel; false when its ring does not fit in this device's shared memory (then
+// the global path runs).
 template <typename scalar_t, typename Ring>
 bool launch_ring(const scalar_t* x, scalar_t* out, const Geo& g,
                  const NeckParams<at::opmath_type<scalar_t>>& prm, int d) {
