@@ -297,7 +297,8 @@ def tap3(x, cl, prm, dilation, axis, taps, act, bn=False):
     N, C, H, W = x.shape
     with device_guard(x):
         tap3_kernel[tile_grid(N, C, H, W)](x, prm.contiguous(), out, N, C, H, W, dilation,
-                                           AXIS=axis, TAPS=taps, ACT=act, BN=bn, CL=cl, ACC=tl_acc(x))
+                                           AXIS=axis, TAPS=taps, ACT=act, BN=bn, CL=cl,
+                                           ACC=tl_acc(x))
     return out
 
 

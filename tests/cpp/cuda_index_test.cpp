@@ -1,8 +1,8 @@
 // Host check of the CUDA kernels' index math (csrc/cuda/index.h), run by tests/test_cuda.py:
 //  1. the channel x position launch plan visits every element exactly once, and the cursor's
 //     (n, h, w) matches the position it stands for, in NCHW and channels_last;
-//  2. the eval DAB neck, computed by emulating the ring kernel (neck_ring_kernel's phases, thread by
-//     thread, block by block, with the segment length the launcher picks and with short segments
+//  2. the eval DAB neck, computed by emulating the ring kernel (neck_ring_kernel's phases, thread
+//     by thread, block by block, with the segment length the launcher picks and with short segments
 //     that make every block wrap its ring) and the global-memory path, matches a naive
 //     implementation that materializes both branches with explicit zero padding. Every output is
 //     written exactly once.
@@ -107,7 +107,8 @@ struct Cell {
 };
 
 // neck_ring_kernel on the host: each phase of a block runs for every thread before the next one
-// starts (a barrier); shared memory is NaN until written. Returns the outputs, NaN where none was written.
+// starts (a barrier); shared memory is NaN until written. Returns the outputs, NaN where none was
+// written.
 template <typename Ring>
 static std::vector<double> ring_neck(const std::vector<double>& x, const Geo& g, int d, int seg,
                                      const std::vector<NeckChannel<double>>& prm) {
@@ -151,7 +152,8 @@ static void check_ring(const std::vector<double>& x, const Geo& g, int d,
   using Ring = NeckRingFor<double, CL, D>;
   // The launcher's segment, the shortest it picks, and all of H in one segment: the ring wraps
   // (a step overwrites the oldest slots) in every block from the second step on.
-  for (int seg : {Ring::segment(g), Ring::kLeastSeg, (g.H + Ring::kTR - 1) / Ring::kTR * Ring::kTR}) {
+  const int whole = (g.H + Ring::kTR - 1) / Ring::kTR * Ring::kTR;
+  for (int seg : {Ring::segment(g), Ring::kLeastSeg, whole}) {
     const std::vector<double> got = ring_neck<Ring>(x, g, d, seg, prm);
     for (size_t i = 0; i < got.size(); ++i)
       EXPECT(std::fabs(got[i] - global[i]) <= 1e-12 * (1 + std::fabs(global[i])),
