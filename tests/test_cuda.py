@@ -304,6 +304,24 @@ def test_dab_neck(dev, shape, dilation, layout):
     close(out, neck_reference(x, weights, bns, dilation), torch.float64)
 
 
+# The ring kernel (csrc/cuda/dab_neck.cu, index.h: NeckRing): every dilation it holds, including
+# those between its halos of 2, 4, 8, 16, with H long enough that each block's ring wraps (a
+# segment is at least two steps: 8 to 32 rows), sizes not multiples of the ring's 128-column
+# (NCHW) or 32/64-pixel x 8-channel (channels_last) strips, N > 1, and every dtype.
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_dab_neck_ring(dev, layout, dtype):
+    for shape, dilations in [((2, 9, 43, 37), (1, 2, 3, 4, 5)), ((1, 10, 71, 133), (8, 9, 16)),
+                             ((2, 3, 23, 5), (7, 16))]:
+        x = make_input(shape, layout, dtype)
+        weights, bns = neck_params(shape[1], dtype)
+        for d in dilations:
+            dev.poison()
+            out = neck_cuda(x, weights, bns, d)
+            assert out.is_contiguous(memory_format=out_format(x))
+            close(out, neck_reference(x, weights, bns, d), dtype)
+
+
 def test_dab_neck_public_api_uses_fused_kernel_and_matches(dev):
     x = make_input((3, 6, 19, 23), "channels_last")
     weights, bns = neck_params(6)

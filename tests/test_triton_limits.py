@@ -191,3 +191,34 @@ def test_range_bounds_survive_an_interpreter_that_ints_1_element_arrays(monkeypa
     _, gw = TT.dwconv3_backward(torch.ones_like(x), x, w, 1, [False, True])  # range(start, end)
     _, var = bn.batch_stats(x, False)  # and range(S) in the combine
     assert torch.isfinite(gw).all() and torch.isfinite(var).all()
+
+
+# ------------------------------------------------------------------ tiles and autotune keys
+def _tuner(kernel):
+    while not isinstance(kernel, triton.runtime.autotuner.Autotuner):
+        kernel = kernel.fn
+    return kernel
+
+
+@pytest.mark.parametrize("name", ["tap3", "dab_neck", "grad_x"])
+def test_autotune_keys_name_batch_and_dilation(name):
+    """The best tile depends on the batch (grid size) and on the dilation (what the taps hit in
+    cache): each is an autotune key, so a tile tuned at N=1 or d=2 is not reused at N=8 or d=16."""
+    from dabnet_kernels.triton import dab_neck as dn
+
+    kernel = {"tap3": cm.tap3_kernel, "dab_neck": dn._dab_neck_kernel,
+              "grad_x": bn._grad_x_kernel}[name]
+    keys = set(_tuner(kernel).keys)
+    assert {"N", "C", "H", "W", "CL"} <= keys
+    if name != "grad_x":
+        assert "d" in keys
+
+
+def test_tile_configs_fit_registers():
+    """At most 2 neck outputs and 8 stencil outputs per thread: the sm_90 compile_check measured
+    40-80 registers at those sizes and 121-168 at 4 neck outputs per thread."""
+    from dabnet_kernels.triton import dab_neck as dn
+
+    for configs, most in ((dn.CONFIGS, 2), (cm.CONFIGS, 8)):
+        for c in configs:
+            assert c.kwargs["BLOCK"] // (32 * c.num_warps) <= most, c

@@ -1,8 +1,9 @@
-// Eval-mode DAB neck on CUDA in one kernel: each block stages a tile of x plus a halo of d rows and
-// columns in shared memory, then every thread computes both branches (3x1 -> 1x3 and dilated
-// 3x1 -> dilated 1x3, each with bias + PReLU) and the final BN-PReLU in registers and writes its
-// outputs once. Dilations above kMaxTileDilation (or a tile that does not fit in shared memory)
-// take a global-memory path with the same per-pixel arithmetic (index.h: neck_point).
+// Eval-mode DAB neck on CUDA in one kernel: each block streams a strip of x down a segment of
+// rows through a ring of rows in shared memory (each row staged once, halos only in W), and every
+// thread computes both branches (3x1 -> 1x3 and dilated 3x1 -> dilated 1x3, each with bias +
+// PReLU) and the final BN-PReLU in registers and writes its outputs once. Dilations above
+// kMaxTileDilation (or a ring that does not fit in shared memory) take a global-memory path with
+// the same per-pixel arithmetic (index.h: neck_point).
 #include <torch/library.h>
 
 #include "../checks.h"
@@ -34,24 +35,43 @@ struct NeckParams {
   }
 };
 
-template <typename scalar_t, typename Tile>
-__global__ void __launch_bounds__(kThreads)
-    neck_tile_kernel(const scalar_t* x, scalar_t* out, const Geo g,
-                     const NeckParams<at::opmath_type<scalar_t>> prm, int d) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  scalar_t* tile = reinterpret_cast<scalar_t*>(smem);
-  const Tile t(g, d, blockIdx.x);
-  const int n_stage = int(Tile::elems(d));
-  for (int e = threadIdx.x; e < n_stage; e += kThreads) t.stage(x, tile, g, e);
-  __syncthreads();
-  // Output e has channel c0 + e % CT; with e stepping by kThreads that is fixed per thread.
-  const int c = t.c0 + threadIdx.x % Tile::kCT;
-  if (c >= g.C) return;
-  const auto p = prm.channel(c);
-  for (int e = threadIdx.x; e < Tile::kOutputs; e += kThreads) t.output(tile, out, g, p, e);
+// Streams the rows of one segment through a ring in shared memory (index.h: NeckRing). The next
+// step's rows are loaded into registers before this step's arithmetic, so those loads are in
+// flight while it runs.
+// float32: three blocks per SM (at most 85 registers), so three steps' loads are in flight per SM
+// (see NeckRingFor). Two for the others: float16/bfloat16 spilled at 85 registers.
+template <typename scalar_t, typename Ring>
+__global__ void __launch_bounds__(kThreads, sizeof(scalar_t) == 4 ? 3 : 2)
+    neck_ring_kernel(const scalar_t* x, scalar_t* out, const Geo g,
+                     const NeckParams<at::opmath_type<scalar_t>> prm, int d, int seg) {
+  using acc_t = at::opmath_type<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
+  const Ring t(g, seg, blockIdx.x);
+  const int tid = threadIdx.x;
+  const int c = t.c0 + tid % Ring::kCT;
+  const auto p = prm.channel(c < g.C ? c : g.C - 1);  // lanes past C work, write nothing
+  constexpr int k2D = 2 * Ring::kD;
+  typename Ring::template Staged<acc_t> v;
+  // The 2D rows above the first step's outputs, in whole steps (from TR > 2D on, the first step
+  // stages the same rows [2D, TR) again, into the same slots, from the same thread).
+  for (int j0 = 0; j0 < k2D; j0 += Ring::kTR) {
+    t.load(x, g, j0, tid, v);
+    t.store(smem, j0, tid, v);
+  }
+  const int steps = t.steps();
+  t.load(x, g, k2D, tid, v);
+  for (int k = 0; k < steps; ++k) {
+    t.store(smem, k2D + k * Ring::kTR, tid, v);  // over the rows step k-1 read last
+    __syncthreads();
+    if (k + 1 < steps) t.load(x, g, k2D + (k + 1) * Ring::kTR, tid, v);
+    t.vertical(smem, g, p, d, k, tid);
+    __syncthreads();
+    t.horizontal(smem, out, g, p, d, k, tid);  // the next store waits for vertical, not for this
+  }
 }
 
-// Global-memory path: one pixel per call, 18 (cached) loads instead of a staged tile.
+// Global-memory path: one pixel per call, 18 (cached) loads instead of the ring.
 template <typename scalar_t>
 struct NeckOp {
   using acc_t = at::opmath_type<scalar_t>;
@@ -69,24 +89,39 @@ struct NeckOp {
   }
 };
 
-// Launches the tile kernel; false when its tile does not fit in this device's shared memory.
-template <typename scalar_t, typename Tile>
-bool launch_tile(const scalar_t* x, scalar_t* out, const Geo& g,
+// Launches the ring kernel; false when its ring does not fit in this device's shared memory (then
+// the global path runs).
+template <typename scalar_t, typename Ring>
+bool launch_ring(const scalar_t* x, scalar_t* out, const Geo& g,
                  const NeckParams<at::opmath_type<scalar_t>>& prm, int d) {
-  const int64_t bytes = Tile::elems(d) * int64_t(sizeof(scalar_t));
+  const int64_t bytes = Ring::kElems * int64_t(sizeof(at::opmath_type<scalar_t>));
   int dev = 0, optin = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   if (bytes > optin) return false;
-  auto kernel = neck_tile_kernel<scalar_t, Tile>;
+  auto kernel = neck_ring_kernel<scalar_t, Ring>;
   if (bytes > 48 * 1024)  // above the default limit, a kernel must opt in
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         int(bytes)));
-  const int64_t blocks = Tile::blocks(g);
+  const int seg = Ring::segment(g);
+  const int64_t blocks = Ring::blocks(g, seg);
   TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "dabnet: dab_neck input too large");
-  kernel<<<unsigned(blocks), kThreads, size_t(bytes), stream()>>>(x, out, g, prm, d);
+  kernel<<<unsigned(blocks), kThreads, size_t(bytes), stream()>>>(x, out, g, prm, d, seg);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
+}
+
+// The ring compiled for the smallest halo that holds d, in x's layout.
+template <typename scalar_t, bool CL>
+bool launch_ring_for(const scalar_t* x, scalar_t* out, const Geo& g,
+                     const NeckParams<at::opmath_type<scalar_t>>& prm, int d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  switch (neck_halo(d)) {
+    case 2: return launch_ring<scalar_t, NeckRingFor<acc_t, CL, 2>>(x, out, g, prm, d);
+    case 4: return launch_ring<scalar_t, NeckRingFor<acc_t, CL, 4>>(x, out, g, prm, d);
+    case 8: return launch_ring<scalar_t, NeckRingFor<acc_t, CL, 8>>(x, out, g, prm, d);
+    default: return launch_ring<scalar_t, NeckRingFor<acc_t, CL, 16>>(x, out, g, prm, d);
+  }
 }
 
 }  // namespace
@@ -115,8 +150,8 @@ at::Tensor dab_neck(const at::Tensor& x_, const at::Tensor& weight, const at::Te
     scalar_t* op = out.data_ptr<scalar_t>();
     bool done = false;
     if (d <= kMaxTileDilation)
-      done = cl ? launch_tile<scalar_t, NeckTileFor<scalar_t, true>>(xp, op, g, prm, d)
-                : launch_tile<scalar_t, NeckTileFor<scalar_t, false>>(xp, op, g, prm, d);
+      done = cl ? launch_ring_for<scalar_t, true>(xp, op, g, prm, d)
+                : launch_ring_for<scalar_t, false>(xp, op, g, prm, d);
     if (!done) {
       NeckOp<scalar_t> nop;
       nop.x = xp;

@@ -9,7 +9,10 @@
 // Put before a host/device template that kernels instantiate with device-only functors: it
 // silences nvcc's host/device call check for those instantiations (they never run on the host).
 #define DABNET_EXEC_CHECK_DISABLE _Pragma("nv_exec_check_disable")
+#define DABNET_PRAGMA(x) _Pragma(#x)
+#define DABNET_UNROLL(n) DABNET_PRAGMA(unroll n)  // nvcc's unroll factor for the loop that follows
 #else
+#define DABNET_UNROLL(n)
 #define DABNET_HD inline
 #define DABNET_EXEC_CHECK_DISABLE
 #endif
@@ -115,6 +118,18 @@ struct NeckChannel {
   T w[4][3], b[4], a[4], fs, ft, fa;
 };
 
+// Conv k of the neck (NeckChannel order) at one pixel from its three taps, with bias and PReLU.
+template <typename T>
+DABNET_HD T neck_conv(const NeckChannel<T>& p, int k, T x0, T x1, T x2) {
+  return prelu(p.b[k] + p.w[k][0] * x0 + p.w[k][1] * x1 + p.w[k][2] * x2, p.a[k]);
+}
+
+// The final BN-PReLU of the two branches' sum.
+template <typename T>
+DABNET_HD T neck_final(const NeckChannel<T>& p, T b1, T b2) {
+  return prelu(p.fs * (b1 + b2) + p.ft, p.fa);
+}
+
 // The neck at one pixel (h, w). x.at(dr, dc) is the input at (h+dr, w+dc), zero outside the image;
 // x.col_in(dc) says whether column w+dc lies inside it. A first conv's output is zero outside the
 // image (the 1x3 conv zero-pads its own input), not prelu(bias).
@@ -123,18 +138,10 @@ DABNET_HD T neck_point(const Src& x, const NeckChannel<T>& p, int d) {
   T t1[3], t2[3];
   for (int k = 0; k < 3; ++k) {
     const int c1 = k - 1, c2 = (k - 1) * d;
-    t1[k] = x.col_in(c1) ? prelu(p.b[0] + p.w[0][0] * x.at(-1, c1) + p.w[0][1] * x.at(0, c1) +
-                                     p.w[0][2] * x.at(1, c1),
-                                 p.a[0])
-                         : T(0);
-    t2[k] = x.col_in(c2) ? prelu(p.b[2] + p.w[2][0] * x.at(-d, c2) + p.w[2][1] * x.at(0, c2) +
-                                     p.w[2][2] * x.at(d, c2),
-                                 p.a[2])
-                         : T(0);
+    t1[k] = x.col_in(c1) ? neck_conv(p, 0, x.at(-1, c1), x.at(0, c1), x.at(1, c1)) : T(0);
+    t2[k] = x.col_in(c2) ? neck_conv(p, 2, x.at(-d, c2), x.at(0, c2), x.at(d, c2)) : T(0);
   }
-  const T b1 = prelu(p.b[1] + p.w[1][0] * t1[0] + p.w[1][1] * t1[1] + p.w[1][2] * t1[2], p.a[1]);
-  const T b2 = prelu(p.b[3] + p.w[3][0] * t2[0] + p.w[3][1] * t2[1] + p.w[3][2] * t2[2], p.a[3]);
-  return prelu(p.fs * (b1 + b2) + p.ft, p.fa);
+  return neck_final(p, neck_conv(p, 1, t1[0], t1[1], t1[2]), neck_conv(p, 3, t2[0], t2[1], t2[2]));
 }
 
 // Input read straight from global memory (the path for dilations the tile does not hold).
@@ -151,74 +158,169 @@ struct GlobalSrc {
   }
 };
 
-// Input read from a tile staged in shared memory, zero-filled outside the image.
-template <typename T, typename S, int CT>
-struct TileSrc {
-  const S* tile;
-  int base;  // index of (h, w, c) in the tile
-  int row;   // tile row stride (elements)
-  int w, W;
-  DABNET_HD bool col_in(int dc) const { return w + dc >= 0 && w + dc < W; }
-  DABNET_HD T at(int dr, int dc) const { return T(tile[base + dr * row + dc * CT]); }
-};
-
 constexpr int kMaxTileDilation = 16;  // larger dilations take the global-memory path
 
-// An output tile of TH x TW pixels and CT channels of one image, staged with a halo of d rows and
-// columns on each side: tile element e = (row*RW + col)*CT + ct, channel fastest, then column, so
-// consecutive threads read consecutive addresses in both layouts (CT = 1 for NCHW).
-template <int CT, int TH, int TW>
-struct NeckTile {
-  static_assert(kThreads % CT == 0, "a thread must keep one channel across its outputs");
-  static constexpr int kCT = CT;
-  static constexpr int kOutputs = TH * TW * CT;
-  int d, RW, RH;
+// The halo a ring is compiled for: the smallest of 2, 4, 8, 16 that holds dilation d.
+DABNET_HD constexpr int neck_halo(int d) { return d <= 2 ? 2 : d <= 4 ? 4 : d <= 8 ? 8 : 16; }
+
+// Eval neck in shared memory, streaming rows. A block owns CT channels x TW columns of one image
+// over a segment of rows, and walks down it TR output rows per step. Shared memory holds a ring of
+// kRows = TR + 2D slots, each one staged input row of TW + 2D columns (a halo of D each side) x CT
+// channels, element f = col * CT + ct (channel fastest: consecutive threads touch consecutive
+// addresses in both layouts); ring row j is input row h0 - D + j, in slot j % kRows. A step reads
+// kRows consecutive ring rows, so each input row is staged once per segment: halos cost only in W
+// (and 2D rows per segment). Values are kept in the accumulation type, converted once.
+//
+// A step has two phases, each pixel's work done once (not once per output that needs it):
+//  A. the vertical convs (3x1 and dilated 3x1, bias, PReLU) at every staged column of the step's
+//     TR rows, zero outside the image, into two rows of TR x kRowElems (mid);
+//  B. the horizontal convs from three of those values each, and the final BN-PReLU: one write.
+// Thread tid handles elements f = tid + a*kThreads (a < kPasses) of every row, when staging and in
+// A, and outputs e = tid % kRowThreads + a*kRowThreads in rows tid / kRowThreads + m*kOutRows in B.
+// 256 is a multiple of CT, so a thread keeps one channel. All shapes are constants: no runtime
+// division in the index math.
+template <int CT, int TW, int TR, int D>
+struct NeckRing {
+  static constexpr int kCT = CT, kTR = TR, kD = D;
+  static constexpr int kRowElems = (TW + 2 * D) * CT;  // elements of one staged row
+  static constexpr int kRows = TR + 2 * D;             // ring slots
+  static constexpr int kMid = TR * kRowElems;          // one branch's phase-A values
+  static constexpr int kElems = kRows * kRowElems + 2 * kMid;  // shared memory, elements
+  static constexpr int kPasses = (kRowElems + kThreads - 1) / kThreads;
+  static constexpr int kRowThreads = TW * CT < kThreads ? TW * CT : kThreads;
+  static constexpr int kOutRows = kThreads / kRowThreads;  // output rows computed side by side
+  static_assert(kThreads % CT == 0, "a thread must keep one channel");
+  static_assert(TR % kOutRows == 0 && (TW * CT) % kRowThreads == 0, "uneven output split");
+  // Shortest segment: at most 2x the rows staged, and two steps, so every ring wraps.
+  static constexpr int kLeastSeg = 2 * TR > 2 * D ? 2 * TR : 2 * D;
+
   int64_t n;
-  int c0, h0, w0;
+  int c0, h0, w0, rows;  // rows: output rows of this block's segment inside the image
 
-  DABNET_HD static int64_t tiles_w(const Geo& g) { return (g.W + TW - 1) / TW; }
-  DABNET_HD static int64_t tiles_h(const Geo& g) { return (g.H + TH - 1) / TH; }
   DABNET_HD static int64_t groups(const Geo& g) { return (g.C + CT - 1) / CT; }
-  DABNET_HD static int64_t blocks(const Geo& g) {
-    return g.N * groups(g) * tiles_h(g) * tiles_w(g);
+  DABNET_HD static int64_t tiles_w(const Geo& g) { return (g.W + TW - 1) / TW; }
+  DABNET_HD static int64_t segments(const Geo& g, int seg) { return (g.H + seg - 1) / seg; }
+  DABNET_HD static int64_t blocks(const Geo& g, int seg) {
+    return g.N * groups(g) * tiles_w(g) * segments(g, seg);
   }
-  DABNET_HD static int64_t elems(int d) { return int64_t(TH + 2 * d) * (TW + 2 * d) * CT; }
+  // Rows per segment: all of H, halved (in whole steps, down to kLeastSeg) while the grid has
+  // fewer than 1024 blocks: short segments stage more rows but fill the GPU.
+  DABNET_HD static int segment(const Geo& g) {
+    int seg = (g.H + TR - 1) / TR * TR;
+    while (seg / 2 >= kLeastSeg && blocks(g, seg) < 1024) seg = (seg / 2 + TR - 1) / TR * TR;
+    return seg;
+  }
 
-  // Block b: column tiles fastest, so neighbouring blocks share their halos in L2.
-  DABNET_HD NeckTile(const Geo& g, int d_, int64_t b) : d(d_), RW(TW + 2 * d_), RH(TH + 2 * d_) {
-    const int64_t tw = tiles_w(g), th = tiles_h(g), gr = groups(g);
+  // Block b: channel groups fastest (blocks in flight share pixels' sectors in L2), then columns.
+  DABNET_HD NeckRing(const Geo& g, int seg, int64_t b) {
+    const int64_t gr = groups(g), tw = tiles_w(g), sg = segments(g, seg);
+    c0 = int(b % gr) * CT;
+    b /= gr;
     w0 = int(b % tw) * TW;
     b /= tw;
-    h0 = int(b % th) * TH;
-    b /= th;
-    c0 = int(b % gr) * CT;
-    n = b / gr;
+    h0 = int(b % sg) * seg;
+    n = b / sg;
+    rows = g.H - h0 < seg ? g.H - h0 : seg;
   }
+  DABNET_HD int steps() const { return (rows + TR - 1) / TR; }
 
-  // Stages tile element e: the input at (h0-d+row, w0-d+col, c0+ct), or zero outside the tensor.
-  template <typename S>
-  DABNET_HD void stage(const S* x, S* tile, const Geo& g, int e) const {
-    const int ct = e % CT, q = e / CT, col = q % RW, row = q / RW;
-    const int h = h0 - d + row, w = w0 - d + col, c = c0 + ct;
-    const bool in = h >= 0 && h < g.H && w >= 0 && w < g.W && c < g.C;
-    tile[e] = in ? x[g.offset(n, c, h, w)] : S(0);
-  }
+  template <typename T>
+  struct Staged {
+    T v[kPasses][TR];
+  };
 
-  // Output element e (same channel order as stage) from the staged tile, if inside the tensor.
+  // Ring rows j0 .. j0+TR-1 into registers: this thread's elements, zero outside the tensor.
   template <typename T, typename S>
-  DABNET_HD void output(const S* tile, S* out, const Geo& g, const NeckChannel<T>& p, int e) const {
-    const int ct = e % CT, q = e / CT, col = q % TW, row = q / TW;
-    const int h = h0 + row, w = w0 + col, c = c0 + ct;
-    if (h >= g.H || w >= g.W || c >= g.C) return;
-    const TileSrc<T, S, CT> src{tile, ((row + d) * RW + col + d) * CT + ct, RW * CT, w, g.W};
-    out[g.offset(n, c, h, w)] = S(neck_point(src, p, d));
+  DABNET_HD void load(const S* x, const Geo& g, int j0, int tid, Staged<T>& s) const {
+    const int h = h0 - D + j0;
+    for (int a = 0; a < kPasses; ++a) {
+      const int f = tid + a * kThreads, w = w0 - D + f / CT, c = c0 + f % CT;
+      const bool ok = f < kRowElems && w >= 0 && w < g.W && c < g.C;
+      const S* px = x + (ok ? g.offset(n, c, h, w) : 0);  // row r: px + r * sH
+      for (int r = 0; r < TR; ++r)
+        s.v[a][r] = ok && h + r >= 0 && h + r < g.H ? T(px[r * g.sH]) : T(0);
+    }
+  }
+
+  // The registers of load(j0) into their slots.
+  template <typename T>
+  DABNET_HD void store(T* smem, int j0, int tid, const Staged<T>& s) const {
+    for (int r = 0; r < TR; ++r) {
+      T* slot = smem + (j0 + r) % kRows * kRowElems;  // a constant modulus: no division
+      for (int a = 0; a < kPasses; ++a)
+        if (kRowElems % kThreads == 0 || tid + a * kThreads < kRowElems)
+          slot[tid + a * kThreads] = s.v[a][r];
+    }
+  }
+
+  static constexpr int kRing = kRows * kRowElems;  // the ring's elements
+  // Offset o of a slot, moved by a row offset (|dr| <= 2D rows), wrapped into the ring.
+  DABNET_HD static int wrap(int o) { return o < 0 ? o + kRing : o >= kRing ? o - kRing : o; }
+
+  // Phase A of step k: both vertical convs at this thread's elements of the step's TR rows. A
+  // thread walks down its columns: rows h-1, h, h+1 slide through registers (one new read a
+  // row) and the offsets of rows h+1, h-d, h+d advance a slot at a time, wrapping at the end.
+  template <typename T>
+  DABNET_HD void vertical(T* smem, const Geo& g, const NeckChannel<T>& p, int d, int k,
+                          int tid) const {
+    const T* ring = smem;
+    T* mid = smem + kRing;
+    const int mid0 = (k * TR + D) % kRows * kRowElems;  // slot of input row h0 + k*TR
+    for (int a = 0; a < kPasses; ++a) {
+      const int f = tid + a * kThreads, w = w0 - D + f / CT;
+      if (f >= kRowElems) break;
+      const bool in = w >= 0 && w < g.W;  // a 1x3 conv's input is zero outside the image
+      int next = wrap(mid0 + kRowElems), up = wrap(mid0 - d * kRowElems),
+          down = wrap(mid0 + d * kRowElems);
+      T x0 = ring[wrap(mid0 - kRowElems) + f], x1 = ring[mid0 + f];
+      DABNET_UNROLL(2)  // fully unrolled, 2 passes x 8 rows spilled under 3 blocks per SM
+      for (int i = 0; i < TR; ++i) {
+        const T x2 = ring[next + f];
+        mid[i * kRowElems + f] = in ? neck_conv(p, 0, x0, x1, x2) : T(0);
+        mid[kMid + i * kRowElems + f] = in ? neck_conv(p, 2, ring[up + f], x1, ring[down + f])
+                                           : T(0);
+        x0 = x1;
+        x1 = x2;
+        next = wrap(next + kRowElems);
+        up = wrap(up + kRowElems);
+        down = wrap(down + kRowElems);
+      }
+    }
+  }
+
+  // Phase B of step k: this thread's outputs, from three phase-A values of each branch; a thread
+  // walks down its column, kOutRows rows at a time.
+  template <typename T, typename S>
+  DABNET_HD void horizontal(const T* smem, S* out, const Geo& g, const NeckChannel<T>& p, int d,
+                            int k, int tid) const {
+    const int c = c0 + tid % CT;
+    if (c >= g.C) return;
+    const int i0 = tid / kRowThreads, last = rows - k * TR < TR ? rows - k * TR : TR, dc = d * CT;
+    for (int a = 0; a < TW * CT / kRowThreads; ++a) {
+      const int e = tid % kRowThreads + a * kRowThreads, col = e / CT;
+      if (w0 + col >= g.W) break;  // col grows with a
+      const T* t1 = smem + kRing + i0 * kRowElems + D * CT + e;  // phase A, 3x1 branch
+      S* po = out + g.offset(n, c, h0 + k * TR + i0, w0 + col);
+      for (int i = i0; i < last; i += kOutRows) {
+        const T* t2 = t1 + kMid;  // dilated branch
+        *po = S(neck_final(p, neck_conv(p, 1, t1[-CT], t1[0], t1[CT]),
+                           neck_conv(p, 3, t2[-dc], t2[0], t2[dc])));
+        t1 += kOutRows * kRowElems;
+        po += kOutRows * g.sH;
+      }
+    }
   }
 };
 
-// The tile of each layout: NCHW tiles are wide rows of one channel; channels_last tiles hold
-// 32 bytes of channels per pixel (one memory sector) over 8 x 8 pixels.
-template <typename S, bool CL>
-using NeckTileFor = NeckTile<CL ? int(32 / sizeof(S)) : 1, CL ? 8 : 16, CL ? 8 : 64>;
+// The ring of each layout and halo D, T the accumulation type. A step loads TR x (TW + 2D) x CT
+// inputs, issued together before the step's arithmetic: with 2-4 blocks per SM that is 25-40 KB
+// in flight per SM in float32 (Little's law on an H100/H200 asks for about 20-30 KB).
+// NCHW: one channel, 128 columns, 16 rows. channels_last: 32 bytes of staged channels per pixel
+// (8 float, 4 double) over 32 columns, 8 rows; at D = 16, 16 bytes over 64 columns, so that the
+// ring's 40 rows of 128 pixels stay at ~86 KB (two blocks per SM) and the halo costs 1.5x, not 2x.
+template <typename T, bool CL, int D>
+using NeckRingFor = NeckRing<CL ? int((D == 16 ? 16 : 32) / sizeof(T)) : 1,
+                             CL ? (D == 16 ? 64 : 32) : 128, CL ? 8 : 16, D>;
 
 }  // namespace cuda
 }  // namespace dabnet

@@ -142,10 +142,10 @@ def _bwd_sums_kernel(x_ptr, g_ptr, prm_ptr, part_ptr, M, C, H, W, CHUNK, CL: tl.
                       tl.sum(a2, axis=1))
 
 
-@cm.autotuned(["C", "H", "W", "CL"])
+@cm.autotuned(["N", "C", "H", "W", "CL"])
 @triton.heuristics(cm.TILE)
 @triton.jit
-def _grad_x_kernel(x_ptr, g_ptr, prm_ptr, gx_ptr, C, H, W, CL: tl.constexpr, ACC: tl.constexpr,
+def _grad_x_kernel(x_ptr, g_ptr, prm_ptr, gx_ptr, N, C, H, W, CL: tl.constexpr, ACC: tl.constexpr,
                    BLOCK: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
     """grad_x = scale * (gy - k1 - xhat * k2) (k1 = k2 = 0 in eval)."""
     n, c, p, h, w, ok = cm.tile_coords(C, H, W, BC, BP)
@@ -188,7 +188,7 @@ def bn_prelu_backward(grad_out, x_, weight, bias, prelu_weight, mean, var, train
         if x.numel() > 0:
             with cm.device_guard(x):
                 _grad_x_kernel[cm.tile_grid(N, C, H, W)](
-                    x, g, torch.cat([torch.stack(prm), k]).to(acc).contiguous(), gx, C, H, W,
+                    x, g, torch.cat([torch.stack(prm), k]).to(acc).contiguous(), gx, N, C, H, W,
                     CL=cl, ACC=cm.tl_acc(x))
     if output_mask[1]:
         gw = sums[1].to(weight.dtype)

@@ -25,26 +25,30 @@ def _kernels(cm, bn, dw, dn, tl, dt, cl):
     acc = tl.float64 if dt == "fp64" else tl.float32
     i = "i32"
 
-    def tile(configs):  # the largest tile of an autotuned kernel, and its warps
-        cfg = max(configs, key=lambda c: c.kwargs["BLOCK"])
-        blk = cfg.kwargs["BLOCK"]
-        bc, bp = cm._tile(dict(C=32, H=64, W=128, CL=cl, BLOCK=blk))
-        return dict(CL=cl, ACC=acc, BLOCK=blk, BC=bc, BP=bp), cfg.num_warps
+    def tiles(configs):  # every config of an autotuned kernel: (constexprs, warps)
+        out = []
+        for cfg in configs:
+            blk = cfg.kwargs["BLOCK"]
+            bc, bp = cm._tile(dict(C=32, H=64, W=128, CL=cl, BLOCK=blk))
+            out.append((dict(CL=cl, ACC=acc, BLOCK=blk, BC=bc, BP=bp), cfg.num_warps))
+        return out
 
-    t, tw = tile(cm.CONFIGS)
-    nt, nw = tile(dn.CONFIGS)
     x = torch.empty(8, 32, 64, 128, device="meta")
     rbc, rbp, _, _ = cm.reduce_split(x.contiguous(memory_format=torch.channels_last) if cl else x,
                                      cl)
     red = dict(CL=cl, ACC=acc, BC=rbc, BP=rbp)
     dims = dict(C=i, H=i, W=i)
+    tdims = dict(N=i, **dims)  # the tile kernels also take N (an autotune key)
+    tap = dict(x_ptr=P, prm_ptr=A, out_ptr=P, d=i, **tdims)
     return [
-        (cm.tap3_kernel, dict(x_ptr=P, prm_ptr=A, out_ptr=P, d=i, **dims),
-         dict(AXIS=0, TAPS=3, ACT=True, BN=True, **t), tw),
-        (cm.tap3_kernel, dict(x_ptr=P, prm_ptr=A, out_ptr=P, d=i, **dims),
-         dict(AXIS=1, TAPS=1, ACT=False, BN=False, **t), tw),
-        (dn._dab_neck_kernel, dict(x_ptr=P, prm_ptr=A, fin_ptr=A, out_ptr=P, d=i, **dims), nt, nw),
-        (bn._grad_x_kernel, dict(x_ptr=P, g_ptr=P, prm_ptr=A, gx_ptr=P, **dims), t, tw),
+        *[(cm.tap3_kernel, tap, dict(AXIS=0, TAPS=3, ACT=True, BN=True, **t), w)
+          for t, w in tiles(cm.CONFIGS)],
+        *[(cm.tap3_kernel, tap, dict(AXIS=1, TAPS=1, ACT=False, BN=False, **t), w)
+          for t, w in tiles(cm.CONFIGS)],
+        *[(dn._dab_neck_kernel, dict(x_ptr=P, prm_ptr=A, fin_ptr=A, out_ptr=P, d=i, **tdims), t,
+           w) for t, w in tiles(dn.CONFIGS)],
+        *[(bn._grad_x_kernel, dict(x_ptr=P, g_ptr=P, prm_ptr=A, gx_ptr=P, **tdims), t, w)
+          for t, w in tiles(cm.CONFIGS)],
         # M = N*H*W is an i64 argument from 2**31 on: one kernel compiled that way
         (bn._stats_kernel, dict(x_ptr=P, prm_ptr=A, part_ptr=A, M="i64", d=i, CHUNK=i, **dims),
          dict(AXIS=1, TAPS=3, **red), 4),
@@ -108,13 +112,14 @@ def compile_call(fn, args, kwargs, arch: int = 90):
                           options=options.__dict__)
 
 
-def _usage(k) -> str:
-    """Registers and stack (spills) per thread from the cubin, via the cuobjdump Triton bundles."""
+def _usage(k) -> dict:
+    """Registers (REG) and stack bytes (STACK: spills) per thread from the cubin, via the cuobjdump
+    Triton bundles; empty without cuobjdump."""
     import tempfile
 
     tool = cuobjdump()
     if "cubin" not in k.asm or not os.path.exists(tool):
-        return ""
+        return {}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
@@ -122,11 +127,12 @@ def _usage(k) -> str:
                              text=True).stdout
     fields = dict(w.split(":", 1) for line in out.splitlines() if "REG:" in line
                   for w in line.split() if ":" in w)
-    return f"registers {fields.get('REG', '?')}, stack {fields.get('STACK', '?')} B"
+    return fields
 
 
 def check(arch: int, dtypes, layouts, verbose=True) -> int:
-    """Compiles every kernel; returns the number compiled. Raises on the first failure."""
+    """Compiles every kernel in every autotune config; returns the number compiled. Raises on the
+    first failure, and on a kernel that spills registers to local memory (a stack frame)."""
     import triton.language as tl
 
     from . import _common as cm, bn_prelu as bn, dab_neck as dn, dwconv3 as dw
@@ -140,9 +146,15 @@ def check(arch: int, dtypes, layouts, verbose=True) -> int:
                 t0 = time.time()
                 k = compile_kernel(fn, sig, consts, warps, arch)
                 n += 1
+                use = _usage(k)
+                what = (f"{fn.__name__:20s} {dt} {'NHWC' if cl else 'NCHW'} BLOCK "
+                        f"{consts.get('BLOCK', consts.get('BP', '-'))!s:5s} warps {warps:2d}")
+                if use.get("STACK", "0") != "0":
+                    raise RuntimeError(f"{what}: spills ({use.get('STACK')} B of stack, "
+                                       f"{use.get('REG')} registers)")
                 if verbose:
-                    print(f"ok  {fn.__name__:20s} {dt} {'NHWC' if cl else 'NCHW'} "
-                          f"{time.time() - t0:4.1f}s  {_usage(k)}", flush=True)
+                    print(f"ok  {what} {time.time() - t0:4.1f}s  registers "
+                          f"{use.get('REG', '?')}, stack {use.get('STACK', '?')} B", flush=True)
     return n
 
 

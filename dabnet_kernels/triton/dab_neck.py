@@ -29,16 +29,16 @@ def _branch(x_ptr, prm_ptr, n, c, p, h, w, ok, C, H, W, d, CL: tl.constexpr, ACC
     return cm.prelu(acc, prm_ptr + 9 * C, c, C)
 
 
-# At most 4 elements per thread: each keeps ~20 live values per element, and larger tiles spilled
-# registers to local memory (seen in the sm_90 cubin: 255 registers + a 1.2 KB stack at 16/thread).
-CONFIGS = [triton.Config({"BLOCK": 512}, num_warps=4), triton.Config({"BLOCK": 1024}, num_warps=8),
-           triton.Config({"BLOCK": 256}, num_warps=2)]
+# At most 2 elements per thread: each keeps ~20 live values per element. On sm_90 (compile_check)
+# these take 40-80 registers; 4 per thread took 121-168 (one or two programs per SM), 16 spilled.
+CONFIGS = [triton.Config({"BLOCK": 512}, num_warps=8), triton.Config({"BLOCK": 1024}, num_warps=16),
+           triton.Config({"BLOCK": 256}, num_warps=8)]
 
 
-@cm.autotuned(["C", "H", "W", "CL"], CONFIGS)
+@cm.autotuned(["N", "C", "H", "W", "d", "CL"], CONFIGS)
 @triton.heuristics(cm.TILE)
 @triton.jit
-def _dab_neck_kernel(x_ptr, prm_ptr, fin_ptr, out_ptr, C, H, W, d, CL: tl.constexpr,
+def _dab_neck_kernel(x_ptr, prm_ptr, fin_ptr, out_ptr, N, C, H, W, d, CL: tl.constexpr,
                      ACC: tl.constexpr, BLOCK: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
     """prm: (4, 5, C) [w0, w1, w2, bias, slope] of the four convs; fin: (3, C) scale, shift and
     slope of the final BN-PReLU of the branch sum."""
@@ -79,6 +79,6 @@ def dab_neck(x_, weight, bias, slope, out_scale, out_shift, out_slope, dilation)
                      slope.detach().to(acc)[:, None]], dim=1).contiguous()  # (4, 5, C)
     fin = torch.stack([t.detach().to(acc) for t in (out_scale, out_shift, out_slope)])
     with cm.device_guard(x):
-        _dab_neck_kernel[cm.tile_grid(N, C, H, W)](x, prm, fin.contiguous(), out, C, H, W,
+        _dab_neck_kernel[cm.tile_grid(N, C, H, W)](x, prm, fin.contiguous(), out, N, C, H, W,
                                                    dilation, CL=cl, ACC=cm.tl_acc(x))
     return out

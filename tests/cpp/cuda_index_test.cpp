@@ -1,13 +1,16 @@
 // Host check of the CUDA kernels' index math (csrc/cuda/index.h), run by tests/test_cuda.py:
 //  1. the channel x position launch plan visits every element exactly once, and the cursor's
 //     (n, h, w) matches the position it stands for, in NCHW and channels_last;
-//  2. the eval DAB neck, computed by emulating the tile kernel (stage every tile element, then
-//     every output, block by block) and the global-memory path, matches a naive implementation
-//     that materializes both branches with explicit zero padding.
+//  2. the eval DAB neck, computed by emulating the ring kernel (neck_ring_kernel's phases, thread
+//     by thread, block by block, with the segment length the launcher picks and with short segments
+//     that make every block wrap its ring) and the global-memory path, matches a naive
+//     implementation that materializes both branches with explicit zero padding. Every output is
+//     written exactly once.
 // Prints "ok" and exits 0 on success; prints the first mismatch and exits 1 otherwise.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <random>
 #include <vector>
 
@@ -90,9 +93,77 @@ static void naive_neck(const std::vector<double>& X, int H, int W, const NeckCha
     }
 }
 
+// An output element that counts its writes (compute stores S(value) into it).
+struct Cell {
+  double v = std::nan("");
+  int writes = 0;
+  Cell() = default;
+  explicit Cell(double x) : v(x) {}
+  Cell& operator=(const Cell& o) {
+    v = o.v;
+    ++writes;
+    return *this;
+  }
+};
+
+// neck_ring_kernel on the host: each phase of a block runs for every thread before the next one
+// starts (a barrier); shared memory is NaN until written. Returns the outputs, NaN where none was
+// written.
+template <typename Ring>
+static std::vector<double> ring_neck(const std::vector<double>& x, const Geo& g, int d, int seg,
+                                     const std::vector<NeckChannel<double>>& prm) {
+  std::vector<Cell> out(x.size());
+  std::vector<double> ring(Ring::kElems);
+  std::vector<typename Ring::template Staged<double>> v(kThreads);
+  for (int64_t b = 0; b < Ring::blocks(g, seg); ++b) {
+    const Ring t(g, seg, b);
+    auto channel = [&](int tid) { return std::min(t.c0 + tid % Ring::kCT, g.C - 1); };
+    std::fill(ring.begin(), ring.end(), std::nan(""));
+    for (int j0 = 0; j0 < 2 * Ring::kD; j0 += Ring::kTR)
+      for (int tid = 0; tid < kThreads; ++tid) {
+        t.load(x.data(), g, j0, tid, v[tid]);
+        t.store(ring.data(), j0, tid, v[tid]);
+      }
+    for (int tid = 0; tid < kThreads; ++tid) t.load(x.data(), g, 2 * Ring::kD, tid, v[tid]);
+    for (int k = 0; k < t.steps(); ++k) {
+      for (int tid = 0; tid < kThreads; ++tid)
+        t.store(ring.data(), 2 * Ring::kD + k * Ring::kTR, tid, v[tid]);
+      for (int tid = 0; tid < kThreads; ++tid) {
+        if (k + 1 < t.steps()) t.load(x.data(), g, 2 * Ring::kD + (k + 1) * Ring::kTR, tid, v[tid]);
+        t.vertical(ring.data(), g, prm[channel(tid)], d, k, tid);
+      }
+      for (int tid = 0; tid < kThreads; ++tid)
+        t.horizontal(ring.data(), out.data(), g, prm[channel(tid)], d, k, tid);
+    }
+  }
+  std::vector<double> vals(out.size());
+  for (size_t i = 0; i < out.size(); ++i) {
+    EXPECT(out[i].writes == 1, "ring d=%d D=%d seg=%d: element %zu written %d times", d,
+           Ring::kD, seg, i, out[i].writes);
+    vals[i] = out[i].v;
+  }
+  return vals;
+}
+
+template <bool CL, int D>
+static void check_ring(const std::vector<double>& x, const Geo& g, int d,
+                       const std::vector<NeckChannel<double>>& prm,
+                       const std::vector<double>& global) {
+  using Ring = NeckRingFor<double, CL, D>;
+  // The launcher's segment, the shortest it picks, and all of H in one segment: the ring wraps
+  // (a step overwrites the oldest slots) in every block from the second step on.
+  const int whole = (g.H + Ring::kTR - 1) / Ring::kTR * Ring::kTR;
+  for (int seg : {Ring::segment(g), Ring::kLeastSeg, whole}) {
+    const std::vector<double> got = ring_neck<Ring>(x, g, d, seg, prm);
+    for (size_t i = 0; i < got.size(); ++i)
+      EXPECT(std::fabs(got[i] - global[i]) <= 1e-12 * (1 + std::fabs(global[i])),
+             "ring path d=%d D=%d cl=%d seg=%d shape (%lld,%d,%d,%d) at element %zu: %g vs %g", d,
+             D, int(CL), seg, (long long)g.N, g.C, g.H, g.W, i, got[i], global[i]);
+  }
+}
+
 template <bool CL>
 static void check_neck(int64_t N, int C, int H, int W, int d, std::mt19937& rng) {
-  using Tile = NeckTileFor<double, CL>;
   const Geo g = make_geo(N, C, H, W, CL);
   std::normal_distribution<double> nd;
   std::vector<double> x(size_t(N) * C * H * W);
@@ -107,24 +178,7 @@ static void check_neck(int64_t N, int C, int H, int W, int d, std::mt19937& rng)
     p.fs = nd(rng), p.ft = nd(rng), p.fa = 0.25 * nd(rng);
   }
   const double nan = std::nan("");
-  std::vector<double> tiled(x.size(), nan), global(x.size(), nan);
-  // Tile kernel: every block stages its tile (all threads), then writes its outputs.
-  if (d <= kMaxTileDilation) {
-    std::vector<double> tile(Tile::elems(d), nan);
-    for (int64_t b = 0; b < Tile::blocks(g); ++b) {
-      const Tile t(g, d, b);
-      std::fill(tile.begin(), tile.end(), nan);
-      for (int e = 0; e < int(Tile::elems(d)); ++e) t.stage(x.data(), tile.data(), g, e);
-      for (int tid = 0; tid < kThreads; ++tid) {  // as neck_tile_kernel: one channel per thread
-        const int c = t.c0 + tid % Tile::kCT;
-        if (c >= C) continue;
-        for (int e = tid; e < Tile::kOutputs; e += kThreads) {
-          EXPECT(e % Tile::kCT == tid % Tile::kCT, "thread %d changes channel at e=%d", tid, e);
-          t.output(tile.data(), tiled.data(), g, prm[c], e);
-        }
-      }
-    }
-  }
+  std::vector<double> global(x.size(), nan);
   // Global-memory path: one independent computation per element.
   for (int c = 0; c < C; ++c)
     for (int64_t p = 0; p < g.M; ++p) {
@@ -133,6 +187,11 @@ static void check_neck(int64_t N, int C, int H, int W, int d, std::mt19937& rng)
       const GlobalSrc<double, double> src{x.data(), off, g, cur.h, cur.w};
       global[off] = neck_point(src, prm[c], d);
     }
+  // The ring kernel, compiled for each halo that holds d (the launcher picks the smallest).
+  if (d <= 2) check_ring<CL, 2>(x, g, d, prm, global);
+  if (d <= 4) check_ring<CL, 4>(x, g, d, prm, global);
+  if (d <= 8) check_ring<CL, 8>(x, g, d, prm, global);
+  if (d <= 16) check_ring<CL, 16>(x, g, d, prm, global);
   std::vector<double> plane(H * W), want;
   for (int64_t n = 0; n < N; ++n)
     for (int c = 0; c < C; ++c) {
@@ -146,11 +205,6 @@ static void check_neck(int64_t N, int C, int H, int W, int d, std::mt19937& rng)
           EXPECT(std::fabs(global[off] - want[h * W + w]) <= tol,
                  "global path d=%d cl=%d at n=%lld c=%d h=%d w=%d: %g vs %g", d, int(CL),
                  (long long)n, c, h, w, global[off], want[h * W + w]);
-          if (d <= kMaxTileDilation)
-            EXPECT(std::fabs(tiled[off] - want[h * W + w]) <= tol,
-                   "tile path d=%d cl=%d shape (%lld,%d,%d,%d) at n=%lld c=%d h=%d w=%d: %g vs %g",
-                   d, int(CL), (long long)N, C, H, W, (long long)n, c, h, w, tiled[off],
-                   want[h * W + w]);
         }
     }
 }
@@ -165,10 +219,10 @@ int main() {
   // Many chunks with uneven boundaries.
   check_coverage(5, 3, 37, 41, false, 1);
   check_coverage(5, 3, 37, 41, true, 1);
-  const int neck_shapes[][4] = {{1, 1, 1, 1}, {2, 3, 7, 9}, {1, 5, 20, 70}, {1, 9, 33, 17},
-                                {2, 6, 5, 130}};
+  const int neck_shapes[][4] = {{1, 1, 1, 1},  {2, 3, 7, 9},   {1, 5, 20, 70}, {1, 9, 33, 17},
+                                {2, 6, 5, 130}, {1, 10, 75, 3}, {2, 3, 41, 67}};
   for (const auto& s : neck_shapes)
-    for (int d : {1, 2, 3, 4, 8, 16, 17, 40}) {
+    for (int d : {1, 2, 3, 4, 5, 8, 9, 16, 17, 40}) {
       check_neck<false>(s[0], s[1], s[2], s[3], d, rng);
       check_neck<true>(s[0], s[1], s[2], s[3], d, rng);
     }

@@ -30,20 +30,27 @@ REDUCE = "test_bn_prelu_forward_and_backward or test_dwconv3_forward_and_backwar
 # name: (bug class, file under csrc/cuda, text, replacement, tests that should catch it)
 MUTANTS = {
     "missing_barrier": (
-        "a missing barrier: the neck tile is read before every thread has staged its part",
+        "a missing barrier: the neck's horizontal phase reads values other threads have not "
+        "written yet",
         "dab_neck.cu",
-        "t.stage(x, tile, g, e);\n  __syncthreads();\n",
-        "t.stage(x, tile, g, e);\n", NECK),
+        "t.vertical(smem, g, p, d, k, tid);\n    __syncthreads();\n",
+        "t.vertical(smem, g, p, d, k, tid);\n", NECK),
     "reduction_race": (
         "a race in a reduction tree: no barrier between the levels of reduce_kernel's tree",
         "common.cuh",
         "R::merge(sh[t], sh[t + stride * blockDim.x]);\n    __syncthreads();\n",
         "R::merge(sh[t], sh[t + stride * blockDim.x]);\n", REDUCE),
     "halo_one_short": (
-        "a halo one short: the neck tile stages one halo row too few",
+        "a halo one short: the neck's ring holds one row too few (a step's last row overwrites "
+        "the first it reads)",
         "index.h",
-        "return int64_t(TH + 2 * d) * (TW + 2 * d) * CT;",
-        "return int64_t(TH + 2 * d - 1) * (TW + 2 * d) * CT;", NECK),
+        "static constexpr int kRows = TR + 2 * D;",
+        "static constexpr int kRows = TR + 2 * D - 1;", NECK),
+    "ring_halo_one_short": (
+        "a halo one short: the neck's ring rows stage one halo column too few",
+        "index.h",
+        "static constexpr int kRowElems = (TW + 2 * D) * CT;",
+        "static constexpr int kRowElems = (TW + 2 * D - 1) * CT;", NECK),
     "tap_halo_one_short": (
         "a halo one short: the 3-tap stencil drops its last in-image neighbour",
         "dwconv3.cu",
@@ -60,10 +67,11 @@ MUTANTS = {
         "__shared__ V sh[kThreads];",
         "__shared__ V sh[kThreads / 2];", REDUCE),
     "small_dynamic_tile": (
-        "a too-small shared tile: the neck asks for the tile without its halo",
+        "a too-small shared tile: the neck asks for its ring without one branch's phase-A rows",
         "dab_neck.cu",
-        "const int64_t bytes = Tile::elems(d) * int64_t(sizeof(scalar_t));",
-        "const int64_t bytes = Tile::elems(0) * int64_t(sizeof(scalar_t));", NECK),
+        "const int64_t bytes = Ring::kElems * int64_t(sizeof(at::opmath_type<scalar_t>));",
+        "const int64_t bytes = (Ring::kElems - Ring::kMid) * "
+        "int64_t(sizeof(at::opmath_type<scalar_t>));", NECK),
     "missing_optin": (
         "a launch above 48 KiB of shared memory without the cudaFuncSetAttribute opt-in",
         "dab_neck.cu",
