@@ -9,9 +9,11 @@
 // Put before a host/device template that kernels instantiate with device-only functors: it
 // silences nvcc's host/device call check for those instantiations (they never run on the host).
 #define DABNET_EXEC_CHECK_DISABLE _Pragma("nv_exec_check_disable")
+#define DABNET_UNROLL _Pragma("unroll")
 #else
 #define DABNET_HD inline
 #define DABNET_EXEC_CHECK_DISABLE
+#define DABNET_UNROLL
 #endif
 
 namespace dabnet {
@@ -37,6 +39,7 @@ struct Geo {
 struct Cursor {
   int64_t n;
   int h, w;
+  Cursor() = default;
   DABNET_HD Cursor(const Geo& g, int64_t p) {
     const int64_t q = p / g.W;
     w = int(p - q * g.W);
@@ -99,6 +102,34 @@ DABNET_HD void for_positions(const Geo& g, int64_t b, int64_t P, int ty, int py,
   for (int64_t p = p0 + ty; p < p1; p += py) {
     f(cur, p);
     cur.advance(step, g);
+  }
+}
+
+// As for_positions, in batches of U positions: load(u, cursor) for every position of a batch
+// first, then store(u, cursor) for each, so a thread keeps U independent loads in flight (a load
+// can never wait behind an earlier store of the same thread, which the compiler must assume
+// aliases it). The positions, and their order within each phase, are those of for_positions.
+DABNET_EXEC_CHECK_DISABLE
+template <int U, typename L, typename S>
+DABNET_HD void for_positions_batched(const Geo& g, int64_t b, int64_t P, int ty, int py, L&& load,
+                                     S&& store) {
+  const int64_t p0 = b * g.M / P, p1 = (b + 1) * g.M / P;
+  if (p0 + ty >= p1) return;
+  Cursor cur(g, p0 + ty);
+  const Cursor step(g, py);
+  // Positions left for this thread, counted in 32 bits (p1 - p0 <= kMaxChunk).
+  int left = int((p1 - p0 - ty + py - 1) / py);
+  for (; left > 0; left -= U) {
+    Cursor at[U];
+    DABNET_UNROLL
+    for (int u = 0; u < U; ++u) {
+      at[u] = cur;
+      if (u < left) load(u, at[u]);
+      cur.advance(step, g);
+    }
+    DABNET_UNROLL
+    for (int u = 0; u < U; ++u)
+      if (u < left) store(u, at[u]);
   }
 }
 
