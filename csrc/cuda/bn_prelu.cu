@@ -37,7 +37,7 @@ struct BnBackward {
   }
   __device__ Regs load(const Cursor& cur, int c) const {
     Regs r;
-    r.o = geo.offset(cur.n, c, cur.h, cur.w);
+    r.o = cur.off + int64_t(c) * geo.sC;
     r.x = load_pack<scalar_t, L::V>(x, r.o);
     r.g = load_pack<scalar_t, L::V>(g, r.o);
     return r;
@@ -135,10 +135,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_prelu(
       const PlainSrc<scalar_t, decltype(lanes)> src{x.data_ptr<scalar_t>(), pg, g.sC};
       if (training) batch_stats(src, pg, cl, g.C, g.M, x, mean, var);
       const BnTensors t = bn_tensors(x, weight, bias, mean, var, prelu_weight, eps);
-      ApplyOp<std::decay_t<decltype(src)>> op;
+      ApplyOp<std::decay_t<decltype(src)>, true> op;
       op.src = src;
       op.out = out.data_ptr<scalar_t>();
-      op.fold = true;
       op.bn = BnParams<acc_t>::of(t);
       launch_map(op, pg, cl);
     });

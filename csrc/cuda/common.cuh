@@ -347,7 +347,7 @@ struct PlainSrc {
   __device__ void setup(int) {}
   __device__ Regs load(const Cursor& cur, int c) const {
     Regs r;
-    r.o = g.offset(cur.n, c, cur.h, cur.w);
+    r.o = cur.off + int64_t(c) * g.sC;
     r.v = load_pack<scalar_t, L::V>(x, r.o);
     return r;
   }
@@ -355,10 +355,11 @@ struct PlainSrc {
   __device__ acc_t sample(int ch) const { return acc_t(x[int64_t(ch) * sc]); }
 };
 
-// out = value, or with fold prelu(value * scale + shift, slope): an eval BatchNorm, or a training
+// out = value, or with Fold prelu(value * scale + shift, slope): an eval BatchNorm, or a training
 // one with the batch statistics. The value is rounded to scalar_t first, as the backward
-// recomputes it, so forward and backward take the same PReLU branch.
-template <typename Src>
+// recomputes it, so forward and backward take the same PReLU branch. Fold is a template
+// parameter: a runtime flag costs the BN-PReLU arithmetic (then discarded) in the plain conv.
+template <typename Src, bool Fold>
 struct ApplyOp {
   using scalar_t = typename Src::scalar_t;
   using acc_t = typename Src::acc_t;
@@ -366,12 +367,11 @@ struct ApplyOp {
   using Regs = typename Src::Regs;
   Src src;
   scalar_t* out;
-  bool fold = false;
   BnParams<acc_t> bn;
   acc_t scale[L::kC], shift[L::kC], slope[L::kC];
   __device__ void setup(int c) {
     src.setup(c);
-    if (!fold) return;
+    if (!Fold) return;
 #pragma unroll
     for (int j = 0; j < L::kC; ++j) {
       const BnChannel<acc_t> ch = bn.channel(L::channel(c, j));
@@ -385,7 +385,7 @@ struct ApplyOp {
     for (int k = 0; k < L::V; ++k) {
       const int j = L::slot(k);
       const scalar_t v = src.value(r, k);
-      y.v[k] = fold ? scalar_t(prelu(acc_t(v) * scale[j] + shift[j], slope[j])) : v;
+      y.v[k] = Fold ? scalar_t(prelu(acc_t(v) * scale[j] + shift[j], slope[j])) : v;
     }
     store_pack(out, r.o, y);
   }

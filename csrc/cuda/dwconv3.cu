@@ -73,7 +73,7 @@ struct ConvSrc {
   }
   __device__ Regs load(const Cursor& cur, int c) const {
     Regs r;
-    r.o = in.g.offset(cur.n, c, cur.h, cur.w);
+    r.o = cur.off + int64_t(c) * in.g.sC;
     in.load(cur, r.o, r.v);
     return r;
   }
@@ -110,9 +110,12 @@ void with_conv(const at::Tensor& x, const at::Tensor& weight, int axis, int64_t 
       src.lim = axis == 0 ? g.H : g.W;
       f(src, pg);
     };
-    if (L::V == 1 || L::CL || axis == 0)
-      make(std::integral_constant<int, 0>{}, d, int64_t(d) * (axis == 0 ? pg.sH : pg.sW));
-    else
+    const auto whole = std::integral_constant<int, 0>{};
+    if constexpr (L::V == 1 || L::CL)
+      make(whole, d, int64_t(d) * (axis == 0 ? pg.sH : pg.sW));
+    else if (axis == 0)
+      make(whole, d, int64_t(d) * pg.sH);
+    else  // NCHW along W: d = reach * V + r
       with_shift<L::V>(d % L::V, [&](auto r) { make(r, d / L::V, d / L::V); });
   });
 }
@@ -168,12 +171,14 @@ void tap3(const at::Tensor& x, const at::Tensor& out, const at::Tensor& weight_,
     using acc_t = at::opmath_type<scalar_t>;
     with_conv<scalar_t>(x, w, axis, dilation, flip, cl, {x.data_ptr(), out.data_ptr()},
                         [&](const auto& src, const Geo& pg) {
-                          ApplyOp<std::decay_t<decltype(src)>> op;
-                          op.src = src;
-                          op.out = out.data_ptr<scalar_t>();
-                          op.fold = bn != nullptr;
-                          if (bn) op.bn = BnParams<acc_t>::of(*bn);
-                          launch_map(op, pg, cl);
+                          using Src = std::decay_t<decltype(src)>;
+                          if (bn) {
+                            ApplyOp<Src, true> op{src, out.data_ptr<scalar_t>(),
+                                                  BnParams<acc_t>::of(*bn)};
+                            launch_map(op, pg, cl);
+                          } else {
+                            launch_map(ApplyOp<Src, false>{src, out.data_ptr<scalar_t>()}, pg, cl);
+                          }
                         });
   });
 }

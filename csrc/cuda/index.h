@@ -36,27 +36,34 @@ struct Geo {
 
 // Position p = (n*H + h)*W + w, advanced in fixed steps without division: the step is decomposed
 // once into (n, h, w) with h < H and w < W, so each advance carries at most once per digit.
+// It also carries off = n*sN + h*sH + w*sW, the offset of (n, 0, h, w), advanced by additions
+// only (no 64-bit multiply per position).
 struct Cursor {
   int64_t n;
   int h, w;
+  int64_t off;
   Cursor() = default;
   DABNET_HD Cursor(const Geo& g, int64_t p) {
     const int64_t q = p / g.W;
     w = int(p - q * g.W);
     n = q / g.H;
     h = int(q - n * g.H);
+    off = n * g.sN + h * g.sH + w * g.sW;
   }
   DABNET_HD void advance(const Cursor& step, const Geo& g) {
     w += step.w;
     h += step.h;
     n += step.n;
+    off += step.off;
     if (w >= g.W) {
       w -= g.W;
       ++h;
+      off += g.sH - g.W * g.sW;
     }
     if (h >= g.H) {
       h -= g.H;
       ++n;
+      off += g.sN - g.H * g.sH;
     }
   }
 };

@@ -70,6 +70,8 @@ static void check_coverage(int64_t N, int C, int H, int W, bool cl, int per_thre
           for_positions(g, b, pl.chunks, ty, pl.py, [&](const Cursor& cur, int64_t p) {
             const int64_t w = p % W, h = (p / W) % H, n = p / W / H;
             EXPECT(cur.n == n && cur.h == h && cur.w == w, "cursor at p=%lld", (long long)p);
+            EXPECT(cur.off == g.offset(n, 0, int(h), int(w)), "cursor offset at p=%lld",
+                   (long long)p);
             const int64_t off = g.offset(cur.n, c, cur.h, cur.w);
             const int64_t want = cl ? ((n * H + h) * W + w) * C + c : ((n * C + c) * H + h) * W + w;
             EXPECT(off == want, "offset %lld != %lld", (long long)off, (long long)want);
