@@ -133,7 +133,7 @@ void with_shift(int r, F&& f) {
 // constants live in registers), Regs load(cursor, c), then store(c, regs) (map) or
 // accumulate(c, regs, sums) (reduce), which may also store.
 constexpr int kMapBatch = 2;     // packs in flight per thread in the map kernels
-constexpr int kReduceBatch = 4;  // in the reductions (no stores: registers are free)
+constexpr int kReduceBatch = 2;  // in the reductions (4 spilled the bf16 conv statistics)
 
 template <typename Op>
 __global__ void __launch_bounds__(kThreads) map_kernel(const Op op, const Geo g) {
