@@ -18,7 +18,7 @@ namespace {
 template <typename scalar_t, typename L>
 struct BnBackward {
   using acc_t = at::opmath_type<scalar_t>;
-  static constexpr int kC = L::kC;
+  static constexpr int kC = L::kC, kPacks = 2;
   struct Regs {
     int64_t o;
     Pack<scalar_t, L::V> x, g;

@@ -132,8 +132,11 @@ void with_shift(int r, F&& f) {
 // Every op: setup(c) once per thread (it keeps one channel group for life, so per-channel
 // constants live in registers), Regs load(cursor, c), then store(c, regs) (map) or
 // accumulate(c, regs, sums) (reduce), which may also store.
-constexpr int kMapBatch = 2;     // packs in flight per thread in the map kernels
-constexpr int kReduceBatch = 2;  // in the reductions (4 spilled the bf16 conv statistics)
+constexpr int kMapBatch = 2;  // positions in flight per thread in the map kernels
+// In the reductions: 2, or 1 for ops that load 5 packs or more per position (the conv whose taps
+// straddle packs: 2 made ptxas spill in bf16), which keeps 80 bytes in flight per thread anyway.
+template <typename Op>
+constexpr int kReduceBatch = Op::kPacks >= 5 ? 1 : 2;
 
 template <typename Op>
 __global__ void __launch_bounds__(kThreads) map_kernel(const Op op, const Geo g) {
@@ -202,9 +205,9 @@ __global__ void __launch_bounds__(kThreads)
   if (c < g.C) {
     Op o = op;
     o.setup(c);
-    typename Op::Regs r[kReduceBatch];
+    typename Op::Regs r[kReduceBatch<Op>];
     // The loads of a batch are independent; they are summed in position order after it.
-    for_positions_batched<kReduceBatch>(
+    for_positions_batched<kReduceBatch<Op>>(
         g, blockIdx.y, gridDim.y, threadIdx.y, blockDim.y,
         [&](int u, const Cursor& cur) { r[u] = o.load(cur, c); },
         [&](int u, const Cursor&) { o.accumulate(c, r[u], s); });
@@ -256,7 +259,7 @@ void launch_reduce(const Op& op, const Geo& g, bool cl, int C, const at::Tensor&
                    const Fin& fin) {
   using V = Vec<typename Op::acc_t, R::size>;
   if (g.M == 0 || g.C == 0) return;
-  const Plan pl = plan(g, cl, 4 * kReduceBatch);
+  const Plan pl = plan(g, cl, 8);
   const at::Tensor buf = at::empty({int64_t(C) * pl.chunks * int64_t(sizeof(V))},
                                    like.options().dtype(at::kByte));
   V* part = reinterpret_cast<V*>(buf.data_ptr());
@@ -337,6 +340,7 @@ struct PlainSrc {
   using scalar_t = scalar_t_;
   using L = L_;
   using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kPacks = 1;  // packs loaded per position
   struct Regs {
     int64_t o;
     Pack<scalar_t, L::V> v;
@@ -399,7 +403,7 @@ struct StatsOp {
   using acc_t = typename Src::acc_t;
   using L = typename Src::L;
   using Regs = typename Src::Regs;
-  static constexpr int kC = L::kC;
+  static constexpr int kC = L::kC, kPacks = Src::kPacks;
   Src src;
   acc_t K[L::kC];
   __host__ __device__ static int channel(int c, int k) { return L::channel(c, k); }

@@ -51,6 +51,7 @@ struct ConvSrc {
   using scalar_t = scalar_t_;
   using L = L_;
   using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kPacks = R == 0 ? 3 : 5;  // packs loaded per position
   struct Regs {
     int64_t o;
     Pack<scalar_t, L::V> v[3];
@@ -127,7 +128,7 @@ struct BackwardOp {
   using scalar_t = typename Src::scalar_t;
   using acc_t = typename Src::acc_t;
   using L = typename Src::L;
-  static constexpr int kC = L::kC;
+  static constexpr int kC = L::kC, kPacks = Src::kPacks + 1;
   struct Regs {
     typename Src::Regs g;
     Pack<scalar_t, L::V> x;
