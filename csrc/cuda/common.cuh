@@ -375,11 +375,12 @@ struct ApplyOp {
   acc_t scale[L::kC], shift[L::kC], slope[L::kC];
   __device__ void setup(int c) {
     src.setup(c);
-    if (!Fold) return;
+    if constexpr (Fold) {
 #pragma unroll
-    for (int j = 0; j < L::kC; ++j) {
-      const BnChannel<acc_t> ch = bn.channel(L::channel(c, j));
-      scale[j] = ch.scale, shift[j] = ch.shift, slope[j] = ch.slope;
+      for (int j = 0; j < L::kC; ++j) {
+        const BnChannel<acc_t> ch = bn.channel(L::channel(c, j));
+        scale[j] = ch.scale, shift[j] = ch.shift, slope[j] = ch.slope;
+      }
     }
   }
   __device__ Regs load(const Cursor& cur, int c) const { return src.load(cur, c); }
@@ -389,7 +390,10 @@ struct ApplyOp {
     for (int k = 0; k < L::V; ++k) {
       const int j = L::slot(k);
       const scalar_t v = src.value(r, k);
-      y.v[k] = Fold ? scalar_t(prelu(acc_t(v) * scale[j] + shift[j], slope[j])) : v;
+      if constexpr (Fold)
+        y.v[k] = scalar_t(prelu(acc_t(v) * scale[j] + shift[j], slope[j]));
+      else
+        y.v[k] = v;
     }
     store_pack(out, r.o, y);
   }
