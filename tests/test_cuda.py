@@ -461,6 +461,95 @@ def test_every_op_matches_the_cpu_kernels(dev, dtype, layout):
             close(a, cpu64(b), dtype, atol=TOL[dtype]["atol"] * (math.sqrt(M) if sums else 1))
 
 
+# --------------------------------------------------------------------------- packed access
+def offset_input(shape, layout, dtype, offset):
+    """A tensor in NCHW or channels_last whose data starts `offset` elements into its storage (an
+    odd offset breaks the 16-byte alignment the packed kernels need)."""
+    N, C, H, W = shape
+    base = torch.randn(N * C * H * W + offset, dtype=torch.float64,
+                       device=_current[0].device).to(dtype)[offset:]
+    if layout == "nchw":
+        return base.view(N, C, H, W)
+    return base.view(N, H, W, C).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 8])
+@pytest.mark.parametrize("shape", [(2, 16, 3, 24), (1, 12, 4, 20), (2, 8, 2, 9)], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+def test_packed_access(dev, dtype, layout, shape, offset):
+    """The kernels move 16-byte packs when the layout and alignment allow (W, or C in
+    channels_last, a multiple of the pack; 16-byte aligned data) and elements otherwise: every op
+    against float64, with aligned and misaligned storage offsets, sizes that are and are not
+    multiples of the pack (8 in fp16/bf16, 4 in fp32, 2 in fp64), along both axes, with
+    dilations giving every shift of a tap within a pack, grad_out aliasing x."""
+    C = shape[1]
+    M = shape[0] * shape[2] * shape[3]
+    x = offset_input(shape, layout, dtype, offset)
+    g = offset_input(shape, layout, dtype, 1 - offset % 2)  # the other alignment than x
+    assert x.is_contiguous(memory_format=torch.channels_last if layout != "nchw" else
+                           torch.contiguous_format)
+    p = bn_params(C, torch.float64 if dtype == torch.float64 else torch.float32)
+    pc = bn_cpu64(p)
+    atol_sum = TOL[dtype]["atol"] * math.sqrt(M)
+    for along, dilations in (("w", range(1, 10)), ("h", (1, 2))):
+        w = dw_weight(C, along, dtype)
+        for d in dilations:
+            dev.poison()
+            close(dev.ops.dwconv3(x, w, d), reference.dwconv3(cpu64(x), cpu64(w), d), dtype)
+            for grad in (g, x):  # x: grad_out is the very tensor x
+                gx, gw = dev.ops.dwconv3_backward(grad, x, w, d, [True, True])
+                xr, wr = cpu64(x).requires_grad_(), cpu64(w).requires_grad_()
+                reference.dwconv3(xr, wr, d).backward(cpu64(grad))
+                close(gx, xr.grad, dtype)
+                close(gw, wr.grad, dtype, atol=atol_sum)
+                gx_only, _ = dev.ops.dwconv3_backward(grad, x, w, d, [True, False])
+                close(gx_only, xr.grad, dtype)
+                _, gw_only = dev.ops.dwconv3_backward(grad, x, w, d, [False, True])
+                close(gw_only, wr.grad, dtype, atol=atol_sum)
+            for training in (True, False):
+                rm, rv = (None, None) if training else (p.running_mean, p.running_var)
+                out, mean, var = dev.ops.dwconv3_bn_prelu(x, w, d, p.weight, p.bias, rm, rv,
+                                                          p.prelu_weight, training, 1e-3)
+                want = reference.dwconv3_bn_prelu(
+                    cpu64(x), cpu64(w), d, pc.weight, pc.bias,
+                    None if training else pc.running_mean, None if training else pc.running_var,
+                    pc.prelu_weight, training, eps=1e-3)
+                close(out, want, dtype)
+    for training in (True, False):
+        rm, rv = (None, None) if training else (p.running_mean, p.running_var)
+        dev.poison()
+        out, mean, var = dev.ops.bn_prelu(x, p.weight, p.bias, rm, rv, p.prelu_weight, training,
+                                          1e-3)
+        close(out, reference.bn_prelu(cpu64(x), pc.weight, pc.bias,
+                                      None if training else pc.running_mean,
+                                      None if training else pc.running_var, pc.prelu_weight,
+                                      training, eps=1e-3), dtype)
+        if training:
+            close(mean, cpu64(x).mean((0, 2, 3)), dtype)
+            close(var, cpu64(x).var((0, 2, 3), unbiased=False), dtype)
+        xr = cpu64(x).requires_grad_()
+        leaves = [t.clone().requires_grad_() for t in (pc.weight, pc.bias, pc.prelu_weight)]
+        reference.bn_prelu(xr, leaves[0], leaves[1], None if training else pc.running_mean,
+                           None if training else pc.running_var, leaves[2], training,
+                           eps=1e-3).backward(cpu64(g))
+        grads = dev.ops.bn_prelu_backward(g, x, p.weight, p.bias, p.prelu_weight, mean, var,
+                                          training, 1e-3, [True] * 4)
+        close(grads[0], xr.grad, dtype)
+        for got, leaf in zip(grads[1:], leaves):
+            close(got, leaf.grad, dtype, atol=atol_sum)
+
+
+def test_statistics_of_a_channel_far_from_zero(dev):
+    """Shifted sums: a channel whose mean is 1e4 times its spread keeps its variance (a plain
+    sum of squares in float32 would lose it all)."""
+    x = make_input((2, 4, 6, 8), "channels_last", torch.float32) * 0.1 + 1000.0
+    p = bn_params(4, torch.float32)
+    _, mean, var = dev.ops.bn_prelu(x, p.weight, p.bias, None, None, p.prelu_weight, True, 1e-5)
+    close(mean, cpu64(x).mean((0, 2, 3)), torch.float32)
+    close(var, cpu64(x).var((0, 2, 3), unbiased=False), torch.float32, rtol=1e-3)
+
+
 # ------------------------------------------------------------------------- random shapes
 def test_random_shapes(dev):
     rng = random.Random(7)

@@ -1,5 +1,5 @@
-// bn_prelu on CUDA: BatchNorm2d (batch statistics by a one-pass Welford reduction, or running
-// statistics) then PReLU, and its backward (per-channel sums, then one elementwise pass that
+// bn_prelu on CUDA: BatchNorm2d (batch statistics by a one-pass reduction of shifted sums, or
+// running statistics) then PReLU, and its backward (per-channel sums, then one elementwise pass that
 // recomputes the BN output from x).
 #include <torch/library.h>
 
@@ -14,95 +14,90 @@ namespace cuda {
 
 namespace {
 
-// Each element enters the Welford reduction as (count 1, mean x, M2 0).
-template <typename scalar_t>
-struct StatsOp {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* x;
-  Geo g;
-  __device__ void setup(int) {}
-  __device__ Vec<acc_t, 3> operator()(const Cursor& cur, int c) const {
-    return {{acc_t(1), acc_t(x[g.offset(cur.n, c, cur.h, cur.w)]), acc_t(0)}};
-  }
-};
-
-// fin of the statistics: batch mean and biased variance in the accumulation type.
-template <typename T>
-struct StoreMeanVar {
-  T *mean, *var;
-  __device__ void operator()(int c, const Vec<double, 3>& s) const {
-    mean[c] = T(s.v[1]);
-    var[c] = T(s.v[2] / s.v[0]);
-  }
-};
-
-template <typename scalar_t>
-struct BnPreluOp {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* x;
-  scalar_t* out;
-  Geo g;
-  BnParams<acc_t> bn;
-  BnChannel<acc_t> ch;
-  __device__ void setup(int c) { ch = bn.channel(c); }
-  __device__ void operator()(const Cursor& cur, int c) const {
-    const int64_t o = g.offset(cur.n, c, cur.h, cur.w);
-    out[o] = scalar_t(prelu(acc_t(x[o]) * ch.scale + ch.shift, ch.slope));
-  }
-};
-
 // Backward, per element: y = x*scale + shift, gy = dL/dy through the PReLU.
-template <typename scalar_t>
+template <typename scalar_t, typename L>
 struct BnBackward {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t *x, *g;
-  Geo geo;
-  BnParams<acc_t> bn;
-  BnChannel<acc_t> ch;
-  struct Point {
-    acc_t x, g, y, gy;
+  static constexpr int kC = L::kC, kPacks = 2;
+  struct Regs {
+    int64_t o;
+    Pack<scalar_t, L::V> x, g;
   };
-  __device__ __forceinline__ Point at(int64_t o) const {
+  const scalar_t *x, *g;
+  Geo geo;  // in packs
+  BnParams<acc_t> bn;
+  BnChannel<acc_t> ch[L::kC];
+  struct Point {
+    acc_t x, g, y, gy, xhat;
+  };
+  __host__ __device__ static int channel(int c, int k) { return L::channel(c, k); }
+  __device__ void setup(int c) {
+#pragma unroll
+    for (int j = 0; j < L::kC; ++j) ch[j] = bn.channel(L::channel(c, j));
+  }
+  __device__ Regs load(const Cursor& cur, int c) const {
+    Regs r;
+    r.o = cur.off + int64_t(c) * geo.sC;
+    r.x = load_pack<scalar_t, L::V>(x, r.o);
+    r.g = load_pack<scalar_t, L::V>(g, r.o);
+    return r;
+  }
+  __device__ __forceinline__ Point at(const Regs& r, int k) const {
+    const BnChannel<acc_t>& c = ch[L::slot(k)];
     Point p;
-    p.x = acc_t(x[o]);
-    p.g = acc_t(g[o]);
-    p.y = p.x * ch.scale + ch.shift;
-    p.gy = p.y > acc_t(0) ? p.g : ch.slope * p.g;
+    p.x = acc_t(r.x.v[k]);
+    p.g = acc_t(r.g.v[k]);
+    p.y = p.x * c.scale + c.shift;
+    p.gy = p.y > acc_t(0) ? p.g : c.slope * p.g;
+    p.xhat = (p.x - c.mean) * c.invstd;
     return p;
   }
 };
 
 // Sums per channel: [gy | gy * xhat | g * y where y <= 0] (grad_bias, grad_weight, grad_slope).
-template <typename scalar_t>
-struct BnSumsOp : BnBackward<scalar_t> {
+template <typename scalar_t, typename L>
+struct BnSumsOp : BnBackward<scalar_t, L> {
   using acc_t = at::opmath_type<scalar_t>;
-  __device__ void setup(int c) { this->ch = this->bn.channel(c); }
-  __device__ Vec<acc_t, 3> operator()(const Cursor& cur, int c) const {
-    const auto p = this->at(this->geo.offset(cur.n, c, cur.h, cur.w));
-    const acc_t xhat = (p.x - this->ch.mean) * this->ch.invstd;
-    return {{p.gy, p.gy * xhat, p.y > acc_t(0) ? acc_t(0) : p.g * p.y}};
+  __device__ void accumulate(int, const typename BnSumsOp::Regs& r, Vec<acc_t, 3>* s) const {
+#pragma unroll
+    for (int k = 0; k < L::V; ++k) {
+      const auto p = this->at(r, k);
+      Vec<acc_t, 3>& t = s[L::slot(k)];
+      t.v[0] += p.gy;
+      t.v[1] += p.gy * p.xhat;
+      t.v[2] += p.y > acc_t(0) ? acc_t(0) : p.g * p.y;
+    }
   }
 };
 
 // grad_x = scale * (gy - k1 - xhat * k2), k1 = mean(gy), k2 = mean(gy * xhat) in training (the
 // batch statistics depend on x), k1 = k2 = 0 in eval.
-template <typename scalar_t>
-struct BnGradXOp : BnBackward<scalar_t> {
+template <typename scalar_t, typename L>
+struct BnGradXOp : BnBackward<scalar_t, L> {
   using acc_t = at::opmath_type<scalar_t>;
   scalar_t* gx;
   const double* sums;  // (3, C), or null in eval
+  int C;
   double inv_m;
-  acc_t k1, k2;
+  acc_t k1[L::kC], k2[L::kC];
   __device__ void setup(int c) {
-    this->ch = this->bn.channel(c);
-    k1 = sums ? acc_t(sums[c] * inv_m) : acc_t(0);
-    k2 = sums ? acc_t(sums[this->geo.C + c] * inv_m) : acc_t(0);
+    BnBackward<scalar_t, L>::setup(c);
+#pragma unroll
+    for (int j = 0; j < L::kC; ++j) {
+      const int ch = L::channel(c, j);
+      k1[j] = sums ? acc_t(sums[ch] * inv_m) : acc_t(0);
+      k2[j] = sums ? acc_t(sums[C + ch] * inv_m) : acc_t(0);
+    }
   }
-  __device__ void operator()(const Cursor& cur, int c) const {
-    const int64_t o = this->geo.offset(cur.n, c, cur.h, cur.w);
-    const auto p = this->at(o);
-    const acc_t xhat = (p.x - this->ch.mean) * this->ch.invstd;
-    gx[o] = scalar_t(this->ch.scale * (p.gy - k1 - xhat * k2));
+  __device__ void store(int, const typename BnGradXOp::Regs& r) const {
+    Pack<scalar_t, L::V> y;
+#pragma unroll
+    for (int k = 0; k < L::V; ++k) {
+      const int j = L::slot(k);
+      const auto p = this->at(r, k);
+      y.v[k] = scalar_t(this->ch[j].scale * (p.gy - k1[j] - p.xhat * k2[j]));
+    }
+    store_pack(gx, r.o, y);
   }
 };
 
@@ -136,18 +131,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_prelu(
   if (x.numel() == 0) return {out, mean, var};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_prelu_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    if (training) {
-      StatsOp<scalar_t> stats{x.data_ptr<scalar_t>(), g};
-      launch_reduce<Welford>(stats, g, cl, x,
-                             StoreMeanVar<acc_t>{mean.data_ptr<acc_t>(), var.data_ptr<acc_t>()});
-    }
-    const BnTensors t = bn_tensors(x, weight, bias, mean, var, prelu_weight, eps);
-    BnPreluOp<scalar_t> op;
-    op.x = x.data_ptr<scalar_t>();
-    op.out = out.data_ptr<scalar_t>();
-    op.g = g;
-    op.bn = BnParams<acc_t>::of(t);
-    launch_map(op, g, cl);
+    with_lanes<scalar_t>(g, cl, {x.data_ptr(), out.data_ptr()}, [&](auto lanes, const Geo& pg) {
+      const PlainSrc<scalar_t, decltype(lanes)> src{x.data_ptr<scalar_t>(), pg, g.sC};
+      if (training) batch_stats(src, pg, cl, g.C, g.M, x, mean, var);
+      const BnTensors t = bn_tensors(x, weight, bias, mean, var, prelu_weight, eps);
+      ApplyOp<std::decay_t<decltype(src)>, true> op;
+      op.src = src;
+      op.out = out.data_ptr<scalar_t>();
+      op.bn = BnParams<acc_t>::of(t);
+      launch_map(op, pg, cl);
+    });
   });
   return {out, mean, var};
 }
@@ -169,24 +162,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_prelu_backward(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_prelu_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const BnTensors t = bn_tensors(x, weight, bias, mean, var, prelu_weight, eps);
-      BnBackward<scalar_t> base;
-      base.x = x.data_ptr<scalar_t>();
-      base.g = gout.data_ptr<scalar_t>();
-      base.geo = g;
-      base.bn = BnParams<acc_t>::of(t);
-      if (need_sums) {
-        BnSumsOp<scalar_t> op;
-        static_cast<BnBackward<scalar_t>&>(op) = base;
-        launch_reduce<Sum<3>>(op, g, cl, x, StoreSums{sums.data_ptr<double>(), g.C});
-      }
-      if (mask[0]) {
-        BnGradXOp<scalar_t> op;
-        static_cast<BnBackward<scalar_t>&>(op) = base;
-        op.gx = gx.data_ptr<scalar_t>();
-        op.sums = training ? sums.data_ptr<double>() : nullptr;
-        op.inv_m = 1.0 / double(g.M);
-        launch_map(op, g, cl);
-      }
+      with_lanes<scalar_t>(g, cl, {x.data_ptr(), gout.data_ptr(), mask[0] ? gx.data_ptr() : nullptr},
+                           [&](auto lanes, const Geo& pg) {
+        using L = decltype(lanes);
+        BnBackward<scalar_t, L> base;
+        base.x = x.data_ptr<scalar_t>();
+        base.g = gout.data_ptr<scalar_t>();
+        base.geo = pg;
+        base.bn = BnParams<acc_t>::of(t);
+        if (need_sums) {
+          BnSumsOp<scalar_t, L> op;
+          static_cast<BnBackward<scalar_t, L>&>(op) = base;
+          launch_reduce<Sum<3>>(op, pg, cl, g.C, x, StoreSums{sums.data_ptr<double>(), g.C});
+        }
+        if (mask[0]) {
+          BnGradXOp<scalar_t, L> op;
+          static_cast<BnBackward<scalar_t, L>&>(op) = base;
+          op.gx = gx.data_ptr<scalar_t>();
+          op.sums = training ? sums.data_ptr<double>() : nullptr;
+          op.inv_m = 1.0 / double(g.M);
+          op.C = g.C;
+          launch_map(op, pg, cl);
+        }
+      });
     });
   }
   auto vec = [&](int k, const at::Tensor& like) {

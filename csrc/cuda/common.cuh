@@ -1,8 +1,6 @@
-// Building blocks of the CUDA kernels: a channel x position kernel that maps a per-element functor
-// over a tensor, and a deterministic per-channel reduction built on the same walk.
-//
-// Every functor ("op") has  setup(c)  run once per thread (a thread keeps one channel for its
-// whole life, so per-channel constants live in registers) and  operator()(cursor, c).
+// Building blocks of the CUDA kernels: a channel x position kernel that maps a functor ("op")
+// over a tensor in packs of up to 16 bytes, and a deterministic per-channel reduction built on the
+// same walk. The op interface is described above map_kernel.
 #pragma once
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -14,7 +12,10 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <initializer_list>
 #include <limits>
+#include <type_traits>
 
 #include "../layout.h"
 #include "index.h"
@@ -47,24 +48,131 @@ inline int clamp_dilation(int64_t d, const Geo& g) {
   return int(std::min<int64_t>(d, std::max(g.H, g.W)));
 }
 
+// ------------------------------------------------------------------------- packed access
+// V elements moved by one load or store instruction (16 bytes: LDG.128/STG.128).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+// Pack o (in units of packs) of p, or zeros when !ok (predicated: no branch).
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* p, int64_t o, bool ok = true) {
+  Pack<T, V> r;
+  if (ok) {
+    r = reinterpret_cast<const Pack<T, V>*>(p)[o];
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) r.v[k] = T(0);
+  }
+  return r;
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_pack(T* p, int64_t o, const Pack<T, V>& v) {
+  reinterpret_cast<Pack<T, V>*>(p)[o] = v;
+}
+
+// How a kernel walks its tensors: V adjacent elements per access, V channels of one pixel in
+// channels_last (CL) or V columns of one row in NCHW. V = 1 is the plain element walk.
+template <int V_, bool CL_>
+struct Lanes {
+  static constexpr int V = V_;
+  static constexpr bool CL = CL_ && V_ > 1;
+  static constexpr int kC = CL ? V : 1;  // distinct channels in one access
+  // Channel of lane k of channel group c (the walk's "channel" counts groups of kC).
+  __host__ __device__ static int channel(int c, int k) { return CL ? c * V + k : c; }
+  // Which per-channel constants lane k uses.
+  __host__ __device__ static constexpr int slot(int k) { return CL ? k : 0; }
+};
+
+// The geometry of g in packs of V: channels_last groups V channels, NCHW V columns; every stride
+// is then counted in packs. A stride of a size-1 dimension multiplies only 0 and may be anything.
+inline Geo packed_geo(Geo g, bool cl, int V) {
+  if (V == 1) return g;
+  if (cl)
+    g.C /= V;
+  else
+    g.W /= V;
+  g.sN /= V, g.sC /= V, g.sH /= V, g.sW /= V;
+  if (cl) g.sC = 1;
+  else g.sW = 1;
+  g.M = g.N * g.H * g.W;
+  return g;
+}
+
+// Calls f(Lanes<V, cl>{}, packed geometry) with V = 16 bytes of T when the layout allows it
+// (channels_last: C a multiple of V; NCHW: W a multiple of V, so a pack never straddles a row) and
+// every pointer is 16-byte aligned (a storage offset may break that), else f(Lanes<1>{}, g).
+template <typename T, typename F>
+void with_lanes(const Geo& g, bool cl, std::initializer_list<const void*> ptrs, F&& f) {
+  constexpr int V = 16 / int(sizeof(T));
+  bool ok = (cl ? g.C : g.W) % V == 0;
+  for (const void* p : ptrs) ok = ok && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+  if (ok && cl)
+    f(Lanes<V, true>{}, packed_geo(g, true, V));
+  else if (ok)
+    f(Lanes<V, false>{}, packed_geo(g, false, V));
+  else
+    f(Lanes<1, false>{}, g);
+}
+
+// Calls f(std::integral_constant<int, r>{}) for a runtime r in [0, V): one instantiation per r.
+template <int V, int R = 0, typename F>
+void with_shift(int r, F&& f) {
+  if constexpr (R < V) {
+    if (r == R)
+      f(std::integral_constant<int, R>{});
+    else
+      with_shift<V, R + 1>(r, f);
+  }
+}
+
 // -------------------------------------------------------------------------------- map
+// Every op: setup(c) once per thread (it keeps one channel group for life, so per-channel
+// constants live in registers), Regs load(cursor, c), then store(c, regs) (map) or
+// accumulate(c, regs, sums) (reduce), which may also store.
+constexpr int kMapBatch = 2;  // positions in flight per thread in the map kernels
+// In the reductions: 2, or 1 for ops that load 5 packs or more per position (the conv whose taps
+// straddle packs: 2 made ptxas spill in bf16), which keeps 80 bytes in flight per thread anyway.
+template <typename Op>
+constexpr int kReduceBatch = Op::kPacks >= 5 ? 1 : 2;
+
 template <typename Op>
 __global__ void __launch_bounds__(kThreads) map_kernel(const Op op, const Geo g) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= g.C) return;
   Op o = op;
   o.setup(c);
-  for_positions(g, blockIdx.y, gridDim.y, threadIdx.y, blockDim.y,
-                [&](const Cursor& cur, int64_t) { o(cur, c); });
+  typename Op::Regs r[kMapBatch];
+  for_positions_batched<kMapBatch>(
+      g, blockIdx.y, gridDim.y, threadIdx.y, blockDim.y,
+      [&](int u, const Cursor& cur) { r[u] = o.load(cur, c); },
+      [&](int u, const Cursor&) { o.store(c, r[u]); });
 }
 
+// An op written per element, operator()(cursor, c) (the neck's global path), on the same walk.
+template <typename Op>
+struct ElementOp {
+  using Regs = Cursor;
+  Op op;
+  __device__ void setup(int c) { op.setup(c); }
+  __device__ Regs load(const Cursor& cur, int) const { return cur; }
+  __device__ void store(int c, const Regs& cur) const { op(cur, c); }
+};
+
+// g: the geometry in packs (packed_geo).
 template <typename Op>
 void launch_map(const Op& op, const Geo& g, bool cl) {
-  if (g.M == 0 || g.C == 0) return;
-  const Plan pl = plan(g, cl, 4);
-  map_kernel<<<dim3(unsigned(pl.groups), unsigned(pl.chunks)), dim3(pl.cx, pl.py), 0, stream()>>>(
-      op, g);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if constexpr (!requires { &Op::load; }) {
+    launch_map(ElementOp<Op>{op}, g, cl);
+  } else {
+    if (g.M == 0 || g.C == 0) return;
+    const Plan pl = plan(g, cl, 2 * kMapBatch);
+    map_kernel<<<dim3(unsigned(pl.groups), unsigned(pl.chunks)), dim3(pl.cx, pl.py), 0,
+                 stream()>>>(op, g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 // ---------------------------------------------------------------------------- reduce
@@ -84,43 +192,38 @@ struct Sum {
   }
 };
 
-// (count, mean, M2) with Chan et al.'s merge; an element x enters as (1, x, 0). Mean and variance
-// in one pass without the cancellation of sum/sum-of-squares.
-struct Welford {
-  static constexpr int size = 3;
-  template <typename T>
-  static __device__ __forceinline__ void merge(Vec<T, 3>& a, const Vec<T, 3>& b) {
-    if (b.v[0] == T(0)) return;
-    const T n = a.v[0] + b.v[0], r = b.v[0] / n, delta = b.v[1] - a.v[1];
-    a.v[1] += delta * r;
-    a.v[2] += b.v[2] + delta * delta * a.v[0] * r;
-    a.v[0] = n;
-  }
-};
-
 // Stage 1: block (group, chunk) reduces its positions in a fixed tree over threadIdx.y and writes
-// one partial per channel: partial[c * chunks + chunk]. No atomics.
+// one partial per channel: partial[c * chunks + chunk]. No atomics. Op::kC channels per thread.
 template <typename R, typename Op>
 __global__ void __launch_bounds__(kThreads)
     reduce_kernel(const Op op, const Geo g, Vec<typename Op::acc_t, R::size>* partial) {
   using V = Vec<typename Op::acc_t, R::size>;
-  __shared__ V sh[kThreads];
+  constexpr int L = Op::kC;
+  __shared__ V sh[kThreads][L];
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  V s = {};
+  V s[L] = {};
   if (c < g.C) {
     Op o = op;
     o.setup(c);
-    for_positions(g, blockIdx.y, gridDim.y, threadIdx.y, blockDim.y,
-                  [&](const Cursor& cur, int64_t) { R::merge(s, o(cur, c)); });
+    typename Op::Regs r[kReduceBatch<Op>];
+    // The loads of a batch are independent; they are summed in position order after it.
+    for_positions_batched<kReduceBatch<Op>>(
+        g, blockIdx.y, gridDim.y, threadIdx.y, blockDim.y,
+        [&](int u, const Cursor& cur) { r[u] = o.load(cur, c); },
+        [&](int u, const Cursor&) { o.accumulate(c, r[u], s); });
   }
   const int t = threadIdx.y * blockDim.x + threadIdx.x;
-  sh[t] = s;
+#pragma unroll
+  for (int l = 0; l < L; ++l) sh[t][l] = s[l];
   __syncthreads();
   for (int stride = blockDim.y / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.y < stride) R::merge(sh[t], sh[t + stride * blockDim.x]);
+    if (threadIdx.y < stride)
+      for (int l = 0; l < L; ++l) R::merge(sh[t][l], sh[t + stride * blockDim.x][l]);
     __syncthreads();
   }
-  if (threadIdx.y == 0 && c < g.C) partial[int64_t(c) * gridDim.y + blockIdx.y] = sh[t];
+  if (threadIdx.y == 0 && c < g.C)
+    for (int l = 0; l < L; ++l)
+      partial[int64_t(Op::channel(c, l)) * gridDim.y + blockIdx.y] = sh[t][l];
 }
 
 // Stage 2: one warp per channel merges its partials in double: lane l takes partials l, l+32, ...
@@ -150,20 +253,21 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Reduces op over every position of every channel with reducer R; fin(c, Vec<double>) stores.
-// Nothing runs when there are no positions (the caller handles empty tensors).
+// g: the geometry in packs; C: the number of channels. Nothing runs when there are no positions.
 template <typename R, typename Op, typename Fin>
-void launch_reduce(const Op& op, const Geo& g, bool cl, const at::Tensor& like, const Fin& fin) {
+void launch_reduce(const Op& op, const Geo& g, bool cl, int C, const at::Tensor& like,
+                   const Fin& fin) {
   using V = Vec<typename Op::acc_t, R::size>;
   if (g.M == 0 || g.C == 0) return;
-  const Plan pl = plan(g, cl, 32);
-  const at::Tensor buf = at::empty({int64_t(g.C) * pl.chunks * int64_t(sizeof(V))},
+  const Plan pl = plan(g, cl, 8);
+  const at::Tensor buf = at::empty({int64_t(C) * pl.chunks * int64_t(sizeof(V))},
                                    like.options().dtype(at::kByte));
   V* part = reinterpret_cast<V*>(buf.data_ptr());
   reduce_kernel<R><<<dim3(unsigned(pl.groups), unsigned(pl.chunks)), dim3(pl.cx, pl.py), 0,
                      stream()>>>(op, g, part);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const unsigned blocks = unsigned((int64_t(g.C) + kThreads / 32 - 1) / (kThreads / 32));
-  finish_kernel<R><<<blocks, kThreads, 0, stream()>>>(part, g.C, int(pl.chunks), fin);
+  const unsigned blocks = unsigned((int64_t(C) + kThreads / 32 - 1) / (kThreads / 32));
+  finish_kernel<R><<<blocks, kThreads, 0, stream()>>>(part, C, int(pl.chunks), fin);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -225,6 +329,127 @@ struct BnParams {
     return ch;
   }
 };
+
+// ------------------------------------------------------------------ sources and ops
+// A source gives, per pack, Regs load(cursor, c) and scalar_t value(regs, k) for lane k, and
+// acc_t sample(ch): one value of channel ch (the shift of the statistics).
+
+// The tensor itself.
+template <typename scalar_t_, typename L_>
+struct PlainSrc {
+  using scalar_t = scalar_t_;
+  using L = L_;
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kPacks = 1;  // packs loaded per position
+  struct Regs {
+    int64_t o;
+    Pack<scalar_t, L::V> v;
+  };
+  const scalar_t* x;
+  Geo g;       // in packs
+  int64_t sc;  // channel stride in elements
+  __device__ void setup(int) {}
+  __device__ Regs load(const Cursor& cur, int c) const {
+    Regs r;
+    r.o = cur.off + int64_t(c) * g.sC;
+    r.v = load_pack<scalar_t, L::V>(x, r.o);
+    return r;
+  }
+  __device__ scalar_t value(const Regs& r, int k) const { return r.v.v[k]; }
+  __device__ acc_t sample(int ch) const { return acc_t(x[int64_t(ch) * sc]); }
+};
+
+// out = value, or with Fold prelu(value * scale + shift, slope): an eval BatchNorm, or a training
+// one with the batch statistics. The value is rounded to scalar_t first, as the backward
+// recomputes it, so forward and backward take the same PReLU branch. Fold is a template
+// parameter: a runtime flag costs the BN-PReLU arithmetic (then discarded) in the plain conv.
+template <typename Src, bool Fold>
+struct ApplyOp {
+  using scalar_t = typename Src::scalar_t;
+  using acc_t = typename Src::acc_t;
+  using L = typename Src::L;
+  using Regs = typename Src::Regs;
+  Src src;
+  scalar_t* out;
+  BnParams<acc_t> bn;
+  acc_t scale[L::kC], shift[L::kC], slope[L::kC];
+  __device__ void setup(int c) {
+    src.setup(c);
+    if constexpr (Fold) {
+#pragma unroll
+      for (int j = 0; j < L::kC; ++j) {
+        const BnChannel<acc_t> ch = bn.channel(L::channel(c, j));
+        scale[j] = ch.scale, shift[j] = ch.shift, slope[j] = ch.slope;
+      }
+    }
+  }
+  __device__ Regs load(const Cursor& cur, int c) const { return src.load(cur, c); }
+  __device__ void store(int, const Regs& r) const {
+    Pack<scalar_t, L::V> y;
+#pragma unroll
+    for (int k = 0; k < L::V; ++k) {
+      const int j = L::slot(k);
+      const scalar_t v = src.value(r, k);
+      if constexpr (Fold)
+        y.v[k] = scalar_t(prelu(acc_t(v) * scale[j] + shift[j], slope[j]));
+      else
+        y.v[k] = v;
+    }
+    store_pack(out, r.o, y);
+  }
+};
+
+// Batch statistics as shifted sums: sum(v - K) and sum((v - K)^2) with K = src.sample(c), a value
+// of the channel, so the sums do not cancel when |mean| >> std; no division per element, and
+// partials add exactly as sums (every partial of a channel has the same shift).
+template <typename Src>
+struct StatsOp {
+  using acc_t = typename Src::acc_t;
+  using L = typename Src::L;
+  using Regs = typename Src::Regs;
+  static constexpr int kC = L::kC, kPacks = Src::kPacks;
+  Src src;
+  acc_t K[L::kC];
+  __host__ __device__ static int channel(int c, int k) { return L::channel(c, k); }
+  __device__ void setup(int c) {
+    src.setup(c);
+#pragma unroll
+    for (int j = 0; j < L::kC; ++j) K[j] = src.sample(L::channel(c, j));
+  }
+  __device__ Regs load(const Cursor& cur, int c) const { return src.load(cur, c); }
+  __device__ void accumulate(int, const Regs& r, Vec<acc_t, 2>* s) const {
+#pragma unroll
+    for (int k = 0; k < L::V; ++k) {
+      const int j = L::slot(k);
+      const acc_t d = acc_t(src.value(r, k)) - K[j];
+      s[j].v[0] += d;
+      s[j].v[1] += d * d;
+    }
+  }
+};
+
+// fin of the statistics: batch mean and biased variance in the accumulation type.
+template <typename Src, typename T>
+struct StoreMeanVar {
+  Src src;
+  T *mean, *var;
+  double M;  // elements per channel
+  __device__ void operator()(int c, const Vec<double, 2>& s) const {
+    const double m1 = s.v[0] / M;
+    mean[c] = T(double(src.sample(c)) + m1);
+    var[c] = T(fmax(s.v[1] / M - m1 * m1, 0.0));
+  }
+};
+
+// Batch mean and variance of src's values into mean and var (accumulation type, C channels).
+template <typename Src>
+void batch_stats(const Src& src, const Geo& pg, bool cl, int C, int64_t M, const at::Tensor& like,
+                 at::Tensor& mean, at::Tensor& var) {
+  using acc_t = typename Src::acc_t;
+  launch_reduce<Sum<2>>(StatsOp<Src>{src}, pg, cl, C, like,
+                        StoreMeanVar<Src, acc_t>{src, mean.data_ptr<acc_t>(),
+                                                 var.data_ptr<acc_t>(), double(M)});
+}
 
 }  // namespace cuda
 }  // namespace dabnet

@@ -11,8 +11,10 @@
 #define DABNET_EXEC_CHECK_DISABLE _Pragma("nv_exec_check_disable")
 #define DABNET_PRAGMA(x) _Pragma(#x)
 #define DABNET_UNROLL(n) DABNET_PRAGMA(unroll n)  // nvcc's unroll factor for the loop that follows
+#define DABNET_UNROLL_ALL _Pragma("unroll")        // the loop that follows, fully unrolled
 #else
 #define DABNET_UNROLL(n)
+#define DABNET_UNROLL_ALL
 #define DABNET_HD inline
 #define DABNET_EXEC_CHECK_DISABLE
 #endif
@@ -37,26 +39,34 @@ struct Geo {
 
 // Position p = (n*H + h)*W + w, advanced in fixed steps without division: the step is decomposed
 // once into (n, h, w) with h < H and w < W, so each advance carries at most once per digit.
+// It also carries off = n*sN + h*sH + w*sW, the offset of (n, 0, h, w), advanced by additions
+// only (no 64-bit multiply per position).
 struct Cursor {
   int64_t n;
   int h, w;
+  int64_t off;
+  Cursor() = default;
   DABNET_HD Cursor(const Geo& g, int64_t p) {
     const int64_t q = p / g.W;
     w = int(p - q * g.W);
     n = q / g.H;
     h = int(q - n * g.H);
+    off = n * g.sN + h * g.sH + w * g.sW;
   }
   DABNET_HD void advance(const Cursor& step, const Geo& g) {
     w += step.w;
     h += step.h;
     n += step.n;
+    off += step.off;
     if (w >= g.W) {
       w -= g.W;
       ++h;
+      off += g.sH - g.W * g.sW;
     }
     if (h >= g.H) {
       h -= g.H;
       ++n;
+      off += g.sN - g.H * g.sH;
     }
   }
 };
@@ -102,6 +112,34 @@ DABNET_HD void for_positions(const Geo& g, int64_t b, int64_t P, int ty, int py,
   for (int64_t p = p0 + ty; p < p1; p += py) {
     f(cur, p);
     cur.advance(step, g);
+  }
+}
+
+// As for_positions, in batches of U positions: load(u, cursor) for every position of a batch
+// first, then store(u, cursor) for each, so a thread keeps U independent loads in flight (a load
+// can never wait behind an earlier store of the same thread, which the compiler must assume
+// aliases it). The positions, and their order within each phase, are those of for_positions.
+DABNET_EXEC_CHECK_DISABLE
+template <int U, typename L, typename S>
+DABNET_HD void for_positions_batched(const Geo& g, int64_t b, int64_t P, int ty, int py, L&& load,
+                                     S&& store) {
+  const int64_t p0 = b * g.M / P, p1 = (b + 1) * g.M / P;
+  if (p0 + ty >= p1) return;
+  Cursor cur(g, p0 + ty);
+  const Cursor step(g, py);
+  // Positions left for this thread, counted in 32 bits (p1 - p0 <= kMaxChunk).
+  int left = int((p1 - p0 - ty + py - 1) / py);
+  for (; left > 0; left -= U) {
+    Cursor at[U];
+    DABNET_UNROLL_ALL
+    for (int u = 0; u < U; ++u) {
+      at[u] = cur;
+      if (u < left) load(u, at[u]);
+      cur.advance(step, g);
+    }
+    DABNET_UNROLL_ALL
+    for (int u = 0; u < U; ++u)
+      if (u < left) store(u, at[u]);
   }
 }
 

@@ -15,6 +15,11 @@ struct BnTensors;
 void tap3(const at::Tensor& x, const at::Tensor& out, const at::Tensor& weight, int axis,
           int64_t dilation, bool flip, bool cl, const BnTensors* bn);
 
+// Batch mean and biased variance (accumulation type, filled in) of dwconv3(x, weight) without
+// writing the conv: the conv is recomputed from x.
+void conv_batch_stats(const at::Tensor& x, const at::Tensor& weight, int axis, int64_t dilation,
+                      bool cl, at::Tensor& mean, at::Tensor& var);
+
 at::Tensor dwconv3(const at::Tensor& x, const at::Tensor& weight, int64_t dilation);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_prelu(

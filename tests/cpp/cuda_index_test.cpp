@@ -51,9 +51,30 @@ static void check_coverage(int64_t N, int C, int H, int W, bool cl, int per_thre
         for (int tx = 0; tx < pl.cx; ++tx) {
           const int c = int(gr * pl.cx + tx);
           if (c >= C) continue;
+          // The batched walk visits the same positions in the same order, every load of a
+          // batch before its stores.
+          std::vector<int64_t> order, loads, stores;
+          for_positions(g, b, pl.chunks, ty, pl.py,
+                        [&](const Cursor&, int64_t p) { order.push_back(p); });
+          int pending = 0;
+          for_positions_batched<3>(
+              g, b, pl.chunks, ty, pl.py,
+              [&](int u, const Cursor& cur) {
+                EXPECT(pending == u, "load %d of a batch after a store", u);
+                ++pending;
+                loads.push_back((cur.n * H + cur.h) * int64_t(W) + cur.w);
+              },
+              [&](int u, const Cursor& cur) {
+                --pending;
+                stores.push_back((cur.n * H + cur.h) * int64_t(W) + cur.w);
+              });
+          EXPECT(loads == order && stores == order, "batched walk order (N=%lld C=%d H=%d W=%d)",
+                 (long long)N, C, H, W);
           for_positions(g, b, pl.chunks, ty, pl.py, [&](const Cursor& cur, int64_t p) {
             const int64_t w = p % W, h = (p / W) % H, n = p / W / H;
             EXPECT(cur.n == n && cur.h == h && cur.w == w, "cursor at p=%lld", (long long)p);
+            EXPECT(cur.off == g.offset(n, 0, int(h), int(w)), "cursor offset at p=%lld",
+                   (long long)p);
             const int64_t off = g.offset(cur.n, c, cur.h, cur.w);
             const int64_t want = cl ? ((n * H + h) * W + w) * C + c : ((n * C + c) * H + h) * W + w;
             EXPECT(off == want, "offset %lld != %lld", (long long)off, (long long)want);

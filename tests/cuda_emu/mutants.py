@@ -38,8 +38,8 @@ MUTANTS = {
     "reduction_race": (
         "a race in a reduction tree: no barrier between the levels of reduce_kernel's tree",
         "common.cuh",
-        "R::merge(sh[t], sh[t + stride * blockDim.x]);\n    __syncthreads();\n",
-        "R::merge(sh[t], sh[t + stride * blockDim.x]);\n", REDUCE),
+        "R::merge(sh[t][l], sh[t + stride * blockDim.x][l]);\n    __syncthreads();\n",
+        "R::merge(sh[t][l], sh[t + stride * blockDim.x][l]);\n", REDUCE),
     "halo_one_short": (
         "a halo one short: the neck's ring holds one row too few (a step's last row overwrites "
         "the first it reads)",
@@ -54,8 +54,15 @@ MUTANTS = {
     "tap_halo_one_short": (
         "a halo one short: the 3-tap stencil drops its last in-image neighbour",
         "dwconv3.cu",
-        "v[2] = pos < lim - d ? T(x[o + step]) : T(0);",
-        "v[2] = pos < lim - d - 1 ? T(x[o + step]) : T(0);", "test_dwconv3_forward_and_backward"),
+        "v[2] = load_pack<scalar_t, V>(x, o + step, pos < lim - reach);",
+        "v[2] = load_pack<scalar_t, V>(x, o + step, pos < lim - reach - 1);",
+        "test_dwconv3_forward_and_backward"),
+    "straddle_halo_one_short": (
+        "a halo one short: a 3-tap stencil whose taps straddle two packs drops its last pack",
+        "dwconv3.cu",
+        "f = load_pack<scalar_t, V>(x, o + reach + 1, pos < lim - reach - 1);",
+        "f = load_pack<scalar_t, V>(x, o + reach + 1, pos < lim - reach - 2);",
+        "test_dwconv3_forward_and_backward or test_packed_access"),
     "early_exit_before_shuffle": (
         "an early exit before a shuffle: lanes without partials leave finish_kernel",
         "common.cuh",
@@ -64,8 +71,8 @@ MUTANTS = {
     "small_shared_tile": (
         "a too-small shared tile: reduce_kernel's array holds half the block",
         "common.cuh",
-        "__shared__ V sh[kThreads];",
-        "__shared__ V sh[kThreads / 2];", REDUCE),
+        "__shared__ V sh[kThreads][L];",
+        "__shared__ V sh[kThreads / 2][L];", REDUCE),
     "small_dynamic_tile": (
         "a too-small shared tile: the neck asks for its ring without one branch's phase-A rows",
         "dab_neck.cu",
