@@ -136,14 +136,7 @@ def _callable(model, x, how, device):
         fn = lambda: frozen(x)  # noqa: E731
         return fn, fn(), None
     if how == "floor":
-        convs = [(functools.partial(F.conv2d, weight=m.weight, bias=m.bias, stride=m.stride,
-                                    padding=m.padding, dilation=m.dilation, groups=m.groups), inp)
-                 for m, inp in dense_convs(model, x)]
-
-        def fn():  # F.conv2d as the models call it, without nn.Module's call overhead
-            for conv, inp in convs:
-                conv(inp)
-        return fn, None, None
+        return floor_fn(dense_convs(model, x)), None, None
     if how == "cudagraph":
         fn, y = _cuda_graph(model, x)
         fn()
@@ -352,6 +345,21 @@ def dense_convs(model, x) -> list:
     return seen
 
 
+def floor_fn(seen):
+    """Runs the (conv, input) pairs of dense_convs back to back, through F.conv2d as the models
+    call it, without nn.Module's call overhead: the floor, in the conv-floor table and in the
+    interleaved rounds alike."""
+    convs = [(functools.partial(F.conv2d, weight=m.weight, bias=m.bias, stride=m.stride,
+                                padding=m.padding, dilation=m.dilation, groups=m.groups), inp)
+             for m, inp in seen]
+
+    def fn():
+        with torch.no_grad():
+            for conv, inp in convs:
+                conv(inp)
+    return fn
+
+
 def bench_conv_floor(device: str, resolutions, budget: Budget, progress=True,
                      deadline=None) -> list:
     """The dense convolutions alone: every Conv2d of the fused model that is not a depthwise
@@ -383,13 +391,7 @@ def bench_conv_floor(device: str, resolutions, budget: Budget, progress=True,
             rec["convs"] = len(seen)
             rec["macs"] = macs["dense"] + macs["pointwise"]
             rec["macs_share_of_model"] = rec["macs"] / macs["total"]
-
-            def fn():
-                with torch.no_grad():
-                    for m, inp in seen:
-                        m(inp)
-
-            st = time_fn(fn, device, budget)
+            st = time_fn(floor_fn(seen), device, budget)
             rec.update(st.as_dict())
             rec["gmacs_per_s"] = rec["macs"] / st.median_ms / 1e6
             rec["matmul_gmacs_per_s"] = mm  # a (n x n) @ (n x n), fp32

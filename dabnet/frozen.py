@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .model import DABNet, fit_size
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float64, torch.float16)
 _NECK = ("dconv3x1", "dconv1x3", "ddconv3x1", "ddconv1x3")
 
@@ -58,9 +60,7 @@ class FrozenDABNet:
     """See the module docstring. Made by :func:`freeze`."""
 
     def __init__(self, model, dtype: torch.dtype = torch.float32, channels_last: bool = True):
-        from dabnet_kernels import ops
-
-        from .model import DABNet
+        from dabnet_kernels import ops  # the compiled kernels: loaded when a model is frozen
 
         if not isinstance(model, DABNet):
             raise TypeError(f"freeze expects a dabnet.DABNet, got {type(model).__name__}")
@@ -121,8 +121,6 @@ class FrozenDABNet:
         return self._fit(x, labels=True)
 
     def _fit(self, x, labels):
-        from .model import fit_size
-
         if isinstance(x, Tensor) and (x.device.type != "cpu" or x.dtype != self.dtype):
             raise ValueError(f"this frozen DABNet runs {self.dtype} on CPU; got a {x.dtype} "
                              f"tensor on {x.device} (x.to('cpu', {self.dtype}), or freeze with "

@@ -272,10 +272,8 @@ def cat_bn_prelu(xs: Sequence[Tensor], weight: Optional[Tensor], bias: Optional[
     C = sum(t.shape[1] for t in xs)
     like = x0.new_empty((1, C, 1, 1))
     weight, bias, _ = _bn_args(like, weight, bias, running_mean, running_var, prelu_weight, False)
-    scale, shift, _ = fold_bn_prelu(weight, bias, running_mean, running_var, prelu_weight[:1],
-                                    eps, x0.dtype)
-    acc = scale.dtype
-    return torch.ops.dabnet.cat_bn_prelu(list(xs), scale, shift, prelu_weight.to(acc))
+    folded = fold_bn_prelu(weight, bias, running_mean, running_var, prelu_weight, eps, x0.dtype)
+    return torch.ops.dabnet.cat_bn_prelu(list(xs), *folded)
 
 
 def fold_bn_prelu(weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
