@@ -118,7 +118,9 @@ DABNET_HD void for_positions(const Geo& g, int64_t b, int64_t P, int ty, int py,
 // As for_positions, in batches of U positions: load(u, cursor) for every position of a batch
 // first, then store(u, cursor) for each, so a thread keeps U independent loads in flight (a load
 // can never wait behind an earlier store of the same thread, which the compiler must assume
-// aliases it). The positions, and their order within each phase, are those of for_positions.
+// aliases it). The stored positions, and their order, are those of for_positions; so are the
+// loaded ones, except that the last batch loads the thread's first position in place of
+// positions past the end (load must be free of side effects).
 DABNET_EXEC_CHECK_DISABLE
 template <int U, typename L, typename S>
 DABNET_HD void for_positions_batched(const Geo& g, int64_t b, int64_t P, int ty, int py, L&& load,
@@ -126,15 +128,19 @@ DABNET_HD void for_positions_batched(const Geo& g, int64_t b, int64_t P, int ty,
   const int64_t p0 = b * g.M / P, p1 = (b + 1) * g.M / P;
   if (p0 + ty >= p1) return;
   Cursor cur(g, p0 + ty);
-  const Cursor step(g, py);
+  const Cursor first = cur, step(g, py);
   // Positions left for this thread, counted in 32 bits (p1 - p0 <= kMaxChunk).
   int left = int((p1 - p0 - ty + py - 1) / py);
   for (; left > 0; left -= U) {
     Cursor at[U];
     DABNET_UNROLL_ALL
     for (int u = 0; u < U; ++u) {
-      at[u] = cur;
-      if (u < left) load(u, at[u]);
+      // Past the chunk's end a slot loads the thread's first position (never stored): no branch
+      // between the loads, so the compiler issues all of them before it uses any (a load under
+      // `if` got the conversion of its values hoisted next to it: one position in flight). Not
+      // the batch's own first position: the compiler would copy that load's registers, a wait.
+      at[u] = u < left ? cur : first;
+      load(u, at[u]);
       cur.advance(step, g);
     }
     DABNET_UNROLL_ALL

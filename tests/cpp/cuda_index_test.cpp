@@ -51,24 +51,33 @@ static void check_coverage(int64_t N, int C, int H, int W, bool cl, int per_thre
         for (int tx = 0; tx < pl.cx; ++tx) {
           const int c = int(gr * pl.cx + tx);
           if (c >= C) continue;
-          // The batched walk visits the same positions in the same order, every load of a
-          // batch before its stores.
-          std::vector<int64_t> order, loads, stores;
+          // The batched walk stores the same positions in the same order; every batch loads
+          // all 3 of its slots before its first store, a slot past the end loading the thread's
+          // first position.
+          std::vector<int64_t> order, loads, want, stores;
+          std::vector<int> events, want_events;  // u for load u, 3 + u for store u
           for_positions(g, b, pl.chunks, ty, pl.py,
                         [&](const Cursor&, int64_t p) { order.push_back(p); });
-          int pending = 0;
           for_positions_batched<3>(
               g, b, pl.chunks, ty, pl.py,
               [&](int u, const Cursor& cur) {
-                EXPECT(pending == u, "load %d of a batch after a store", u);
-                ++pending;
+                events.push_back(u);
                 loads.push_back((cur.n * H + cur.h) * int64_t(W) + cur.w);
               },
               [&](int u, const Cursor& cur) {
-                --pending;
+                events.push_back(3 + u);
                 stores.push_back((cur.n * H + cur.h) * int64_t(W) + cur.w);
               });
-          EXPECT(loads == order && stores == order, "batched walk order (N=%lld C=%d H=%d W=%d)",
+          for (size_t i = 0; i < order.size(); i += 3) {
+            const size_t k = std::min<size_t>(3, order.size() - i);
+            for (size_t u = 0; u < 3; ++u) {
+              want_events.push_back(int(u));
+              want.push_back(order[u < k ? i + u : 0]);
+            }
+            for (size_t u = 0; u < k; ++u) want_events.push_back(int(3 + u));
+          }
+          EXPECT(events == want_events, "batched walk: a batch's loads, then its stores");
+          EXPECT(loads == want && stores == order, "batched walk order (N=%lld C=%d H=%d W=%d)",
                  (long long)N, C, H, W);
           for_positions(g, b, pl.chunks, ty, pl.py, [&](const Cursor& cur, int64_t p) {
             const int64_t w = p % W, h = (p / W) % H, n = p / W / H;
