@@ -226,30 +226,102 @@ __global__ void __launch_bounds__(kThreads)
       partial[int64_t(Op::channel(c, l)) * gridDim.y + blockIdx.y] = sh[t][l];
 }
 
-// Stage 2: one warp per channel merges its partials in double: lane l takes partials l, l+32, ...
-// in order, then a fixed shuffle tree. fin(c, total) writes the result.
-template <typename R, typename T, typename Fin>
-__global__ void __launch_bounds__(kThreads)
-    finish_kernel(const Vec<T, R::size>* partial, int C, int P, const Fin fin) {
-  using V = Vec<double, R::size>;
-  const int lane = threadIdx.x % 32;
-  const int c = blockIdx.x * (kThreads / 32) + threadIdx.x / 32;
-  if (c >= C) return;  // per warp: all of its lanes leave together
-  V s = {};
-  for (int b = lane; b < P; b += 32) {
-    V v;
-#pragma unroll
-    for (int k = 0; k < R::size; ++k) v.v[k] = double(partial[int64_t(c) * P + b].v[k]);
-    R::merge(s, v);
-  }
+// Stage 2: block (c, j) merges channel c's partials j * kFinishSpan ... (at most kFinishSpan of
+// them) in double, in one round of loads: thread t loads partials t, t + kThreads, ... all before
+// its first add; then a fixed tree (shuffles within each warp, then across the warps).
+// fin(c * gridDim.y + j, total) writes the result: fin(c, total) when one block takes a channel.
+constexpr int kFinishLoads = 4;  // partials per thread, all in flight together
+constexpr int kFinishSpan = kThreads * kFinishLoads;
+
+template <typename R, typename T>
+__device__ __forceinline__ void warp_merge(Vec<T, R::size>& s) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
-    V o;
+    Vec<T, R::size> o;
 #pragma unroll
     for (int k = 0; k < R::size; ++k) o.v[k] = __shfl_down_sync(0xffffffffu, s.v[k], off);
     R::merge(s, o);
   }
-  if (lane == 0) fin(c, s);
+}
+
+template <typename R, typename T, typename Fin>
+__global__ void __launch_bounds__(kThreads)
+    finish_kernel(const Vec<T, R::size>* partial, int P, const Fin fin) {
+  using V = Vec<double, R::size>;
+  __shared__ V warp_sum[kThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const Vec<T, R::size>* p = partial + int64_t(blockIdx.x) * P + int64_t(blockIdx.y) * kFinishSpan;
+  const int left = P - int(blockIdx.y) * kFinishSpan,
+            n = left < kFinishSpan ? left : kFinishSpan;  // partials of this block
+  Vec<T, R::size> v[kFinishLoads];
+#pragma unroll
+  for (int i = 0; i < kFinishLoads; ++i) {
+    const int b = i * kThreads + threadIdx.x;
+    if (b < n) v[i] = p[b];
+    else v[i] = {};
+  }
+  V s = {};
+#pragma unroll
+  for (int i = 0; i < kFinishLoads; ++i) {
+    V d;
+#pragma unroll
+    for (int k = 0; k < R::size; ++k) d.v[k] = double(v[i].v[k]);
+    R::merge(s, d);
+  }
+  warp_merge<R>(s);
+  if (lane == 0) warp_sum[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    s = lane < kThreads / 32 ? warp_sum[lane] : V{};
+    warp_merge<R>(s);
+    if (lane == 0) fin(int64_t(blockIdx.x) * gridDim.y + blockIdx.y, s);
+  }
+}
+
+// fin of a level below the last: its totals are the next level's partials.
+template <int K>
+struct StorePartials {
+  Vec<double, K>* out;
+  __device__ void operator()(int64_t i, const Vec<double, K>& s) const { out[i] = s; }
+};
+
+// One finish launch: grid (C, blocks per channel).
+template <typename R, typename T, typename Fin>
+void finish_level(const Vec<T, R::size>* part, int C, int P, const Fin& fin) {
+  const unsigned per_channel = unsigned((P + kFinishSpan - 1) / kFinishSpan);
+  finish_kernel<R><<<dim3(unsigned(C), per_channel), kThreads, 0, stream()>>>(part, P, fin);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Merges P partials per channel into fin: one launch for up to kFinishSpan partials, else levels
+// of kFinishSpan each (more than kFinishSpan chunks only for channels of ~2^20 positions or more).
+template <typename R, typename T, typename Fin>
+void launch_finish(const Vec<T, R::size>* part, int C, int P, const Fin& fin,
+                   const at::Tensor& like) {
+  if (P <= kFinishSpan) return finish_level<R>(part, C, P, fin);
+  using V = Vec<double, R::size>;
+  const int G = (P + kFinishSpan - 1) / kFinishSpan;
+  const at::Tensor buf = at::empty({int64_t(C) * G * int64_t(sizeof(V))},
+                                   like.options().dtype(at::kByte));
+  V* next = reinterpret_cast<V*>(buf.data_ptr());
+  finish_level<R>(part, C, P, StorePartials<R::size>{next});
+  launch_finish<R>(static_cast<const V*>(next), C, G, fin, like);
+}
+
+// Positions per reducing thread: 8, halved (down to 2) while the grid has fewer blocks than
+// kFillBlocks / packs (the loads in flight are the resident threads' packs: 1024 blocks of 256
+// threads is ~8 per SM of a 132-SM GPU, for an op that loads one pack per position) and each
+// channel's partials stay within one finish round. A function of the shape and the op only, never
+// of the device, so the partials are merged in the same order everywhere.
+constexpr int64_t kFillBlocks = 1024;
+inline Plan reduce_plan(const Geo& g, bool cl, int packs) {
+  Plan pl = plan(g, cl, 8);
+  for (int per = 4; per >= 2 && pl.groups * pl.chunks * packs < kFillBlocks; per /= 2) {
+    const Plan q = plan(g, cl, per);
+    if (q.chunks > kFinishSpan) break;
+    pl = q;
+  }
+  return pl;
 }
 
 // Reduces op over every position of every channel with reducer R; fin(c, Vec<double>) stores.
@@ -259,16 +331,14 @@ void launch_reduce(const Op& op, const Geo& g, bool cl, int C, const at::Tensor&
                    const Fin& fin) {
   using V = Vec<typename Op::acc_t, R::size>;
   if (g.M == 0 || g.C == 0) return;
-  const Plan pl = plan(g, cl, 8);
+  const Plan pl = reduce_plan(g, cl, Op::kPacks);
   const at::Tensor buf = at::empty({int64_t(C) * pl.chunks * int64_t(sizeof(V))},
                                    like.options().dtype(at::kByte));
   V* part = reinterpret_cast<V*>(buf.data_ptr());
   reduce_kernel<R><<<dim3(unsigned(pl.groups), unsigned(pl.chunks)), dim3(pl.cx, pl.py), 0,
                      stream()>>>(op, g, part);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const unsigned blocks = unsigned((int64_t(C) + kThreads / 32 - 1) / (kThreads / 32));
-  finish_kernel<R><<<blocks, kThreads, 0, stream()>>>(part, C, int(pl.chunks), fin);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_finish<R>(static_cast<const V*>(part), C, int(pl.chunks), fin, like);
 }
 
 // fin for Sum<K>: out[k * C + c] = total k (a (K, C) double tensor).
@@ -276,7 +346,7 @@ struct StoreSums {
   double* out;
   int C;
   template <int K>
-  __device__ void operator()(int c, const Vec<double, K>& s) const {
+  __device__ void operator()(int64_t c, const Vec<double, K>& s) const {
 #pragma unroll
     for (int k = 0; k < K; ++k) out[int64_t(k) * C + c] = s.v[k];
   }
@@ -434,9 +504,9 @@ struct StoreMeanVar {
   Src src;
   T *mean, *var;
   double M;  // elements per channel
-  __device__ void operator()(int c, const Vec<double, 2>& s) const {
+  __device__ void operator()(int64_t c, const Vec<double, 2>& s) const {
     const double m1 = s.v[0] / M;
-    mean[c] = T(double(src.sample(c)) + m1);
+    mean[c] = T(double(src.sample(int(c))) + m1);
     var[c] = T(fmax(s.v[1] / M - m1 * m1, 0.0));
   }
 };

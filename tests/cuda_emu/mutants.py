@@ -66,8 +66,8 @@ MUTANTS = {
     "early_exit_before_shuffle": (
         "an early exit before a shuffle: lanes without partials leave finish_kernel",
         "common.cuh",
-        "if (c >= C) return;",
-        "if (c >= C || lane >= P) return;", REDUCE),
+        "  Vec<T, R::size> v[kFinishLoads];\n",
+        "  if (int(threadIdx.x) >= n) return;\n  Vec<T, R::size> v[kFinishLoads];\n", REDUCE),
     "small_shared_tile": (
         "a too-small shared tile: reduce_kernel's array holds half the block",
         "common.cuh",
