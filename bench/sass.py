@@ -612,7 +612,11 @@ def model_launch(ks: KernelSass, ln: Launch, n: int, esize: int, C: int, gpu: di
                occupancy_limiter=occ["limiter"], resident_threads_per_sm=resident,
                widest_load=width_name(ks.widest_load), widest_store=width_name(ks.widest_store))
     after_reduce = bool(prev and prev.get("reduce") and t * B * 16 <= prev["threads"])
-    if ept > SMALL_KERNEL_ELEMS_PER_THREAD or after_reduce or not ks.phases:
+    # A loop-free kernel loads a fixed number of elements per thread: fewer than its share of the
+    # tensor, and it cannot be streaming the tensor (a one-round finish over partials).
+    short = bool(ks.loop_free and ks.phases and
+                 sum(ks.phases[0].ldg) / esize < ept)
+    if ept > SMALL_KERNEL_ELEMS_PER_THREAD or after_reduce or short or not ks.phases:
         # Works on per-channel partials: serial reads of the partials per channel, a DRAM
         # latency each round of loads in flight, plus one for the store.
         parts = 1.0

@@ -191,6 +191,40 @@ def test_launch_model_bounds():
     assert mt["time_s"] == pytest.approx(33 * 1e-6)
 
 
+# Loop-free: four scalar loads of one pointer, all issued before the first add, one store.
+FOUR_LOADS = _prog(
+    "ULDC.64 UR4, c[0x0][0x208]",
+    "LDC.64 R2, c[0x0][0x210]",
+    "LDG.E R4, desc[UR4][R2.64]",
+    "LDG.E R5, desc[UR4][R2.64+0x400]",
+    "LDG.E R6, desc[UR4][R2.64+0x800]",
+    "LDG.E R7, desc[UR4][R2.64+0xc00]",
+    "FADD R4, R4, R5",
+    "FADD R6, R6, R7",
+    "FADD R4, R4, R6",
+    "STG.E desc[UR4][R2.64], R4",
+    "EXIT",
+)
+
+
+def test_a_loop_free_kernel_that_loads_less_than_its_share_reads_partials():
+    """A loop-free kernel with 4 elements' loads per thread: a stream when a thread's share of the
+    tensor is 4 elements, per-channel partials (one round when every partial has a lane) when the
+    share is larger, however many threads it has next to the reduction before it."""
+    gpu = dict(name="test", sms=100, clock_ghz=1.0, copy_tbs=1.0, latency_ns=1000.0)
+    k = _kernel(FOUR_LOADS)
+    assert k.loop_free and k.phases[0].ldg == [4, 4, 4, 4]
+    n, C = 2 ** 22, 64
+    prev = dict(blocks=512, channels_per_block=1, threads=512 * 256, reduce=True)
+    stream = sass.Launch("cuda", "k", (n // 4 // 256, 1, 1), (256, 1, 1), 0)
+    assert sass.model_launch(k, stream, n, 4, C=C, gpu=gpu, prev=prev)["role"] == "stream"
+    # One block of 256 threads per channel: 1/8 of the reduction's threads, 256 elements each.
+    finish = sass.Launch("cuda", "k", (C, 1, 1), (256, 1, 1), 0)
+    m = sass.model_launch(k, finish, n, 4, C=C, gpu=gpu, prev=prev)
+    assert m["role"] == "partials" and m["serial_rounds"] == 1
+    assert m["time_s"] == pytest.approx(2 * 1e-6)
+
+
 def test_staging_phase_counts_halo_elements():
     """A tile kernel that stages (global -> shared) before computing: the staged elements per
     output come from the launch's dynamic shared memory and grid, as the NeckTile halo does."""
