@@ -138,8 +138,10 @@ constexpr int kMapBatch = 2;  // positions in flight per thread in the map kerne
 template <typename Op>
 constexpr int kReduceBatch = Op::kPacks >= 5 ? 1 : 2;
 
+// At least 2 blocks per SM (at most 128 registers): with every load of a batch in flight, ptxas
+// otherwise held some fp16 stencils at 64 registers and spilled inside their loops.
 template <typename Op>
-__global__ void __launch_bounds__(kThreads) map_kernel(const Op op, const Geo g) {
+__global__ void __launch_bounds__(kThreads, 2) map_kernel(const Op op, const Geo g) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= g.C) return;
   Op o = op;
