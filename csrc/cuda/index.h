@@ -202,35 +202,40 @@ constexpr int kMaxTileDilation = 16;  // larger dilations take the global-memory
 DABNET_HD constexpr int neck_halo(int d) { return d <= 2 ? 2 : d <= 4 ? 4 : d <= 8 ? 8 : 16; }
 
 // Eval neck in shared memory, streaming rows. A block owns CT channels x TW columns of one image
-// over a segment of rows, and walks down it TR output rows per step. Shared memory holds a ring of
-// kRows = TR + 2D slots, each one staged input row of TW + 2D columns (a halo of D each side) x CT
-// channels, element f = col * CT + ct (channel fastest: consecutive threads touch consecutive
-// addresses in both layouts); ring row j is input row h0 - D + j, in slot j % kRows. A step reads
-// kRows consecutive ring rows, so each input row is staged once per segment: halos cost only in W
-// (and 2D rows per segment). Values are kept in the accumulation type, converted once.
+// over a segment of rows, and walks down it TR output rows per step. Each staged input row has
+// TW + 2D columns (a halo of D each side) x CT channels, element f = col * CT + ct (channel
+// fastest: consecutive threads touch consecutive addresses in both layouts). Thread f owns element
+// f of every row: it stages it, runs both vertical convs on it and (inside the halo) writes its
+// output column; kBlock = kRowElems rounded up to whole warps (threads past kRowElems stage zeros).
+// Ring row j is input row h0 - D + j; a step reads kRows = TR + 2D consecutive ring rows, so each
+// input row is staged once per segment: halos cost only in W (and 2D rows per segment). The ring is
+// kept in x's type (half the shared memory of float for 16-bit types), each row in two slots,
+// j % kRows and j % kRows + kRows, so that a step's kRows rows are contiguous from its first slot:
+// every ring and phase-A address of a step is one register plus a constant.
 //
 // A step has two phases, each pixel's work done once (not once per output that needs it):
-//  A. the vertical convs (3x1 and dilated 3x1, bias, PReLU) at every staged column of the step's
-//     TR rows, zero outside the image, into two rows of TR x kRowElems (mid);
+//  A. the vertical convs (3x1 and dilated 3x1, bias, PReLU) at every staged element of the step's
+//     TR rows, zero outside the image (column()), into two arrays of TR x kBlock (mid). A thread
+//     reads only its own ring column: no barrier between staging and phase A;
 //  B. the horizontal convs from three of those values each, and the final BN-PReLU: one write.
-// Thread tid handles elements f = tid + a*kThreads (a < kPasses) of every row, when staging and in
-// A, and outputs e = tid % kRowThreads + a*kRowThreads in rows tid / kRowThreads + m*kOutRows in B.
-// 256 is a multiple of CT, so a thread keeps one channel. All shapes are constants: no runtime
-// division in the index math.
+// All shapes are constants: no runtime division in the index math.
 template <int CT, int TW, int TR, int D>
 struct NeckRing {
   static constexpr int kCT = CT, kTR = TR, kD = D;
   static constexpr int kRowElems = (TW + 2 * D) * CT;  // elements of one staged row
   static constexpr int kRows = TR + 2 * D;             // ring slots
-  static constexpr int kMid = TR * kRowElems;          // one branch's phase-A values
-  static constexpr int kElems = kRows * kRowElems + 2 * kMid;  // shared memory, elements
-  static constexpr int kPasses = (kRowElems + kThreads - 1) / kThreads;
-  static constexpr int kRowThreads = TW * CT < kThreads ? TW * CT : kThreads;
-  static constexpr int kOutRows = kThreads / kRowThreads;  // output rows computed side by side
-  static_assert(kThreads % CT == 0, "a thread must keep one channel");
-  static_assert(TR % kOutRows == 0 && (TW * CT) % kRowThreads == 0, "uneven output split");
+  static constexpr int kBlock = (kRowElems + 31) / 32 * 32;  // threads, and a row's stride
+  static constexpr int kMid = TR * kBlock;             // one branch's phase-A values
+  static constexpr int kRing = 2 * kRows * kBlock;     // the ring: each row in two slots
+  static_assert(kBlock % CT == 0, "a thread must keep one channel");
+  static_assert(kBlock <= 1024, "one thread per staged element of a row");
   // Shortest segment: at most 2x the rows staged, and two steps, so every ring wraps.
   static constexpr int kLeastSeg = 2 * TR > 2 * D ? 2 * TR : 2 * D;
+  // Shared memory: phase A (T, the accumulation type) first, then the ring (S, x's type).
+  template <typename S, typename T>
+  static constexpr int64_t bytes() {
+    return 2 * kMid * int64_t(sizeof(T)) + kRing * int64_t(sizeof(S));
+  }
 
   int64_t n;
   int c0, h0, w0, rows;  // rows: output rows of this block's segment inside the image
@@ -262,100 +267,95 @@ struct NeckRing {
   }
   DABNET_HD int steps() const { return (rows + TR - 1) / TR; }
 
+  // Thread f's parameters: its channel's, with the vertical convs zeroed where its column lies
+  // outside the image (a 1x3 conv's input is zero there; its staged inputs are zero too, so both
+  // convs give prelu(0) = 0 without a select per element).
   template <typename T>
+  DABNET_HD NeckChannel<T> column(NeckChannel<T> p, const Geo& g, int f) const {
+    const int w = w0 - D + f / CT;
+    if (w < 0 || w >= g.W)
+      for (int k = 0; k < 3; k += 2) {
+        p.b[k] = T(0);
+        for (int j = 0; j < 3; ++j) p.w[k][j] = T(0);
+      }
+    return p;
+  }
+
+  template <typename S>
   struct Staged {
-    T v[kPasses][TR];
+    S v[TR];
   };
 
-  // Ring rows j0 .. j0+TR-1 into registers: this thread's elements, zero outside the tensor.
-  template <typename T, typename S>
-  DABNET_HD void load(const S* x, const Geo& g, int j0, int tid, Staged<T>& s) const {
-    const int h = h0 - D + j0;
-    for (int a = 0; a < kPasses; ++a) {
-      const int f = tid + a * kThreads, w = w0 - D + f / CT, c = c0 + f % CT;
-      const bool ok = f < kRowElems && w >= 0 && w < g.W && c < g.C;
-      const S* px = x + (ok ? g.offset(n, c, h, w) : 0);  // row r: px + r * sH
-      for (int r = 0; r < TR; ++r)
-        s.v[a][r] = ok && h + r >= 0 && h + r < g.H ? T(px[r * g.sH]) : T(0);
-    }
+  // Ring rows j0 .. j0+TR-1 of element f into registers, zero outside the tensor.
+  template <typename S>
+  DABNET_HD void load(const S* x, const Geo& g, int j0, int f, Staged<S>& s) const {
+    const int h = h0 - D + j0, w = w0 - D + f / CT, c = c0 + f % CT;
+    const bool ok = f < kRowElems && w >= 0 && w < g.W && c < g.C;
+    const S* px = x + (ok ? g.offset(n, c, h, w) : 0);
+    DABNET_UNROLL_ALL
+    for (int r = 0; r < TR; ++r, px += g.sH)  // a running pointer: one add a row
+      s.v[r] = ok && unsigned(h + r) < unsigned(g.H) ? *px : S(0.f);
   }
 
-  // The registers of load(j0) into their slots.
-  template <typename T>
-  DABNET_HD void store(T* smem, int j0, int tid, const Staged<T>& s) const {
+  // The registers of load(j0) into both slots of each row.
+  template <typename S>
+  DABNET_HD void store(S* ring, int j0, int f, const Staged<S>& s) const {
+    const int s0 = j0 % kRows;  // a constant modulus: no division
+    S* a = ring + s0 * kBlock + f;
+    DABNET_UNROLL_ALL
     for (int r = 0; r < TR; ++r) {
-      T* slot = smem + (j0 + r) % kRows * kRowElems;  // a constant modulus: no division
-      for (int a = 0; a < kPasses; ++a)
-        if (kRowElems % kThreads == 0 || tid + a * kThreads < kRowElems)
-          slot[tid + a * kThreads] = s.v[a][r];
+      a[r * kBlock] = s.v[r];                                           // slot s0 + r < 2 kRows
+      a[(r + (s0 + r < kRows ? kRows : -kRows)) * kBlock] = s.v[r];  // its twin
     }
   }
 
-  static constexpr int kRing = kRows * kRowElems;  // the ring's elements
-  // Offset o of a slot, moved by a row offset (|dr| <= 2D rows), wrapped into the ring.
-  DABNET_HD static int wrap(int o) { return o < 0 ? o + kRing : o >= kRing ? o - kRing : o; }
-
-  // Phase A of step k: both vertical convs at this thread's elements of the step's TR rows. A
-  // thread walks down its columns: rows h-1, h, h+1 slide through registers (one new read a
-  // row) and the offsets of rows h+1, h-d, h+d advance a slot at a time, wrapping at the end.
-  template <typename T>
-  DABNET_HD void vertical(T* smem, const Geo& g, const NeckChannel<T>& p, int d, int k,
-                          int tid) const {
-    const T* ring = smem;
-    T* mid = smem + kRing;
-    const int mid0 = (k * TR + D) % kRows * kRowElems;  // slot of input row h0 + k*TR
-    for (int a = 0; a < kPasses; ++a) {
-      const int f = tid + a * kThreads, w = w0 - D + f / CT;
-      if (f >= kRowElems) break;
-      const bool in = w >= 0 && w < g.W;  // a 1x3 conv's input is zero outside the image
-      int next = wrap(mid0 + kRowElems), up = wrap(mid0 - d * kRowElems),
-          down = wrap(mid0 + d * kRowElems);
-      T x0 = ring[wrap(mid0 - kRowElems) + f], x1 = ring[mid0 + f];
-      DABNET_UNROLL(2)  // fully unrolled, 2 passes x 8 rows spilled under 3 blocks per SM
-      for (int i = 0; i < TR; ++i) {
-        const T x2 = ring[next + f];
-        mid[i * kRowElems + f] = in ? neck_conv(p, 0, x0, x1, x2) : T(0);
-        mid[kMid + i * kRowElems + f] = in ? neck_conv(p, 2, ring[up + f], x1, ring[down + f])
-                                           : T(0);
-        x0 = x1;
-        x1 = x2;
-        next = wrap(next + kRowElems);
-        up = wrap(up + kRowElems);
-        down = wrap(down + kRowElems);
-      }
+  // Phase A of step k: both vertical convs at element f of the step's TR rows. Rows h-1, h, h+1
+  // slide through registers (one new read a row); rows h-d and h+d are read at constant offsets
+  // from two pointers.
+  template <typename S, typename T>
+  DABNET_HD void vertical(const S* ring, T* mid, const NeckChannel<T>& p, int d, int k,
+                          int f) const {
+    const S* x = ring + ((k * TR) % kRows + D) * kBlock + f;  // input row h0 + k*TR
+    const S *up = x - d * kBlock, *down = x + d * kBlock;
+    T* m = mid + f;
+    T x0 = T(x[-kBlock]), x1 = T(x[0]);
+    DABNET_UNROLL_ALL
+    for (int i = 0; i < TR; ++i) {
+      const T x2 = T(x[(i + 1) * kBlock]);
+      m[i * kBlock] = neck_conv(p, 0, x0, x1, x2);
+      m[kMid + i * kBlock] = neck_conv(p, 2, T(up[i * kBlock]), x1, T(down[i * kBlock]));
+      x0 = x1;
+      x1 = x2;
     }
   }
 
-  // Phase B of step k: this thread's outputs, from three phase-A values of each branch; a thread
-  // walks down its column, kOutRows rows at a time.
+  // Phase B of step k: the outputs of element f's column (a thread inside the halo), from three
+  // phase-A values of each branch.
   template <typename T, typename S>
-  DABNET_HD void horizontal(const T* smem, S* out, const Geo& g, const NeckChannel<T>& p, int d,
-                            int k, int tid) const {
-    const int c = c0 + tid % CT;
-    if (c >= g.C) return;
-    const int i0 = tid / kRowThreads, last = rows - k * TR < TR ? rows - k * TR : TR, dc = d * CT;
-    for (int a = 0; a < TW * CT / kRowThreads; ++a) {
-      const int e = tid % kRowThreads + a * kRowThreads, col = e / CT;
-      if (w0 + col >= g.W) break;  // col grows with a
-      const T* t1 = smem + kRing + i0 * kRowElems + D * CT + e;  // phase A, 3x1 branch
-      S* po = out + g.offset(n, c, h0 + k * TR + i0, w0 + col);
-      for (int i = i0; i < last; i += kOutRows) {
-        const T* t2 = t1 + kMid;  // dilated branch
-        *po = S(neck_final(p, neck_conv(p, 1, t1[-CT], t1[0], t1[CT]),
-                           neck_conv(p, 3, t2[-dc], t2[0], t2[dc])));
-        t1 += kOutRows * kRowElems;
-        po += kOutRows * g.sH;
-      }
+  DABNET_HD void horizontal(const T* mid, S* out, const Geo& g, const NeckChannel<T>& p, int d,
+                            int k, int f) const {
+    const int col = f / CT - D, c = c0 + f % CT;
+    if (col < 0 || col >= TW || w0 + col >= g.W || c >= g.C) return;
+    const int last = rows - k * TR < TR ? rows - k * TR : TR, dc = d * CT;
+    const T *t1 = mid + f, *t2 = t1 + kMid, *t2l = t2 - dc, *t2r = t2 + dc;
+    S* po = out + g.offset(n, c, h0 + k * TR, w0 + col);
+    DABNET_UNROLL_ALL
+    for (int i = 0; i < TR; ++i, po += g.sH) {
+      const int o = i * kBlock;
+      // Computed whatever i, stored below the image's last row only: a predicated store, not a
+      // branch around the arithmetic (which would recompute the addresses in each branch).
+      const S y = S(neck_final(p, neck_conv(p, 1, t1[o - CT], t1[o], t1[o + CT]),
+                               neck_conv(p, 3, t2l[o], t2[o], t2r[o])));
+      if (i < last) *po = y;
     }
   }
 };
 
 // The ring of each layout and halo D, T the accumulation type. A step loads TR x (TW + 2D) x CT
-// inputs, issued together before the step's arithmetic: with 2-4 blocks per SM that is 25-40 KB
-// in flight per SM in float32 (Little's law on an H100/H200 asks for about 20-30 KB).
+// inputs, issued together before the step's arithmetic.
 // NCHW: one channel, 128 columns, 16 rows. channels_last: 32 bytes of staged channels per pixel
-// (8 float, 4 double) over 32 columns, 8 rows; at D = 16, 16 bytes over 64 columns, so that the
-// ring's 40 rows of 128 pixels stay at ~86 KB (two blocks per SM) and the halo costs 1.5x, not 2x.
+// (8 float, 4 double) over 32 columns, 8 rows; at D = 16, 16 bytes over 64 columns (the halo costs
+// 1.5x, not 2x; the ring of 40 rows of 96 pixels fits twice per SM for 16-bit types).
 template <typename T, bool CL, int D>
 using NeckRingFor = NeckRing<CL ? int((D == 16 ? 16 : 32) / sizeof(T)) : 1,
                              CL ? (D == 16 ? 64 : 32) : 128, CL ? 8 : 16, D>;
