@@ -201,22 +201,32 @@ constexpr int kMaxTileDilation = 16;  // larger dilations take the global-memory
 // The halo a ring is compiled for: the smallest of 2, 4, 8, 16 that holds dilation d.
 DABNET_HD constexpr int neck_halo(int d) { return d <= 2 ? 2 : d <= 4 ? 4 : d <= 8 ? 8 : 16; }
 
+// Two values moved by one shared-memory access (a thread's pair of elements).
+template <typename E>
+struct alignas(2 * sizeof(E)) NeckPair {
+  E v[2];
+};
+
 // Eval neck in shared memory, streaming rows. A block owns CT channels x TW columns of one image
 // over a segment of rows, and walks down it TR output rows per step. Each staged input row has
 // TW + 2D columns (a halo of D each side) x CT channels, element f = col * CT + ct (channel
-// fastest: consecutive threads touch consecutive addresses in both layouts). Thread f owns element
-// f of every row: it stages it, runs both vertical convs on it and (inside the halo) writes its
-// output column; kBlock = kRowElems rounded up to whole warps (threads past kRowElems stage zeros).
+// fastest: consecutive threads touch consecutive addresses in both layouts). Thread t owns the
+// pair of elements f = 2t, 2t+1 of every row (two channels of one pixel, or in NCHW, where
+// CT = 1, two columns): it stages them, runs both vertical convs on them and (inside the halo)
+// writes their outputs; kBlock = the row's pairs rounded up to whole warps (threads past the row
+// stage zeros). The pair is adjacent in memory (x is contiguous in its layout): one address for
+// both loads and stores, and one shared-memory access moves both values.
 // Ring row j is input row h0 - D + j; a step reads kRows = TR + 2D consecutive ring rows, so each
 // input row is staged once per segment: halos cost only in W (and 2D rows per segment). The ring is
-// kept in x's type (half the shared memory of float for 16-bit types), each row in two slots,
+// kept in the accumulation type, or in x's type where that would not fit two blocks per SM
+// (dab_neck.cu: NeckRingType), each row in two slots,
 // j % kRows and j % kRows + kRows, so that a step's kRows rows are contiguous from its first slot:
 // every ring and phase-A address of a step is one register plus a constant.
 //
 // A step has two phases, each pixel's work done once (not once per output that needs it):
 //  A. the vertical convs (3x1 and dilated 3x1, bias, PReLU) at every staged element of the step's
-//     TR rows, zero outside the image (column()), into two arrays of TR x kBlock (mid). A thread
-//     reads only its own ring column: no barrier between staging and phase A;
+//     TR rows, zero outside the image (column()), into two arrays of TR x kStride (mid). A thread
+//     reads only its own ring columns: no barrier between staging and phase A;
 //  B. the horizontal convs from three of those values each, and the final BN-PReLU: one write.
 // All shapes are constants: no runtime division in the index math.
 template <int CT, int TW, int TR, int D>
@@ -224,13 +234,15 @@ struct NeckRing {
   static constexpr int kCT = CT, kTR = TR, kD = D;
   static constexpr int kRowElems = (TW + 2 * D) * CT;  // elements of one staged row
   static constexpr int kRows = TR + 2 * D;             // ring slots
-  static constexpr int kBlock = (kRowElems + 31) / 32 * 32;  // threads, and a row's stride
-  static constexpr int kMid = TR * kBlock;             // one branch's phase-A values
-  static constexpr int kRing = 2 * kRows * kBlock;     // the ring: each row in two slots
-  static_assert(kBlock % CT == 0, "a thread must keep one channel");
-  static_assert(kBlock <= 1024, "one thread per staged element of a row");
-  // Shortest segment: at most 2x the rows staged, and two steps, so every ring wraps.
-  static constexpr int kLeastSeg = 2 * TR > 2 * D ? 2 * TR : 2 * D;
+  static constexpr int kBlock = ((kRowElems + 1) / 2 + 31) / 32 * 32;  // threads
+  static constexpr int kStride = 2 * kBlock;           // elements of a slot or a phase-A row
+  static constexpr int kMid = TR * kStride;            // one branch's phase-A values
+  static constexpr int kRing = 2 * kRows * kStride;    // the ring: each row in two slots
+  static_assert(CT == 1 || CT % 2 == 0, "a pair is two columns (CT = 1) or two channels");
+  static_assert(kBlock <= 1024, "one thread per pair of a row's elements");
+  // Shortest segment: two steps (every ring wraps), and 4x its 2D halo rows, so that those rows
+  // (staged once per segment, with the block's setup) add at most a quarter to the rows staged.
+  static constexpr int kLeastSeg = 2 * TR > 8 * D ? 2 * TR : 8 * D;
   // Shared memory: phase A (T, the accumulation type) first, then the ring (S, x's type).
   template <typename S, typename T>
   static constexpr int64_t bytes() {
@@ -247,10 +259,11 @@ struct NeckRing {
     return g.N * groups(g) * tiles_w(g) * segments(g, seg);
   }
   // Rows per segment: all of H, halved (in whole steps, down to kLeastSeg) while the grid has
-  // fewer than 1024 blocks: short segments stage more rows but fill the GPU.
+  // fewer than 512 blocks (2-5 of these blocks are resident per SM: 512 fill a 132-SM GPU):
+  // short segments fill the GPU but stage 2D more rows each and repeat the block's setup.
   DABNET_HD static int segment(const Geo& g) {
     int seg = (g.H + TR - 1) / TR * TR;
-    while (seg / 2 >= kLeastSeg && blocks(g, seg) < 1024) seg = (seg / 2 + TR - 1) / TR * TR;
+    while (seg / 2 >= kLeastSeg && blocks(g, seg) < 512) seg = (seg / 2 + TR - 1) / TR * TR;
     return seg;
   }
 
@@ -267,98 +280,153 @@ struct NeckRing {
   }
   DABNET_HD int steps() const { return (rows + TR - 1) / TR; }
 
-  // Thread f's parameters: its channel's, with the vertical convs zeroed where its column lies
-  // outside the image (a 1x3 conv's input is zero there; its staged inputs are zero too, so both
-  // convs give prelu(0) = 0 without a select per element).
-  template <typename T>
-  DABNET_HD NeckChannel<T> column(NeckChannel<T> p, const Geo& g, int f) const {
-    const int w = w0 - D + f / CT;
-    if (w < 0 || w >= g.W)
-      for (int k = 0; k < 3; k += 2) {
-        p.b[k] = T(0);
-        for (int j = 0; j < 3; ++j) p.w[k][j] = T(0);
-      }
-    return p;
+  // Element f's image column and channel.
+  DABNET_HD int col(int f) const { return w0 - D + f / CT; }
+  DABNET_HD int chan(int f) const { return c0 + f % CT; }
+
+  // Thread t's parameters, one set per element of its pair: `channel(c)` gives channel c's (c
+  // clamped to C - 1: lanes past C work, write nothing), with the vertical convs zeroed where the
+  // element's column lies outside the image (a 1x3 conv's input is zero there; its staged inputs
+  // are zero too, so both convs give prelu(0) = 0 without a select per element).
+  template <typename T, typename F>
+  DABNET_HD void params(const Geo& g, int t, const F& channel, NeckChannel<T> (&p)[2]) const {
+    for (int v = 0; v < 2; ++v) {
+      const int f = 2 * t + v, c = chan(f), w = col(f);
+      p[v] = channel(c < g.C ? c : g.C - 1);
+      if (w < 0 || w >= g.W)
+        for (int k = 0; k < 3; k += 2) {
+          p[v].b[k] = T(0);
+          for (int j = 0; j < 3; ++j) p[v].w[k][j] = T(0);
+        }
+    }
   }
 
   template <typename S>
   struct Staged {
-    S v[TR];
+    S v[TR][2];
   };
 
-  // Ring rows j0 .. j0+TR-1 of element f into registers, zero outside the tensor.
+  // Ring rows j0 .. j0+TR-1 of thread t's pair into registers, zero outside the tensor.
   template <typename S>
-  DABNET_HD void load(const S* x, const Geo& g, int j0, int f, Staged<S>& s) const {
-    const int h = h0 - D + j0, w = w0 - D + f / CT, c = c0 + f % CT;
-    const bool ok = f < kRowElems && w >= 0 && w < g.W && c < g.C;
-    const S* px = x + (ok ? g.offset(n, c, h, w) : 0);
+  DABNET_HD void load(const S* x, const Geo& g, int j0, int t, Staged<S>& s) const {
+    const int h = h0 - D + j0, f = 2 * t;
+    bool ok[2];
+    for (int v = 0; v < 2; ++v)
+      ok[v] = f + v < kRowElems && col(f + v) >= 0 && col(f + v) < g.W && chan(f + v) < g.C;
+    // Element f + 1 is px[1]: x is contiguous in its layout (W fastest in NCHW, C in
+    // channels_last). px is only read where ok.
+    const S* px = x + g.offset(n, chan(f), h, col(f));
     DABNET_UNROLL_ALL
-    for (int r = 0; r < TR; ++r, px += g.sH)  // a running pointer: one add a row
-      s.v[r] = ok && unsigned(h + r) < unsigned(g.H) ? *px : S(0.f);
-  }
-
-  // The registers of load(j0) into both slots of each row.
-  template <typename S>
-  DABNET_HD void store(S* ring, int j0, int f, const Staged<S>& s) const {
-    const int s0 = j0 % kRows;  // a constant modulus: no division
-    S* a = ring + s0 * kBlock + f;
-    DABNET_UNROLL_ALL
-    for (int r = 0; r < TR; ++r) {
-      a[r * kBlock] = s.v[r];                                           // slot s0 + r < 2 kRows
-      a[(r + (s0 + r < kRows ? kRows : -kRows)) * kBlock] = s.v[r];  // its twin
+    for (int r = 0; r < TR; ++r, px += g.sH) {
+      const bool in = unsigned(h + r) < unsigned(g.H);
+      for (int v = 0; v < 2; ++v) {
+        const bool read = ok[v] && in;  // one predicate: one zeroing instruction, not two
+        s.v[r][v] = read ? px[v] : S(0.f);
+      }
     }
   }
 
-  // Phase A of step k: both vertical convs at element f of the step's TR rows. Rows h-1, h, h+1
-  // slide through registers (one new read a row); rows h-d and h+d are read at constant offsets
-  // from two pointers.
+  // The registers of load(j0) into both slots of each row, as the ring's type R.
+  template <typename R, typename S>
+  DABNET_HD void store(R* ring, int j0, int t, const Staged<S>& s) const {
+    const int s0 = j0 % kRows;  // a constant modulus: no division
+    NeckPair<R>* a = reinterpret_cast<NeckPair<R>*>(ring + s0 * kStride) + t;
+    DABNET_UNROLL_ALL
+    for (int r = 0; r < TR; ++r) {
+      const NeckPair<R> q{{R(s.v[r][0]), R(s.v[r][1])}};
+      a[r * kBlock] = q;                                           // slot s0 + r < 2 kRows
+      a[(r + (s0 + r < kRows ? kRows : -kRows)) * kBlock] = q;  // its twin
+    }
+  }
+
+  // Phase A of step k: both vertical convs at thread t's pair of the step's TR rows. Rows h-1, h,
+  // h+1 slide through registers (one new read a row); rows h-d and h+d are read at constant
+  // offsets from two pointers.
   template <typename S, typename T>
-  DABNET_HD void vertical(const S* ring, T* mid, const NeckChannel<T>& p, int d, int k,
-                          int f) const {
-    const S* x = ring + ((k * TR) % kRows + D) * kBlock + f;  // input row h0 + k*TR
-    const S *up = x - d * kBlock, *down = x + d * kBlock;
-    T* m = mid + f;
-    T x0 = T(x[-kBlock]), x1 = T(x[0]);
+  DABNET_HD void vertical(const S* ring, T* mid, const NeckChannel<T> (&p)[2], int d, int k,
+                          int t) const {
+    using RP = NeckPair<S>;
+    const RP* x = reinterpret_cast<const RP*>(ring) + ((k * TR) % kRows + D) * kBlock + t;
+    const RP *up = x - d * kBlock, *down = x + d * kBlock;
+    NeckPair<T>* m = reinterpret_cast<NeckPair<T>*>(mid) + t;
+    RP x0 = x[-kBlock], x1 = x[0];
     DABNET_UNROLL_ALL
     for (int i = 0; i < TR; ++i) {
-      const T x2 = T(x[(i + 1) * kBlock]);
-      m[i * kBlock] = neck_conv(p, 0, x0, x1, x2);
-      m[kMid + i * kBlock] = neck_conv(p, 2, T(up[i * kBlock]), x1, T(down[i * kBlock]));
+      const RP x2 = x[(i + 1) * kBlock], u = up[i * kBlock], w = down[i * kBlock];
+      NeckPair<T> a, b;
+      for (int v = 0; v < 2; ++v) {
+        a.v[v] = neck_conv(p[v], 0, T(x0.v[v]), T(x1.v[v]), T(x2.v[v]));
+        b.v[v] = neck_conv(p[v], 2, T(u.v[v]), T(x1.v[v]), T(w.v[v]));
+      }
+      m[i * kBlock] = a;
+      m[kMid / 2 + i * kBlock] = b;
       x0 = x1;
       x1 = x2;
     }
   }
 
-  // Phase B of step k: the outputs of element f's column (a thread inside the halo), from three
-  // phase-A values of each branch.
+  // Phase B of step k: the outputs of thread t's pair (inside the halo), from three phase-A
+  // values of each branch.
   template <typename T, typename S>
-  DABNET_HD void horizontal(const T* mid, S* out, const Geo& g, const NeckChannel<T>& p, int d,
-                            int k, int f) const {
-    const int col = f / CT - D, c = c0 + f % CT;
-    if (col < 0 || col >= TW || w0 + col >= g.W || c >= g.C) return;
+  DABNET_HD void horizontal(const T* mid, S* out, const Geo& g, const NeckChannel<T> (&p)[2],
+                            int d, int k, int t) const {
+    const int f = 2 * t;
+    bool ok[2];
+    for (int v = 0; v < 2; ++v) {
+      const int w = col(f + v);
+      ok[v] = w >= w0 && w < w0 + TW && w < g.W && chan(f + v) < g.C;
+    }
+    if (!ok[0] && !ok[1]) return;
     const int last = rows - k * TR < TR ? rows - k * TR : TR, dc = d * CT;
-    const T *t1 = mid + f, *t2 = t1 + kMid, *t2l = t2 - dc, *t2r = t2 + dc;
-    S* po = out + g.offset(n, c, h0 + k * TR, w0 + col);
+    using MP = NeckPair<T>;
+    const MP* t1 = reinterpret_cast<const MP*>(mid) + t;
+    const MP* t2 = t1 + kMid / 2;
+    const T *t2l = mid + kMid + f - dc, *t2r = mid + kMid + f + dc;  // CT = 1: d may be odd
+    S* po = out + g.offset(n, chan(f), h0 + k * TR, col(f));  // element f + 1: po[1]
     DABNET_UNROLL_ALL
     for (int i = 0; i < TR; ++i, po += g.sH) {
       const int o = i * kBlock;
-      // Computed whatever i, stored below the image's last row only: a predicated store, not a
-      // branch around the arithmetic (which would recompute the addresses in each branch).
-      const S y = S(neck_final(p, neck_conv(p, 1, t1[o - CT], t1[o], t1[o + CT]),
-                               neck_conv(p, 3, t2l[o], t2[o], t2r[o])));
-      if (i < last) *po = y;
+      T a[2][3], b[2][3];  // each element's three taps of each branch
+      const MP c1 = t1[o], c2 = t2[o];
+      if (CT == 1) {  // the pair is two columns: neighbours one column and d columns away
+        const MP l1 = t1[o - 1], r1 = t1[o + 1];
+        const T s[4] = {l1.v[1], c1.v[0], c1.v[1], r1.v[0]};
+        for (int v = 0; v < 2; ++v) {
+          a[v][0] = s[v], a[v][1] = s[v + 1], a[v][2] = s[v + 2];
+          b[v][0] = t2l[2 * o + v], b[v][1] = c2.v[v], b[v][2] = t2r[2 * o + v];
+        }
+      } else {  // two channels of one pixel: neighbours CT and dc elements away, pairs too
+        const MP l1 = t1[o - CT / 2], r1 = t1[o + CT / 2];
+        const MP l2 = t2[o - dc / 2], r2 = t2[o + dc / 2];
+        for (int v = 0; v < 2; ++v) {
+          a[v][0] = l1.v[v], a[v][1] = c1.v[v], a[v][2] = r1.v[v];
+          b[v][0] = l2.v[v], b[v][1] = c2.v[v], b[v][2] = r2.v[v];
+        }
+      }
+      // Computed whatever i, stored above the image's last row only: predicated stores, not a
+      // branch around the arithmetic.
+      for (int v = 0; v < 2; ++v) {
+        const S y = S(neck_final(p[v], neck_conv(p[v], 1, a[v][0], a[v][1], a[v][2]),
+                                 neck_conv(p[v], 3, b[v][0], b[v][1], b[v][2])));
+        if (ok[v] && i < last) po[v] = y;
+      }
     }
   }
 };
 
 // The ring of each layout and halo D, T the accumulation type. A step loads TR x (TW + 2D) x CT
 // inputs, issued together before the step's arithmetic.
-// NCHW: one channel, 128 columns, 16 rows. channels_last: 32 bytes of staged channels per pixel
-// (8 float, 4 double) over 32 columns, 8 rows; at D = 16, 16 bytes over 64 columns (the halo costs
-// 1.5x, not 2x; the ring of 40 rows of 96 pixels fits twice per SM for 16-bit types).
+// NCHW: one channel, 128 columns, 16 rows. channels_last: 8 rows (16 at D = 16) of 1 KB of accumulation-type
+// channels (TW pixels x CT channels, CT at least a pair), wider and thinner as the halo grows so
+// that a staged row stays within 1.5x its outputs: 32 pixels up to D = 4, 64 at 8, 128 at 16
+// (float: 8, 8, 4, 2 channels).
+constexpr int neck_cl_tile_w(int D) { return D <= 4 ? 32 : D == 8 ? 64 : 128; }
+constexpr int neck_cl_channels(int D, int bytes) {
+  return 1024 / bytes / neck_cl_tile_w(D) < 2 ? 2 : 1024 / bytes / neck_cl_tile_w(D);
+}
 template <typename T, bool CL, int D>
-using NeckRingFor = NeckRing<CL ? int((D == 16 ? 16 : 32) / sizeof(T)) : 1,
-                             CL ? (D == 16 ? 64 : 32) : 128, CL ? 8 : 16, D>;
+using NeckRingFor = NeckRing<CL ? neck_cl_channels(D, int(sizeof(T))) : 1,
+                             CL ? neck_cl_tile_w(D) : 128, CL && D < 16 ? 8 : 16, D>;
 
 }  // namespace cuda
 }  // namespace dabnet

@@ -138,9 +138,13 @@ static std::vector<double> ring_neck(const std::vector<double>& x, const Geo& g,
   std::vector<typename Ring::template Staged<double>> v(Ring::kBlock);
   for (int64_t b = 0; b < Ring::blocks(g, seg); ++b) {
     const Ring t(g, seg, b);
-    auto params = [&](int tid) {
-      return t.column(prm[std::min(t.c0 + tid % Ring::kCT, g.C - 1)], g, tid);
+    struct Params {
+      NeckChannel<double> v[2];  // a thread's, one set per element of its pair
     };
+    std::vector<Params> p(Ring::kBlock);
+    for (int tid = 0; tid < Ring::kBlock; ++tid)
+      t.params(g, tid, [&](int c) { return prm[c]; }, p[tid].v);
+    auto params = [&](int tid) -> const NeckChannel<double>(&)[2] { return p[tid].v; };
     std::fill(ring.begin(), ring.end(), std::nan(""));
     std::fill(mid.begin(), mid.end(), std::nan(""));
     for (int j0 = 0; j0 < 2 * Ring::kD; j0 += Ring::kTR)

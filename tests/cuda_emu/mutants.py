@@ -33,8 +33,8 @@ MUTANTS = {
         "a missing barrier: the neck's horizontal phase reads values other threads have not "
         "written yet",
         "dab_neck.cu",
-        "    __syncthreads();\n    t.horizontal(mid, out, g, p, d, k, f);\n",
-        "    t.horizontal(mid, out, g, p, d, k, f);\n", NECK),
+        "    __syncthreads();\n    t.horizontal(mid, out, g, p, d, k, tid);\n",
+        "    t.horizontal(mid, out, g, p, d, k, tid);\n", NECK),
     "reduction_race": (
         "a race in a reduction tree: no barrier between the levels of reduce_kernel's tree",
         "common.cuh",
