@@ -306,8 +306,10 @@ def test_dab_neck(dev, shape, dilation, layout):
 
 # The ring kernel (csrc/cuda/dab_neck.cu, index.h: NeckRing): every dilation it holds, including
 # those between its halos of 2, 4, 8, 16, with H long enough that each block's ring wraps (a
-# segment is at least two steps: 8 to 32 rows), sizes not multiples of the ring's 128-column
-# (NCHW) or 32/64-pixel x 8-channel (channels_last) strips, N > 1, and every dtype.
+# segment is at least two steps and 8D rows; the ring holds TR + 2D rows), sizes not multiples of
+# the ring's 128-column (NCHW) or 32/64/128-pixel x 8/4/2-channel (channels_last) strips, odd C
+# (a thread's pair of channels half outside C), odd W (NCHW pairs of columns half outside the
+# image), N > 1, and every dtype.
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_dab_neck_ring(dev, layout, dtype):

@@ -6,6 +6,8 @@
 // the same per-pixel arithmetic (index.h: neck_point).
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "../checks.h"
 #include "common.cuh"
 
@@ -35,39 +37,47 @@ struct NeckParams {
   }
 };
 
-// Streams the rows of one segment through a ring in shared memory (index.h: NeckRing). The next
-// step's rows are loaded into registers before this step's arithmetic, so those loads are in
-// flight while it runs.
-// float32: three blocks per SM (at most 85 registers), so three steps' loads are in flight per SM
-// (see NeckRingFor). Two for the others: float16/bfloat16 spilled at 85 registers.
+// The ring's element type: the accumulation type (each value converted once, when staged, not at
+// each of its three reads in phase A) where the shared memory still fits two blocks per SM (228 KB,
+// 1 KB reserved per block), else x's type (16-bit types at channels_last D = 16).
+template <typename scalar_t, typename Ring, typename acc_t = at::opmath_type<scalar_t>>
+using NeckRingType =
+    std::conditional_t<(Ring::template bytes<acc_t, acc_t>() <= 113 * 1024), acc_t, scalar_t>;
+
+// Streams the rows of one segment through a ring in shared memory (index.h: NeckRing), one
+// thread per pair of a row's staged elements. The next step's rows are loaded into registers
+// before this step's arithmetic, so those loads are in flight while it runs. Every loop over rows
+// is unrolled: a step is straight-line code with constant shared-memory offsets.
 template <typename scalar_t, typename Ring>
-__global__ void __launch_bounds__(kThreads, sizeof(scalar_t) == 4 ? 3 : 2)
+__global__ void __launch_bounds__(Ring::kBlock, sizeof(scalar_t) == 8 ? 1 : 2)  // double: no spills
     neck_ring_kernel(const scalar_t* x, scalar_t* out, const Geo g,
                      const NeckParams<at::opmath_type<scalar_t>> prm, int d, int seg) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* mid = reinterpret_cast<acc_t*>(smem_raw);
+  auto* ring = reinterpret_cast<NeckRingType<scalar_t, Ring>*>(mid + 2 * Ring::kMid);
   const Ring t(g, seg, blockIdx.x);
   const int tid = threadIdx.x;
-  const int c = t.c0 + tid % Ring::kCT;
-  const auto p = prm.channel(c < g.C ? c : g.C - 1);  // lanes past C work, write nothing
+  NeckChannel<acc_t> p[2];
+  t.params(g, tid, [&](int c) { return prm.channel(c); }, p);
   constexpr int k2D = 2 * Ring::kD;
-  typename Ring::template Staged<acc_t> v;
+  typename Ring::template Staged<scalar_t> v;
   // The 2D rows above the first step's outputs, in whole steps (from TR > 2D on, the first step
   // stages the same rows [2D, TR) again, into the same slots, from the same thread).
+  DABNET_UNROLL_ALL
   for (int j0 = 0; j0 < k2D; j0 += Ring::kTR) {
     t.load(x, g, j0, tid, v);
-    t.store(smem, j0, tid, v);
+    t.store(ring, j0, tid, v);
   }
   const int steps = t.steps();
   t.load(x, g, k2D, tid, v);
   for (int k = 0; k < steps; ++k) {
-    t.store(smem, k2D + k * Ring::kTR, tid, v);  // over the rows step k-1 read last
-    __syncthreads();
+    t.store(ring, k2D + k * Ring::kTR, tid, v);  // over rows no step from k on reads
     if (k + 1 < steps) t.load(x, g, k2D + (k + 1) * Ring::kTR, tid, v);
-    t.vertical(smem, g, p, d, k, tid);
+    t.vertical(ring, mid, p, d, k, tid);  // this thread's ring columns only: no barrier before
     __syncthreads();
-    t.horizontal(smem, out, g, p, d, k, tid);  // the next store waits for vertical, not for this
+    t.horizontal(mid, out, g, p, d, k, tid);
+    __syncthreads();  // the next vertical overwrites what this one read
   }
 }
 
@@ -94,7 +104,8 @@ struct NeckOp {
 template <typename scalar_t, typename Ring>
 bool launch_ring(const scalar_t* x, scalar_t* out, const Geo& g,
                  const NeckParams<at::opmath_type<scalar_t>>& prm, int d) {
-  const int64_t bytes = Ring::kElems * int64_t(sizeof(at::opmath_type<scalar_t>));
+  const int64_t bytes =
+      Ring::template bytes<NeckRingType<scalar_t, Ring>, at::opmath_type<scalar_t>>();
   int dev = 0, optin = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
@@ -106,7 +117,7 @@ bool launch_ring(const scalar_t* x, scalar_t* out, const Geo& g,
   const int seg = Ring::segment(g);
   const int64_t blocks = Ring::blocks(g, seg);
   TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "dabnet: dab_neck input too large");
-  kernel<<<unsigned(blocks), kThreads, size_t(bytes), stream()>>>(x, out, g, prm, d, seg);
+  kernel<<<unsigned(blocks), Ring::kBlock, size_t(bytes), stream()>>>(x, out, g, prm, d, seg);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }

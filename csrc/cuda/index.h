@@ -207,36 +207,53 @@ constexpr int kMaxTileDilation = 16;  // larger dilations take the global-memory
 // The halo a ring is compiled for: the smallest of 2, 4, 8, 16 that holds dilation d.
 DABNET_HD constexpr int neck_halo(int d) { return d <= 2 ? 2 : d <= 4 ? 4 : d <= 8 ? 8 : 16; }
 
+// Two values moved by one shared-memory access (a thread's pair of elements).
+template <typename E>
+struct alignas(2 * sizeof(E)) NeckPair {
+  E v[2];
+};
+
 // Eval neck in shared memory, streaming rows. A block owns CT channels x TW columns of one image
-// over a segment of rows, and walks down it TR output rows per step. Shared memory holds a ring of
-// kRows = TR + 2D slots, each one staged input row of TW + 2D columns (a halo of D each side) x CT
-// channels, element f = col * CT + ct (channel fastest: consecutive threads touch consecutive
-// addresses in both layouts); ring row j is input row h0 - D + j, in slot j % kRows. A step reads
-// kRows consecutive ring rows, so each input row is staged once per segment: halos cost only in W
-// (and 2D rows per segment). Values are kept in the accumulation type, converted once.
+// over a segment of rows, and walks down it TR output rows per step. Each staged input row has
+// TW + 2D columns (a halo of D each side) x CT channels, element f = col * CT + ct (channel
+// fastest: consecutive threads touch consecutive addresses in both layouts). Thread t owns the
+// pair of elements f = 2t, 2t+1 of every row (two channels of one pixel, or in NCHW, where
+// CT = 1, two columns): it stages them, runs both vertical convs on them and (inside the halo)
+// writes their outputs; kBlock = the row's pairs rounded up to whole warps (threads past the row
+// stage zeros). The pair is adjacent in memory (x is contiguous in its layout): one address for
+// both loads and stores, and one shared-memory access moves both values.
+// Ring row j is input row h0 - D + j; a step reads kRows = TR + 2D consecutive ring rows, so each
+// input row is staged once per segment: halos cost only in W (and 2D rows per segment). The ring is
+// kept in the accumulation type, or in x's type where that would not fit two blocks per SM
+// (dab_neck.cu: NeckRingType), each row in two slots,
+// j % kRows and j % kRows + kRows, so that a step's kRows rows are contiguous from its first slot:
+// every ring and phase-A address of a step is one register plus a constant.
 //
 // A step has two phases, each pixel's work done once (not once per output that needs it):
-//  A. the vertical convs (3x1 and dilated 3x1, bias, PReLU) at every staged column of the step's
-//     TR rows, zero outside the image, into two rows of TR x kRowElems (mid);
+//  A. the vertical convs (3x1 and dilated 3x1, bias, PReLU) at every staged element of the step's
+//     TR rows, zero outside the image (column()), into two arrays of TR x kStride (mid). A thread
+//     reads only its own ring columns: no barrier between staging and phase A;
 //  B. the horizontal convs from three of those values each, and the final BN-PReLU: one write.
-// Thread tid handles elements f = tid + a*kThreads (a < kPasses) of every row, when staging and in
-// A, and outputs e = tid % kRowThreads + a*kRowThreads in rows tid / kRowThreads + m*kOutRows in B.
-// 256 is a multiple of CT, so a thread keeps one channel. All shapes are constants: no runtime
-// division in the index math.
+// All shapes are constants: no runtime division in the index math.
 template <int CT, int TW, int TR, int D>
 struct NeckRing {
   static constexpr int kCT = CT, kTR = TR, kD = D;
   static constexpr int kRowElems = (TW + 2 * D) * CT;  // elements of one staged row
   static constexpr int kRows = TR + 2 * D;             // ring slots
-  static constexpr int kMid = TR * kRowElems;          // one branch's phase-A values
-  static constexpr int kElems = kRows * kRowElems + 2 * kMid;  // shared memory, elements
-  static constexpr int kPasses = (kRowElems + kThreads - 1) / kThreads;
-  static constexpr int kRowThreads = TW * CT < kThreads ? TW * CT : kThreads;
-  static constexpr int kOutRows = kThreads / kRowThreads;  // output rows computed side by side
-  static_assert(kThreads % CT == 0, "a thread must keep one channel");
-  static_assert(TR % kOutRows == 0 && (TW * CT) % kRowThreads == 0, "uneven output split");
-  // Shortest segment: at most 2x the rows staged, and two steps, so every ring wraps.
-  static constexpr int kLeastSeg = 2 * TR > 2 * D ? 2 * TR : 2 * D;
+  static constexpr int kBlock = ((kRowElems + 1) / 2 + 31) / 32 * 32;  // threads
+  static constexpr int kStride = 2 * kBlock;           // elements of a slot or a phase-A row
+  static constexpr int kMid = TR * kStride;            // one branch's phase-A values
+  static constexpr int kRing = 2 * kRows * kStride;    // the ring: each row in two slots
+  static_assert(CT == 1 || CT % 2 == 0, "a pair is two columns (CT = 1) or two channels");
+  static_assert(kBlock <= 1024, "one thread per pair of a row's elements");
+  // Shortest segment: two steps (every ring wraps), and 4x its 2D halo rows, so that those rows
+  // (staged once per segment, with the block's setup) add at most a quarter to the rows staged.
+  static constexpr int kLeastSeg = 2 * TR > 8 * D ? 2 * TR : 8 * D;
+  // Shared memory: phase A (T, the accumulation type) first, then the ring (S, x's type).
+  template <typename S, typename T>
+  static constexpr int64_t bytes() {
+    return 2 * kMid * int64_t(sizeof(T)) + kRing * int64_t(sizeof(S));
+  }
 
   int64_t n;
   int c0, h0, w0, rows;  // rows: output rows of this block's segment inside the image
@@ -248,10 +265,11 @@ struct NeckRing {
     return g.N * groups(g) * tiles_w(g) * segments(g, seg);
   }
   // Rows per segment: all of H, halved (in whole steps, down to kLeastSeg) while the grid has
-  // fewer than 1024 blocks: short segments stage more rows but fill the GPU.
+  // fewer than 512 blocks (2-5 of these blocks are resident per SM: 512 fill a 132-SM GPU):
+  // short segments fill the GPU but stage 2D more rows each and repeat the block's setup.
   DABNET_HD static int segment(const Geo& g) {
     int seg = (g.H + TR - 1) / TR * TR;
-    while (seg / 2 >= kLeastSeg && blocks(g, seg) < 1024) seg = (seg / 2 + TR - 1) / TR * TR;
+    while (seg / 2 >= kLeastSeg && blocks(g, seg) < 512) seg = (seg / 2 + TR - 1) / TR * TR;
     return seg;
   }
 
@@ -268,103 +286,153 @@ struct NeckRing {
   }
   DABNET_HD int steps() const { return (rows + TR - 1) / TR; }
 
-  template <typename T>
+  // Element f's image column and channel.
+  DABNET_HD int col(int f) const { return w0 - D + f / CT; }
+  DABNET_HD int chan(int f) const { return c0 + f % CT; }
+
+  // Thread t's parameters, one set per element of its pair: `channel(c)` gives channel c's (c
+  // clamped to C - 1: lanes past C work, write nothing), with the vertical convs zeroed where the
+  // element's column lies outside the image (a 1x3 conv's input is zero there; its staged inputs
+  // are zero too, so both convs give prelu(0) = 0 without a select per element).
+  template <typename T, typename F>
+  DABNET_HD void params(const Geo& g, int t, const F& channel, NeckChannel<T> (&p)[2]) const {
+    for (int v = 0; v < 2; ++v) {
+      const int f = 2 * t + v, c = chan(f), w = col(f);
+      p[v] = channel(c < g.C ? c : g.C - 1);
+      if (w < 0 || w >= g.W)
+        for (int k = 0; k < 3; k += 2) {
+          p[v].b[k] = T(0);
+          for (int j = 0; j < 3; ++j) p[v].w[k][j] = T(0);
+        }
+    }
+  }
+
+  template <typename S>
   struct Staged {
-    T v[kPasses][TR];
+    S v[TR][2];
   };
 
-  // Ring rows j0 .. j0+TR-1 into registers: this thread's elements, zero outside the tensor.
-  template <typename T, typename S>
-  DABNET_HD void load(const S* x, const Geo& g, int j0, int tid, Staged<T>& s) const {
-    const int h = h0 - D + j0;
-    for (int a = 0; a < kPasses; ++a) {
-      const int f = tid + a * kThreads, w = w0 - D + f / CT, c = c0 + f % CT;
-      const bool ok = f < kRowElems && w >= 0 && w < g.W && c < g.C;
-      const S* px = x + (ok ? g.offset(n, c, h, w) : 0);  // row r: px + r * sH
-      for (int r = 0; r < TR; ++r)
-        s.v[a][r] = ok && h + r >= 0 && h + r < g.H ? T(px[r * g.sH]) : T(0);
-    }
-  }
-
-  // The registers of load(j0) into their slots.
-  template <typename T>
-  DABNET_HD void store(T* smem, int j0, int tid, const Staged<T>& s) const {
-    for (int r = 0; r < TR; ++r) {
-      T* slot = smem + (j0 + r) % kRows * kRowElems;  // a constant modulus: no division
-      for (int a = 0; a < kPasses; ++a)
-        if (kRowElems % kThreads == 0 || tid + a * kThreads < kRowElems)
-          slot[tid + a * kThreads] = s.v[a][r];
-    }
-  }
-
-  static constexpr int kRing = kRows * kRowElems;  // the ring's elements
-  // Offset o of a slot, moved by a row offset (|dr| <= 2D rows), wrapped into the ring.
-  DABNET_HD static int wrap(int o) { return o < 0 ? o + kRing : o >= kRing ? o - kRing : o; }
-
-  // Phase A of step k: both vertical convs at this thread's elements of the step's TR rows. A
-  // thread walks down its columns: rows h-1, h, h+1 slide through registers (one new read a
-  // row) and the offsets of rows h+1, h-d, h+d advance a slot at a time, wrapping at the end.
-  template <typename T>
-  DABNET_HD void vertical(T* smem, const Geo& g, const NeckChannel<T>& p, int d, int k,
-                          int tid) const {
-    const T* ring = smem;
-    T* mid = smem + kRing;
-    const int mid0 = (k * TR + D) % kRows * kRowElems;  // slot of input row h0 + k*TR
-    for (int a = 0; a < kPasses; ++a) {
-      const int f = tid + a * kThreads, w = w0 - D + f / CT;
-      if (f >= kRowElems) break;
-      const bool in = w >= 0 && w < g.W;  // a 1x3 conv's input is zero outside the image
-      int next = wrap(mid0 + kRowElems), up = wrap(mid0 - d * kRowElems),
-          down = wrap(mid0 + d * kRowElems);
-      T x0 = ring[wrap(mid0 - kRowElems) + f], x1 = ring[mid0 + f];
-      DABNET_UNROLL(2)  // fully unrolled, 2 passes x 8 rows spilled under 3 blocks per SM
-      for (int i = 0; i < TR; ++i) {
-        const T x2 = ring[next + f];
-        mid[i * kRowElems + f] = in ? neck_conv(p, 0, x0, x1, x2) : T(0);
-        mid[kMid + i * kRowElems + f] = in ? neck_conv(p, 2, ring[up + f], x1, ring[down + f])
-                                           : T(0);
-        x0 = x1;
-        x1 = x2;
-        next = wrap(next + kRowElems);
-        up = wrap(up + kRowElems);
-        down = wrap(down + kRowElems);
+  // Ring rows j0 .. j0+TR-1 of thread t's pair into registers, zero outside the tensor.
+  template <typename S>
+  DABNET_HD void load(const S* x, const Geo& g, int j0, int t, Staged<S>& s) const {
+    const int h = h0 - D + j0, f = 2 * t;
+    bool ok[2];
+    for (int v = 0; v < 2; ++v)
+      ok[v] = f + v < kRowElems && col(f + v) >= 0 && col(f + v) < g.W && chan(f + v) < g.C;
+    // Element f + 1 is px[1]: x is contiguous in its layout (W fastest in NCHW, C in
+    // channels_last). px is only read where ok.
+    const S* px = x + g.offset(n, chan(f), h, col(f));
+    DABNET_UNROLL_ALL
+    for (int r = 0; r < TR; ++r, px += g.sH) {
+      const bool in = unsigned(h + r) < unsigned(g.H);
+      for (int v = 0; v < 2; ++v) {
+        const bool read = ok[v] && in;  // one predicate: one zeroing instruction, not two
+        s.v[r][v] = read ? px[v] : S(0.f);
       }
     }
   }
 
-  // Phase B of step k: this thread's outputs, from three phase-A values of each branch; a thread
-  // walks down its column, kOutRows rows at a time.
+  // The registers of load(j0) into both slots of each row, as the ring's type R.
+  template <typename R, typename S>
+  DABNET_HD void store(R* ring, int j0, int t, const Staged<S>& s) const {
+    const int s0 = j0 % kRows;  // a constant modulus: no division
+    NeckPair<R>* a = reinterpret_cast<NeckPair<R>*>(ring + s0 * kStride) + t;
+    DABNET_UNROLL_ALL
+    for (int r = 0; r < TR; ++r) {
+      const NeckPair<R> q{{R(s.v[r][0]), R(s.v[r][1])}};
+      a[r * kBlock] = q;                                           // slot s0 + r < 2 kRows
+      a[(r + (s0 + r < kRows ? kRows : -kRows)) * kBlock] = q;  // its twin
+    }
+  }
+
+  // Phase A of step k: both vertical convs at thread t's pair of the step's TR rows. Rows h-1, h,
+  // h+1 slide through registers (one new read a row); rows h-d and h+d are read at constant
+  // offsets from two pointers.
+  template <typename S, typename T>
+  DABNET_HD void vertical(const S* ring, T* mid, const NeckChannel<T> (&p)[2], int d, int k,
+                          int t) const {
+    using RP = NeckPair<S>;
+    const RP* x = reinterpret_cast<const RP*>(ring) + ((k * TR) % kRows + D) * kBlock + t;
+    const RP *up = x - d * kBlock, *down = x + d * kBlock;
+    NeckPair<T>* m = reinterpret_cast<NeckPair<T>*>(mid) + t;
+    RP x0 = x[-kBlock], x1 = x[0];
+    DABNET_UNROLL_ALL
+    for (int i = 0; i < TR; ++i) {
+      const RP x2 = x[(i + 1) * kBlock], u = up[i * kBlock], w = down[i * kBlock];
+      NeckPair<T> a, b;
+      for (int v = 0; v < 2; ++v) {
+        a.v[v] = neck_conv(p[v], 0, T(x0.v[v]), T(x1.v[v]), T(x2.v[v]));
+        b.v[v] = neck_conv(p[v], 2, T(u.v[v]), T(x1.v[v]), T(w.v[v]));
+      }
+      m[i * kBlock] = a;
+      m[kMid / 2 + i * kBlock] = b;
+      x0 = x1;
+      x1 = x2;
+    }
+  }
+
+  // Phase B of step k: the outputs of thread t's pair (inside the halo), from three phase-A
+  // values of each branch.
   template <typename T, typename S>
-  DABNET_HD void horizontal(const T* smem, S* out, const Geo& g, const NeckChannel<T>& p, int d,
-                            int k, int tid) const {
-    const int c = c0 + tid % CT;
-    if (c >= g.C) return;
-    const int i0 = tid / kRowThreads, last = rows - k * TR < TR ? rows - k * TR : TR, dc = d * CT;
-    for (int a = 0; a < TW * CT / kRowThreads; ++a) {
-      const int e = tid % kRowThreads + a * kRowThreads, col = e / CT;
-      if (w0 + col >= g.W) break;  // col grows with a
-      const T* t1 = smem + kRing + i0 * kRowElems + D * CT + e;  // phase A, 3x1 branch
-      S* po = out + g.offset(n, c, h0 + k * TR + i0, w0 + col);
-      for (int i = i0; i < last; i += kOutRows) {
-        const T* t2 = t1 + kMid;  // dilated branch
-        *po = S(neck_final(p, neck_conv(p, 1, t1[-CT], t1[0], t1[CT]),
-                           neck_conv(p, 3, t2[-dc], t2[0], t2[dc])));
-        t1 += kOutRows * kRowElems;
-        po += kOutRows * g.sH;
+  DABNET_HD void horizontal(const T* mid, S* out, const Geo& g, const NeckChannel<T> (&p)[2],
+                            int d, int k, int t) const {
+    const int f = 2 * t;
+    bool ok[2];
+    for (int v = 0; v < 2; ++v) {
+      const int w = col(f + v);
+      ok[v] = w >= w0 && w < w0 + TW && w < g.W && chan(f + v) < g.C;
+    }
+    if (!ok[0] && !ok[1]) return;
+    const int last = rows - k * TR < TR ? rows - k * TR : TR, dc = d * CT;
+    using MP = NeckPair<T>;
+    const MP* t1 = reinterpret_cast<const MP*>(mid) + t;
+    const MP* t2 = t1 + kMid / 2;
+    const T *t2l = mid + kMid + f - dc, *t2r = mid + kMid + f + dc;  // CT = 1: d may be odd
+    S* po = out + g.offset(n, chan(f), h0 + k * TR, col(f));  // element f + 1: po[1]
+    DABNET_UNROLL_ALL
+    for (int i = 0; i < TR; ++i, po += g.sH) {
+      const int o = i * kBlock;
+      T a[2][3], b[2][3];  // each element's three taps of each branch
+      const MP c1 = t1[o], c2 = t2[o];
+      if (CT == 1) {  // the pair is two columns: neighbours one column and d columns away
+        const MP l1 = t1[o - 1], r1 = t1[o + 1];
+        const T s[4] = {l1.v[1], c1.v[0], c1.v[1], r1.v[0]};
+        for (int v = 0; v < 2; ++v) {
+          a[v][0] = s[v], a[v][1] = s[v + 1], a[v][2] = s[v + 2];
+          b[v][0] = t2l[2 * o + v], b[v][1] = c2.v[v], b[v][2] = t2r[2 * o + v];
+        }
+      } else {  // two channels of one pixel: neighbours CT and dc elements away, pairs too
+        const MP l1 = t1[o - CT / 2], r1 = t1[o + CT / 2];
+        const MP l2 = t2[o - dc / 2], r2 = t2[o + dc / 2];
+        for (int v = 0; v < 2; ++v) {
+          a[v][0] = l1.v[v], a[v][1] = c1.v[v], a[v][2] = r1.v[v];
+          b[v][0] = l2.v[v], b[v][1] = c2.v[v], b[v][2] = r2.v[v];
+        }
+      }
+      // Computed whatever i, stored above the image's last row only: predicated stores, not a
+      // branch around the arithmetic.
+      for (int v = 0; v < 2; ++v) {
+        const S y = S(neck_final(p[v], neck_conv(p[v], 1, a[v][0], a[v][1], a[v][2]),
+                                 neck_conv(p[v], 3, b[v][0], b[v][1], b[v][2])));
+        if (ok[v] && i < last) po[v] = y;
       }
     }
   }
 };
 
 // The ring of each layout and halo D, T the accumulation type. A step loads TR x (TW + 2D) x CT
-// inputs, issued together before the step's arithmetic: with 2-4 blocks per SM that is 25-40 KB
-// in flight per SM in float32 (Little's law on an H100/H200 asks for about 20-30 KB).
-// NCHW: one channel, 128 columns, 16 rows. channels_last: 32 bytes of staged channels per pixel
-// (8 float, 4 double) over 32 columns, 8 rows; at D = 16, 16 bytes over 64 columns, so that the
-// ring's 40 rows of 128 pixels stay at ~86 KB (two blocks per SM) and the halo costs 1.5x, not 2x.
+// inputs, issued together before the step's arithmetic.
+// NCHW: one channel, 128 columns, 16 rows. channels_last: 8 rows (16 at D = 16) of 1 KB of accumulation-type
+// channels (TW pixels x CT channels, CT at least a pair), wider and thinner as the halo grows so
+// that a staged row stays within 1.5x its outputs: 32 pixels up to D = 4, 64 at 8, 128 at 16
+// (float: 8, 8, 4, 2 channels).
+constexpr int neck_cl_tile_w(int D) { return D <= 4 ? 32 : D == 8 ? 64 : 128; }
+constexpr int neck_cl_channels(int D, int bytes) {
+  return 1024 / bytes / neck_cl_tile_w(D) < 2 ? 2 : 1024 / bytes / neck_cl_tile_w(D);
+}
 template <typename T, bool CL, int D>
-using NeckRingFor = NeckRing<CL ? int((D == 16 ? 16 : 32) / sizeof(T)) : 1,
-                             CL ? (D == 16 ? 64 : 32) : 128, CL ? 8 : 16, D>;
+using NeckRingFor = NeckRing<CL ? neck_cl_channels(D, int(sizeof(T))) : 1,
+                             CL ? neck_cl_tile_w(D) : 128, CL && D < 16 ? 8 : 16, D>;
 
 }  // namespace cuda
 }  // namespace dabnet

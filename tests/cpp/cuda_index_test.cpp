@@ -143,27 +143,33 @@ template <typename Ring>
 static std::vector<double> ring_neck(const std::vector<double>& x, const Geo& g, int d, int seg,
                                      const std::vector<NeckChannel<double>>& prm) {
   std::vector<Cell> out(x.size());
-  std::vector<double> ring(Ring::kElems);
-  std::vector<typename Ring::template Staged<double>> v(kThreads);
+  std::vector<double> ring(Ring::kRing), mid(2 * Ring::kMid);
+  std::vector<typename Ring::template Staged<double>> v(Ring::kBlock);
   for (int64_t b = 0; b < Ring::blocks(g, seg); ++b) {
     const Ring t(g, seg, b);
-    auto channel = [&](int tid) { return std::min(t.c0 + tid % Ring::kCT, g.C - 1); };
+    struct Params {
+      NeckChannel<double> v[2];  // a thread's, one set per element of its pair
+    };
+    std::vector<Params> p(Ring::kBlock);
+    for (int tid = 0; tid < Ring::kBlock; ++tid)
+      t.params(g, tid, [&](int c) { return prm[c]; }, p[tid].v);
+    auto params = [&](int tid) -> const NeckChannel<double>(&)[2] { return p[tid].v; };
     std::fill(ring.begin(), ring.end(), std::nan(""));
+    std::fill(mid.begin(), mid.end(), std::nan(""));
     for (int j0 = 0; j0 < 2 * Ring::kD; j0 += Ring::kTR)
-      for (int tid = 0; tid < kThreads; ++tid) {
+      for (int tid = 0; tid < Ring::kBlock; ++tid) {
         t.load(x.data(), g, j0, tid, v[tid]);
         t.store(ring.data(), j0, tid, v[tid]);
       }
-    for (int tid = 0; tid < kThreads; ++tid) t.load(x.data(), g, 2 * Ring::kD, tid, v[tid]);
+    for (int tid = 0; tid < Ring::kBlock; ++tid) t.load(x.data(), g, 2 * Ring::kD, tid, v[tid]);
     for (int k = 0; k < t.steps(); ++k) {
-      for (int tid = 0; tid < kThreads; ++tid)
+      for (int tid = 0; tid < Ring::kBlock; ++tid) {
         t.store(ring.data(), 2 * Ring::kD + k * Ring::kTR, tid, v[tid]);
-      for (int tid = 0; tid < kThreads; ++tid) {
         if (k + 1 < t.steps()) t.load(x.data(), g, 2 * Ring::kD + (k + 1) * Ring::kTR, tid, v[tid]);
-        t.vertical(ring.data(), g, prm[channel(tid)], d, k, tid);
+        t.vertical(ring.data(), mid.data(), params(tid), d, k, tid);
       }
-      for (int tid = 0; tid < kThreads; ++tid)
-        t.horizontal(ring.data(), out.data(), g, prm[channel(tid)], d, k, tid);
+      for (int tid = 0; tid < Ring::kBlock; ++tid)
+        t.horizontal(mid.data(), out.data(), g, params(tid), d, k, tid);
     }
   }
   std::vector<double> vals(out.size());

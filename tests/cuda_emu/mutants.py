@@ -33,8 +33,8 @@ MUTANTS = {
         "a missing barrier: the neck's horizontal phase reads values other threads have not "
         "written yet",
         "dab_neck.cu",
-        "t.vertical(smem, g, p, d, k, tid);\n    __syncthreads();\n",
-        "t.vertical(smem, g, p, d, k, tid);\n", NECK),
+        "    __syncthreads();\n    t.horizontal(mid, out, g, p, d, k, tid);\n",
+        "    t.horizontal(mid, out, g, p, d, k, tid);\n", NECK),
     "reduction_race": (
         "a race in a reduction tree: no barrier between the levels of reduce_kernel's tree",
         "common.cuh",
@@ -75,10 +75,9 @@ MUTANTS = {
         "__shared__ V sh[kThreads / 2][L];", REDUCE),
     "small_dynamic_tile": (
         "a too-small shared tile: the neck asks for its ring without one branch's phase-A rows",
-        "dab_neck.cu",
-        "const int64_t bytes = Ring::kElems * int64_t(sizeof(at::opmath_type<scalar_t>));",
-        "const int64_t bytes = (Ring::kElems - Ring::kMid) * "
-        "int64_t(sizeof(at::opmath_type<scalar_t>));", NECK),
+        "index.h",
+        "return 2 * kMid * int64_t(sizeof(T)) + kRing * int64_t(sizeof(S));",
+        "return kMid * int64_t(sizeof(T)) + kRing * int64_t(sizeof(S));", NECK),
     "missing_optin": (
         "a launch above 48 KiB of shared memory without the cudaFuncSetAttribute opt-in",
         "dab_neck.cu",
