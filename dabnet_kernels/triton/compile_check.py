@@ -36,7 +36,7 @@ def _kernels(cm, bn, dw, dn, tl, dt, cl):
     x = torch.empty(8, 32, 64, 128, device="meta")
     rbc, rbp, _, _ = cm.reduce_split(x.contiguous(memory_format=torch.channels_last) if cl else x,
                                      cl)
-    red = dict(CL=cl, ACC=acc, BC=rbc, BP=rbp)
+    red = dict(CL=cl, ACC=acc, BC=rbc, BP=rbp, ALIGNED=True)
     dims = dict(C=i, H=i, W=i)
     tdims = dict(N=i, **dims)  # the tile kernels also take N (an autotune key)
     tap = dict(x_ptr=P, prm_ptr=A, out_ptr=P, d=i, **tdims)
@@ -56,10 +56,9 @@ def _kernels(cm, bn, dw, dn, tl, dt, cl):
          red, 4),
         (dw._grad_weight_kernel, dict(g_ptr=P, x_ptr=P, part_ptr=A, M=i, d=i, CHUNK=i, **dims),
          dict(AXIS=0, **red), 4),
-        (cm.combine_kernel, dict(part_ptr=A, out_ptr="*fp64", S=i, C=i), dict(STATS=True, BLOCK=32),
-         4),
-        (cm.combine_kernel, dict(part_ptr=A, out_ptr="*fp64", S=i, C=i),
-         dict(STATS=False, BLOCK=32), 4),
+        *[(cm.finish_kernel, dict(part_ptr=A, out_ptr="*fp64", S=i, C=i),
+           dict(STATS=stats, BC=bc, BP=bp), 4)
+          for stats in (True, False) for bc, bp in (cm.finish_tile(32, 32), cm.finish_tile(1024, 64))],
     ]
 
 

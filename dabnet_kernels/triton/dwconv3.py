@@ -12,7 +12,8 @@ from . import _common as cm
 
 @triton.jit
 def _grad_weight_kernel(g_ptr, x_ptr, part_ptr, M, C, H, W, d, CHUNK, AXIS: tl.constexpr,
-                        CL: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+                        CL: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
+                        ALIGNED: tl.constexpr):
     """part[s, k, c] = sum over split s of g * x shifted by (k - 1) * d along AXIS (M = N*H*W)."""
     s, c = cm.reduce_coords(C, BC)
     start, end = cm.split_bounds(s, M, CHUNK)
@@ -20,7 +21,7 @@ def _grad_weight_kernel(g_ptr, x_ptr, part_ptr, M, C, H, W, d, CHUNK, AXIS: tl.c
     a1 = tl.zeros([BC, BP], ACC)
     a2 = tl.zeros([BC, BP], ACC)
     for m0 in range(start, end, BP):
-        n, p, h, w, ok = cm.flat_coords(m0, end, C, H, W, c, BP)
+        n, p, h, w, ok = cm.flat_coords(m0, end, C, H, W, c, BP, ALIGNED)
         g = cm.shifted(g_ptr, n, c, p, h, w, ok, 0, C, H, W, AXIS, CL, ACC)
         a0 += g * cm.shifted(x_ptr, n, c, p, h, w, ok, -d, C, H, W, AXIS, CL, ACC)
         a1 += g * cm.shifted(x_ptr, n, c, p, h, w, ok, 0, C, H, W, AXIS, CL, ACC)
@@ -39,7 +40,7 @@ def grad_weight(g, x, cl, weight, dilation, axis):
     with cm.device_guard(x):
         _grad_weight_kernel[cm.reduce_grid(C, bc, splits)](
             g, x, part, N * H * W, C, H, W, dilation, chunk, AXIS=axis, CL=cl, ACC=cm.tl_acc(x),
-            BC=bc, BP=bp, num_warps=4)
+            BC=bc, BP=bp, ALIGNED=cm.reduce_aligned(x, bp, chunk), num_warps=4)
         sums = cm.combine(part, stats=False)  # (3, C)
     return sums.t().to(weight.dtype).reshape(weight.shape).contiguous()
 
