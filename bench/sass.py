@@ -1105,7 +1105,7 @@ def _model_phase(lns, kernels, n, esize, C, op, phase):
             ks = kernels[best_ln.kernel]
             prev = dict(blocks=best_ln.blocks, channels_per_block=best_ln.channels_per_block,
                         threads=best_ln.blocks * best_ln.threads,
-                        reduce=bool(ks.phases) and not any(p.stg for p in ks.phases))
+                        reduce=bool(ks.phases))
             total += best["time_s"]
             best = dict(best)
             best["time_us"] = round(best.pop("time_s") * 1e6, 2)

@@ -32,7 +32,7 @@ SPLIT = 16  # positions the one short split covers
 def one_split(monkeypatch):
     """Reductions launched as one split of SPLIT positions (BC=1, BP=SPLIT), so a 2**31-element
     tensor reads only its first values."""
-    monkeypatch.setattr(cm, "reduce_split", lambda x, cl: (1, SPLIT, SPLIT, 1))
+    monkeypatch.setattr(cm, "reduce_split", lambda x, cl, tile=None: (1, SPLIT, SPLIT, 1))
 
 
 def _big(dtype=torch.float32):

@@ -37,6 +37,8 @@ def _kernels(cm, bn, dw, dn, tl, dt, cl):
     rbc, rbp, _, _ = cm.reduce_split(x.contiguous(memory_format=torch.channels_last) if cl else x,
                                      cl)
     red = dict(CL=cl, ACC=acc, BC=rbc, BP=rbp, ALIGNED=True)
+    gbc, gbp, _, _ = cm.reduce_split(x.contiguous(memory_format=torch.channels_last) if cl else x,
+                                     cl, cm.REDUCE_TILE // 2)  # dwconv3.grads' tile
     dims = dict(C=i, H=i, W=i)
     tdims = dict(N=i, **dims)  # the tile kernels also take N (an autotune key)
     tap = dict(x_ptr=P, prm_ptr=A, out_ptr=P, d=i, **tdims)
@@ -54,8 +56,9 @@ def _kernels(cm, bn, dw, dn, tl, dt, cl):
          dict(AXIS=1, TAPS=3, **red), 4),
         (bn._bwd_sums_kernel, dict(x_ptr=P, g_ptr=P, prm_ptr=A, part_ptr=A, M=i, CHUNK=i, **dims),
          red, 4),
-        (dw._grad_weight_kernel, dict(g_ptr=P, x_ptr=P, part_ptr=A, M=i, d=i, CHUNK=i, **dims),
-         dict(AXIS=0, **red), 4),
+        *[(dw._grad_kernel, dict(g_ptr=P, x_ptr=P, prm_ptr=A, gx_ptr=P, part_ptr=A, M=i, d=i,
+                                 CHUNK=i, **dims), dict(red, AXIS=axis, GX=gx, BC=gbc, BP=gbp), 4)
+          for axis, gx in ((0, True), (1, False))],
         *[(cm.finish_kernel, dict(part_ptr=A, out_ptr="*fp64", S=i, C=i),
            dict(STATS=stats, BC=bc, BP=bp), 4)
           for stats in (True, False) for bc, bp in (cm.finish_tile(32, 32), cm.finish_tile(1024, 64))],
