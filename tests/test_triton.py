@@ -69,6 +69,27 @@ def test_dwconv3_forward(dilation, layout, along):
     assert out.is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 37, 45), (1, 1, 3, 1500)])
+@pytest.mark.parametrize("along", ["h", "w"])
+def test_nchw_row_tiles(along, shape):
+    """NCHW tiles of one channel are rows x columns (tile_coords' BW > 0): a partial last row
+    block and a W narrower than the tile (37x45), and a W wider than one column block (1500)."""
+    from dabnet_kernels.triton import _common as cm
+
+    meta = dict(C=shape[1], H=shape[2], W=shape[3], CL=False, BLOCK=cm.CONFIGS[0].kwargs["BLOCK"])
+    bc, bp, bw = cm._tile(meta)
+    assert bc == 1 and bw > 0 and (shape[2] % (bp // bw) or shape[3] > bw)
+    x = make_input(shape, "nchw", torch.float32, DEVICE)
+    w = dw_weight(shape[1], along, torch.float32, DEVICE)
+    for dilation in (1, 2, 5):
+        torch.testing.assert_close(ops.dwconv3(x, w, dilation),
+                                   reference.dwconv3(x, w, dilation), **tol(torch.float32))
+    weights, bns = _neck_params(shape[1], torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.dab_neck(x, weights, bns, 3),
+                                   reference.dab_neck(x, weights, bns, 3), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("along", ["h", "w"])
 @pytest.mark.parametrize("layout", LAYOUTS + ("strided",))
 @pytest.mark.parametrize("dilation", [1, 6, 16])

@@ -108,7 +108,7 @@ def _fits(grid):
                                         (66000, 66000, 1, 1)])
 def test_launch_grids_fit_cuda_limits(N, C, H, W, cl):
     meta = dict(C=C, H=H, W=W, CL=cl, BLOCK=cm.CONFIGS[0].kwargs["BLOCK"])
-    meta.update(BC=cm.TILE["BC"](meta), BP=cm.TILE["BP"](meta))
+    meta.update({k: f(meta) for k, f in cm.TILE.items()})
     assert _fits(cm.tile_grid(N, C, H, W)(meta))
     x = torch.empty((N, C, H, W), device="meta")
     bc, bp, chunk, splits = cm.reduce_split(x, cl)

@@ -163,18 +163,20 @@ def check_grad_out(g, x):
 
 # ------------------------------------------------------------------------------ tile choice
 def _tile(a):
-    """(BC, BP) for a tile of BLOCK elements: pixels along the contiguous axis of NCHW, channels
-    along the contiguous axis of NHWC."""
+    """(BC, BP, BW) for a tile of BLOCK elements: pixels along the contiguous axis of NCHW, channels
+    along the contiguous axis of NHWC. BW > 0 (NCHW, one channel per tile): the BP pixels are
+    BP // BW rows of BW columns (tile_coords)."""
     C, HW, block = a["C"], a["H"] * a["W"], a["BLOCK"]
     cp2 = triton.next_power_of_2(C)
     if a["CL"]:
         bc = min(cp2, 64, block)
-        return bc, block // bc
+        return bc, block // bc, 0
     bp = min(block, max(16, triton.next_power_of_2(HW)))
-    return min(cp2, block // bp), bp
+    bc = min(cp2, block // bp)
+    return bc, bp, min(bp, triton.next_power_of_2(a["W"])) if bc == 1 else 0
 
 
-TILE = {"BC": lambda a: _tile(a)[0], "BP": lambda a: _tile(a)[1]}
+TILE = {"BC": lambda a: _tile(a)[0], "BP": lambda a: _tile(a)[1], "BW": lambda a: _tile(a)[2]}
 
 # Small on purpose: every config is compiled and timed on the first call of a shape. 8 elements
 # per thread, at most 64 registers on sm_90 (compile_check); 16 per thread (4096 on 8 warps)
@@ -195,7 +197,12 @@ def autotuned(key, configs=CONFIGS):
 def tile_grid(N, C, H, W):
     """Pixel blocks, channel blocks and images all on grid axis 0 (up to 2**31 - 1 programs; axes
     1 and 2 stop at 65535, below the N or C of some batches); tile_coords undoes the folding."""
-    return lambda m: (triton.cdiv(H * W, m["BP"]) * triton.cdiv(C, m["BC"]) * N,)
+    def grid(m):
+        bw = m["BW"]
+        pblocks = (triton.cdiv(H, m["BP"] // bw) * triton.cdiv(W, bw) if bw
+                   else triton.cdiv(H * W, m["BP"]))
+        return (pblocks * triton.cdiv(C, m["BC"]) * N,)
+    return grid
 
 
 # ------------------------------------------------------------------------------ jit helpers
@@ -249,25 +256,38 @@ def prelu(v, slope_ptr, c, C):
 
 
 @triton.jit
-def tile_coords(C, H, W, BC: tl.constexpr, BP: tl.constexpr):
+def tile_coords(C, H, W, BC: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr):
     """(n, c, p, h, w, ok) of this program's tile; program ids run over pixel blocks, then channel
-    blocks, then images (tile_grid)."""
+    blocks, then images (tile_grid). BW > 0 (one channel): the tile is BP // BW rows of BW columns,
+    c is [1, 1] and p, h, w are [BP // BW, BW], so that h and w need no division per element (a
+    division by a runtime W is ~20 instructions); otherwise c is [BC, 1] and p [1, BP]."""
     pid = tl.program_id(0)
-    pblocks = tl.cdiv(H * W, BP)
-    cblocks = tl.cdiv(C, BC)
-    n = pid // (pblocks * cblocks)
-    p = (pid % pblocks) * BP + tl.arange(0, BP)[None, :]
-    c = (pid // pblocks % cblocks) * BC + tl.arange(0, BC)[:, None]
-    ok = (c < C) & (p < H * W)
-    return n, c, p, p // W, p % W, ok
+    if BW > 0:
+        wblocks = tl.cdiv(W, BW)
+        pblocks = tl.cdiv(H, BP // BW) * wblocks
+        n = pid // (pblocks * C)
+        c = tl.zeros([1, 1], tl.int32) + pid // pblocks % C
+        pb = pid % pblocks
+        h = (pb // wblocks) * (BP // BW) + tl.arange(0, BP // BW)[:, None]
+        w = (pb % wblocks) * BW + tl.arange(0, BW)[None, :]
+        return n, c, h * W + w, h, w, (h < H) & (w < W)
+    else:
+        pblocks = tl.cdiv(H * W, BP)
+        cblocks = tl.cdiv(C, BC)
+        n = pid // (pblocks * cblocks)
+        p = (pid % pblocks) * BP + tl.arange(0, BP)[None, :]
+        c = (pid // pblocks % cblocks) * BC + tl.arange(0, BC)[:, None]
+        ok = (c < C) & (p < H * W)
+        return n, c, p, p // W, p % W, ok
 
 
 @autotuned(["N", "C", "H", "W", "d", "AXIS", "TAPS", "ACT", "CL"])
 @triton.heuristics(TILE)
 @triton.jit
-def tap3_kernel(x_ptr, prm_ptr, out_ptr, N, C, H, W, d, AXIS: tl.constexpr, TAPS: tl.constexpr,
-                ACT: tl.constexpr, BN: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
-                BLOCK: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+def tap3_kernel(x_ptr, prm_ptr, out_ptr, N, C, H, W, d: tl.constexpr, AXIS: tl.constexpr,
+                TAPS: tl.constexpr, ACT: tl.constexpr, BN: tl.constexpr, CL: tl.constexpr,
+                ACC: tl.constexpr,
+                BLOCK: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr):
     """out = conv3(x): the depthwise conv, its grad_input (taps reversed), BN-PReLU (TAPS=1, the
     center tap 1) and conv + BN-PReLU are all this one stencil.
 
@@ -276,7 +296,7 @@ def tap3_kernel(x_ptr, prm_ptr, out_ptr, N, C, H, W, d, AXIS: tl.constexpr, TAPS
     bn_prelu's _bn_terms) bit for bit, so both pick the same PReLU branch for values within
     rounding of 0, which folding the BN into the taps did not (csrc/cuda/dwconv3.cu does the same).
     """
-    n, c, p, h, w, ok = tile_coords(C, H, W, BC, BP)
+    n, c, p, h, w, ok = tile_coords(C, H, W, BC, BP, BW)
     if BN:
         v = conv3(x_ptr, prm_ptr, n, c, p, h, w, ok, C, H, W, d, AXIS, TAPS, False, CL, ACC)
         v = v.to(out_ptr.dtype.element_ty).to(ACC)

@@ -146,9 +146,9 @@ def _bwd_sums_kernel(x_ptr, g_ptr, prm_ptr, part_ptr, M, C, H, W, CHUNK, CL: tl.
 @triton.heuristics(cm.TILE)
 @triton.jit
 def _grad_x_kernel(x_ptr, g_ptr, prm_ptr, gx_ptr, N, C, H, W, CL: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+                   BLOCK: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr):
     """grad_x = scale * (gy - k1 - xhat * k2) (k1 = k2 = 0 in eval)."""
-    n, c, p, h, w, ok = cm.tile_coords(C, H, W, BC, BP)
+    n, c, p, h, w, ok = cm.tile_coords(C, H, W, BC, BP, BW)
     g, gy, xhat, y = _bn_terms(x_ptr, g_ptr, prm_ptr, n, c, p, h, w, ok, C, H, W, CL, ACC)
     scale = tl.load(prm_ptr + 2 * C + c, mask=c < C, other=0.0)
     k1 = tl.load(prm_ptr + 5 * C + c, mask=c < C, other=0.0)

@@ -29,8 +29,8 @@ def _kernels(cm, bn, dw, dn, tl, dt, cl):
         out = []
         for cfg in configs:
             blk = cfg.kwargs["BLOCK"]
-            bc, bp = cm._tile(dict(C=32, H=64, W=128, CL=cl, BLOCK=blk))
-            out.append((dict(CL=cl, ACC=acc, BLOCK=blk, BC=bc, BP=bp), cfg.num_warps))
+            bc, bp, bw = cm._tile(dict(C=32, H=64, W=128, CL=cl, BLOCK=blk))
+            out.append((dict(CL=cl, ACC=acc, BLOCK=blk, BC=bc, BP=bp, BW=bw), cfg.num_warps))
         return out
 
     x = torch.empty(8, 32, 64, 128, device="meta")
@@ -41,11 +41,11 @@ def _kernels(cm, bn, dw, dn, tl, dt, cl):
                                      cl, cm.REDUCE_TILE // 2)  # dwconv3.grads' tile
     dims = dict(C=i, H=i, W=i)
     tdims = dict(N=i, **dims)  # the tile kernels also take N (an autotune key)
-    tap = dict(x_ptr=P, prm_ptr=A, out_ptr=P, d=i, **tdims)
+    tap = dict(x_ptr=P, prm_ptr=A, out_ptr=P, **tdims)
     return [
-        *[(cm.tap3_kernel, tap, dict(AXIS=0, TAPS=3, ACT=True, BN=True, **t), w)
+        *[(cm.tap3_kernel, tap, dict(d=2, AXIS=0, TAPS=3, ACT=True, BN=True, **t), w)
           for t, w in tiles(cm.CONFIGS)],
-        *[(cm.tap3_kernel, tap, dict(AXIS=1, TAPS=1, ACT=False, BN=False, **t), w)
+        *[(cm.tap3_kernel, tap, dict(d=4, AXIS=1, TAPS=1, ACT=False, BN=False, **t), w)
           for t, w in tiles(cm.CONFIGS)],
         *[(dn._dab_neck_kernel, dict(x_ptr=P, prm_ptr=A, fin_ptr=A, out_ptr=P, d=i, **tdims), t,
            w) for t, w in tiles(dn.CONFIGS)],

@@ -39,10 +39,11 @@ CONFIGS = [triton.Config({"BLOCK": 512}, num_warps=8), triton.Config({"BLOCK": 1
 @triton.heuristics(cm.TILE)
 @triton.jit
 def _dab_neck_kernel(x_ptr, prm_ptr, fin_ptr, out_ptr, N, C, H, W, d, CL: tl.constexpr,
-                     ACC: tl.constexpr, BLOCK: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+                     ACC: tl.constexpr, BLOCK: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
+                     BW: tl.constexpr):
     """prm: (4, 5, C) [w0, w1, w2, bias, slope] of the four convs; fin: (3, C) scale, shift and
     slope of the final BN-PReLU of the branch sum."""
-    n, c, p, h, w, ok = cm.tile_coords(C, H, W, BC, BP)
+    n, c, p, h, w, ok = cm.tile_coords(C, H, W, BC, BP, BW)
     s = _branch(x_ptr, prm_ptr, n, c, p, h, w, ok, C, H, W, 1, CL, ACC)
     s += _branch(x_ptr, prm_ptr + 10 * C, n, c, p, h, w, ok, C, H, W, d, CL, ACC)
     cmask = c < C
