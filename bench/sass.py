@@ -583,6 +583,7 @@ class Launch:
     site: str = ""
     tile_elems: int = 0   # Triton: elements per program and loop iteration (BLOCK or BC*BP)
     channels_per_block: int = 1
+    positions_per_channel: int = 1  # Triton: BP of a [BC, BP] tile (1 for a tile of channels)
     note: str = ""
 
     @property
@@ -622,7 +623,11 @@ def model_launch(ks: KernelSass, ln: Launch, n: int, esize: int, C: int, gpu: di
         parts = 1.0
         if prev:
             parts = prev["blocks"] * prev["channels_per_block"] / max(C, 1)
-        lanes = max(1.0, t * B / max(C, 1)) if ln.backend == "cuda" else 1.0
+        # Lanes reading one channel's partials at once: CUDA's finish kernels spread a channel
+        # over t * B / C threads; a Triton kernel reads BP positions (partials) of each of its
+        # channels per step of its [BC, BP] tile, and one per step without BP.
+        lanes = (max(1.0, t * B / max(C, 1)) if ln.backend == "cuda"
+                 else float(ln.positions_per_channel))
         ph = ks.phases[0] if ks.phases else None
         per_round = 1
         if ph and ph.ldg:
@@ -932,6 +937,7 @@ def triton_launches(cases, arch: int = 90, log=print):
                         alts.append(Launch("triton", cache[key], g, (32 * warps, 1, 1), 0,
                                            tile_elems=int(tile or 0),
                                            channels_per_block=int(meta.get("BC", 1) or 1),
+                                           positions_per_channel=int(meta.get("BP", 1) or 1),
                                            note=_meta_text(cfg_kw, warps)))
                     launches.append(alts)
                 out[(case, phase)] = launches
@@ -1103,7 +1109,7 @@ def _model_phase(lns, kernels, n, esize, C, op, phase):
             ks = kernels[best_ln.kernel]
             prev = dict(blocks=best_ln.blocks, channels_per_block=best_ln.channels_per_block,
                         threads=best_ln.blocks * best_ln.threads,
-                        reduce=bool(ks.phases) and not any(p.stg for p in ks.phases))
+                        reduce=bool(ks.phases))
             total += best["time_s"]
             best = dict(best)
             best["time_us"] = round(best.pop("time_s") * 1e6, 2)

@@ -69,6 +69,27 @@ def test_dwconv3_forward(dilation, layout, along):
     assert out.is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 37, 45), (1, 1, 3, 1500)])
+@pytest.mark.parametrize("along", ["h", "w"])
+def test_nchw_row_tiles(along, shape):
+    """NCHW tiles of one channel are rows x columns (tile_coords' BW > 0): a partial last row
+    block and a W narrower than the tile (37x45), and a W wider than one column block (1500)."""
+    from dabnet_kernels.triton import _common as cm
+
+    meta = dict(C=shape[1], H=shape[2], W=shape[3], CL=False, BLOCK=cm.CONFIGS[0].kwargs["BLOCK"])
+    bc, bp, bw = cm._tile(meta)
+    assert bc == 1 and bw > 0 and (shape[2] % (bp // bw) or shape[3] > bw)
+    x = make_input(shape, "nchw", torch.float32, DEVICE)
+    w = dw_weight(shape[1], along, torch.float32, DEVICE)
+    for dilation in (1, 2, 5):
+        torch.testing.assert_close(ops.dwconv3(x, w, dilation),
+                                   reference.dwconv3(x, w, dilation), **tol(torch.float32))
+    weights, bns = _neck_params(shape[1], torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.dab_neck(x, weights, bns, 3),
+                                   reference.dab_neck(x, weights, bns, 3), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("along", ["h", "w"])
 @pytest.mark.parametrize("layout", LAYOUTS + ("strided",))
 @pytest.mark.parametrize("dilation", [1, 6, 16])
@@ -114,15 +135,22 @@ def test_bn_prelu_forward_backward(layout, training, single_slope):
     torch.testing.assert_close(p.running_var, q.running_var, **tol(torch.float32))
 
 
+@pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_bn_prelu_batch_stats_are_accurate_and_deterministic(layout):
-    """A large common offset: E[x^2] - E[x]^2 in float32 would lose the variance; the per-tile
-    centered sums merged with Chan's update keep it. The shape needs several reduction splits."""
-    N, C, H, W = 2, 4, 40, 41
+def test_bn_prelu_batch_stats_are_accurate_and_deterministic(layout, aligned):
+    """A large common offset: E[x^2] - E[x]^2 in float32 would lose the variance; per-lane sums
+    shifted by the split's first value, merged with Chan's combination, keep it. The shapes need
+    several reduction splits; one has tiles that cross images (per-element image index), the other
+    whole tiles inside one image (flat_coords' ALIGNED path)."""
+    from dabnet_kernels.triton import _common as cm
+
+    N, C, H, W = (2, 4, 64, 64) if aligned else (2, 4, 40, 41)
     x64 = torch.randn(N, C, H, W, dtype=torch.float64, device=DEVICE) * 0.5 + 1000.0
     x = x64.float()
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
+    bc, bp, chunk, splits = cm.reduce_split(x, layout == "channels_last")
+    assert splits > 1 and cm.reduce_aligned(x, bp, chunk) == aligned
     p = bn_params(C, torch.float32, DEVICE)
     _, mean, var = TT.bn_prelu(x, p.weight, p.bias, None, None, p.prelu_weight, True, 1e-3)
     var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
@@ -131,6 +159,49 @@ def test_bn_prelu_batch_stats_are_accurate_and_deterministic(layout):
     torch.testing.assert_close(var.double(), var64, rtol=1e-4, atol=0)
     again = TT.bn_prelu(x, p.weight, p.bias, None, None, p.prelu_weight, True, 1e-3)
     assert torch.equal(mean, again[1]) and torch.equal(var, again[2])
+
+
+@pytest.mark.parametrize("stats", [False, True])
+def test_finish_combines_many_splits(stats):
+    """finish_kernel over more splits than one step of its tile (several loop steps), partials
+    with unequal counts and far-apart means: the float64 combination of the reference."""
+    from dabnet_kernels.triton import _common as cm
+
+    S, C = 2500, 3
+    part = torch.rand(S, 3, C, dtype=torch.float64, device=DEVICE)
+    part[:, 0] = part[:, 0] * 100 - 50  # split means
+    part[:, 2] = torch.randint(1, 9, (S, C), device=DEVICE).double()  # split counts
+    got = cm.combine(part.float(), stats)
+    p = part.float().double()
+    if stats:
+        m, m2, n = p[:, 0], p[:, 1], p[:, 2]
+        mean = (n * m).sum(0) / n.sum(0)
+        want = torch.stack([mean, (m2 + n * (m - mean) ** 2).sum(0) / n.sum(0)])
+    else:
+        want = p.sum(0)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("along", ["h", "w"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dwconv3_bn_prelu_batch_stats_on_whole_tiles(layout, along):
+    """The statistics of the conv output computed inside the reduction (three taps at the tile's
+    pixels), on a shape whose tiles are whole and inside one image (the ALIGNED path)."""
+    from dabnet_kernels.triton import _common as cm
+
+    x = make_input((2, 3, 32, 64), layout, torch.float32, DEVICE)
+    cl = layout == "channels_last"
+    bc, bp, chunk, _ = cm.reduce_split(x, cl)
+    assert cm.reduce_aligned(x, bp, chunk)
+    w = dw_weight(3, along, torch.float32, DEVICE)
+    p = bn_params(3, torch.float32, DEVICE)
+    _, mean, var = TT.dwconv3_bn_prelu(x, w, 3, p.weight, p.bias, None, None, p.prelu_weight,
+                                       True, 1e-3)
+    pad = (3, 0) if along == "h" else (0, 3)
+    y = torch.nn.functional.conv2d(x.double(), w.double(), padding=pad, dilation=3, groups=3)
+    var64, mean64 = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), var64, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -386,4 +457,4 @@ def test_kernels_compile_for_sm90_with_the_real_compiler():
                         "--dtypes", "fp32", "-q"], cwd=root, env=env, capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "34 kernels compiled for sm_90" in r.stdout
+    assert "42 kernels compiled for sm_90" in r.stdout

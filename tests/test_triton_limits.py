@@ -32,7 +32,7 @@ SPLIT = 16  # positions the one short split covers
 def one_split(monkeypatch):
     """Reductions launched as one split of SPLIT positions (BC=1, BP=SPLIT), so a 2**31-element
     tensor reads only its first values."""
-    monkeypatch.setattr(cm, "reduce_split", lambda x, cl: (1, SPLIT, SPLIT, 1))
+    monkeypatch.setattr(cm, "reduce_split", lambda x, cl, tile=None: (1, SPLIT, SPLIT, 1))
 
 
 def _big(dtype=torch.float32):
@@ -108,7 +108,7 @@ def _fits(grid):
                                         (66000, 66000, 1, 1)])
 def test_launch_grids_fit_cuda_limits(N, C, H, W, cl):
     meta = dict(C=C, H=H, W=W, CL=cl, BLOCK=cm.CONFIGS[0].kwargs["BLOCK"])
-    meta.update(BC=cm.TILE["BC"](meta), BP=cm.TILE["BP"](meta))
+    meta.update({k: f(meta) for k, f in cm.TILE.items()})
     assert _fits(cm.tile_grid(N, C, H, W)(meta))
     x = torch.empty((N, C, H, W), device="meta")
     bc, bp, chunk, splits = cm.reduce_split(x, cl)
@@ -215,10 +215,10 @@ def test_autotune_keys_name_batch_and_dilation(name):
 
 
 def test_tile_configs_fit_registers():
-    """At most 2 neck outputs and 8 stencil outputs per thread: the sm_90 compile_check measured
-    40-80 registers at those sizes and 121-168 at 4 neck outputs per thread."""
+    """At most 4 neck outputs and 8 stencil outputs per thread: the sm_90 compile_check measured
+    120-170 registers at 4 neck outputs per thread and 234-255, with spills, at 8."""
     from dabnet_kernels.triton import dab_neck as dn
 
-    for configs, most in ((dn.CONFIGS, 2), (cm.CONFIGS, 8)):
+    for configs, most in ((dn.CONFIGS, 4), (cm.CONFIGS, 8)):
         for c in configs:
             assert c.kwargs["BLOCK"] // (32 * c.num_warps) <= most, c

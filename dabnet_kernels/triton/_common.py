@@ -163,18 +163,20 @@ def check_grad_out(g, x):
 
 # ------------------------------------------------------------------------------ tile choice
 def _tile(a):
-    """(BC, BP) for a tile of BLOCK elements: pixels along the contiguous axis of NCHW, channels
-    along the contiguous axis of NHWC."""
+    """(BC, BP, BW) for a tile of BLOCK elements: pixels along the contiguous axis of NCHW, channels
+    along the contiguous axis of NHWC. BW > 0 (NCHW, one channel per tile): the BP pixels are
+    BP // BW rows of BW columns (tile_coords)."""
     C, HW, block = a["C"], a["H"] * a["W"], a["BLOCK"]
     cp2 = triton.next_power_of_2(C)
     if a["CL"]:
         bc = min(cp2, 64, block)
-        return bc, block // bc
+        return bc, block // bc, 0
     bp = min(block, max(16, triton.next_power_of_2(HW)))
-    return min(cp2, block // bp), bp
+    bc = min(cp2, block // bp)
+    return bc, bp, min(bp, triton.next_power_of_2(a["W"])) if bc == 1 else 0
 
 
-TILE = {"BC": lambda a: _tile(a)[0], "BP": lambda a: _tile(a)[1]}
+TILE = {"BC": lambda a: _tile(a)[0], "BP": lambda a: _tile(a)[1], "BW": lambda a: _tile(a)[2]}
 
 # Small on purpose: every config is compiled and timed on the first call of a shape. 8 elements
 # per thread, at most 64 registers on sm_90 (compile_check); 16 per thread (4096 on 8 warps)
@@ -195,7 +197,12 @@ def autotuned(key, configs=CONFIGS):
 def tile_grid(N, C, H, W):
     """Pixel blocks, channel blocks and images all on grid axis 0 (up to 2**31 - 1 programs; axes
     1 and 2 stop at 65535, below the N or C of some batches); tile_coords undoes the folding."""
-    return lambda m: (triton.cdiv(H * W, m["BP"]) * triton.cdiv(C, m["BC"]) * N,)
+    def grid(m):
+        bw = m["BW"]
+        pblocks = (triton.cdiv(H, m["BP"] // bw) * triton.cdiv(W, bw) if bw
+                   else triton.cdiv(H * W, m["BP"]))
+        return (pblocks * triton.cdiv(C, m["BC"]) * N,)
+    return grid
 
 
 # ------------------------------------------------------------------------------ jit helpers
@@ -249,25 +256,38 @@ def prelu(v, slope_ptr, c, C):
 
 
 @triton.jit
-def tile_coords(C, H, W, BC: tl.constexpr, BP: tl.constexpr):
+def tile_coords(C, H, W, BC: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr):
     """(n, c, p, h, w, ok) of this program's tile; program ids run over pixel blocks, then channel
-    blocks, then images (tile_grid)."""
+    blocks, then images (tile_grid). BW > 0 (one channel): the tile is BP // BW rows of BW columns,
+    c is [1, 1] and p, h, w are [BP // BW, BW], so that h and w need no division per element (a
+    division by a runtime W is ~20 instructions); otherwise c is [BC, 1] and p [1, BP]."""
     pid = tl.program_id(0)
-    pblocks = tl.cdiv(H * W, BP)
-    cblocks = tl.cdiv(C, BC)
-    n = pid // (pblocks * cblocks)
-    p = (pid % pblocks) * BP + tl.arange(0, BP)[None, :]
-    c = (pid // pblocks % cblocks) * BC + tl.arange(0, BC)[:, None]
-    ok = (c < C) & (p < H * W)
-    return n, c, p, p // W, p % W, ok
+    if BW > 0:
+        wblocks = tl.cdiv(W, BW)
+        pblocks = tl.cdiv(H, BP // BW) * wblocks
+        n = pid // (pblocks * C)
+        c = tl.zeros([1, 1], tl.int32) + pid // pblocks % C
+        pb = pid % pblocks
+        h = (pb // wblocks) * (BP // BW) + tl.arange(0, BP // BW)[:, None]
+        w = (pb % wblocks) * BW + tl.arange(0, BW)[None, :]
+        return n, c, h * W + w, h, w, (h < H) & (w < W)
+    else:
+        pblocks = tl.cdiv(H * W, BP)
+        cblocks = tl.cdiv(C, BC)
+        n = pid // (pblocks * cblocks)
+        p = (pid % pblocks) * BP + tl.arange(0, BP)[None, :]
+        c = (pid // pblocks % cblocks) * BC + tl.arange(0, BC)[:, None]
+        ok = (c < C) & (p < H * W)
+        return n, c, p, p // W, p % W, ok
 
 
 @autotuned(["N", "C", "H", "W", "d", "AXIS", "TAPS", "ACT", "CL"])
 @triton.heuristics(TILE)
 @triton.jit
-def tap3_kernel(x_ptr, prm_ptr, out_ptr, N, C, H, W, d, AXIS: tl.constexpr, TAPS: tl.constexpr,
-                ACT: tl.constexpr, BN: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
-                BLOCK: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+def tap3_kernel(x_ptr, prm_ptr, out_ptr, N, C, H, W, d: tl.constexpr, AXIS: tl.constexpr,
+                TAPS: tl.constexpr, ACT: tl.constexpr, BN: tl.constexpr, CL: tl.constexpr,
+                ACC: tl.constexpr,
+                BLOCK: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr):
     """out = conv3(x): the depthwise conv, its grad_input (taps reversed), BN-PReLU (TAPS=1, the
     center tap 1) and conv + BN-PReLU are all this one stencil.
 
@@ -276,7 +296,7 @@ def tap3_kernel(x_ptr, prm_ptr, out_ptr, N, C, H, W, d, AXIS: tl.constexpr, TAPS
     bn_prelu's _bn_terms) bit for bit, so both pick the same PReLU branch for values within
     rounding of 0, which folding the BN into the taps did not (csrc/cuda/dwconv3.cu does the same).
     """
-    n, c, p, h, w, ok = tile_coords(C, H, W, BC, BP)
+    n, c, p, h, w, ok = tile_coords(C, H, W, BC, BP, BW)
     if BN:
         v = conv3(x_ptr, prm_ptr, n, c, p, h, w, ok, C, H, W, d, AXIS, TAPS, False, CL, ACC)
         v = v.to(out_ptr.dtype.element_ty).to(ACC)
@@ -322,6 +342,14 @@ def identity_weight(C, device):
 
 
 # --------------------------------------------------------------------------- reductions
+# A reduction program walks one split of the M = N*H*W positions for BC channels, a [BC, BP] tile
+# at a time, into per-lane [BC, BP] accumulators: nothing crosses threads inside the loop, so each
+# tile's loads are all issued before the arithmetic that consumes them. The splits' partials
+# (S, 3, C) are summed by finish_kernel, which reads BP splits of its channels per step.
+REDUCE_PROGRAMS = 1024  # ~8 programs per SM on an H100/H200: enough loads in flight
+REDUCE_TILE = 2048      # elements per program and step: 16 per thread at 4 warps
+
+
 @triton.jit
 def split_bounds(s, M, CHUNK):
     """[start, end) of split s of the M = N*H*W positions, in int64: s * CHUNK and M pass 2**31 on
@@ -340,30 +368,48 @@ def reduce_coords(C, BC: tl.constexpr):
 
 
 @triton.jit
-def flat_coords(m0, end, C, H, W, c, BP: tl.constexpr):
-    """(n, p, h, w, ok) of positions m0 + [0, BP) of the flattened (N, H*W) index space."""
-    m = m0 + tl.arange(0, BP)[None, :]
+def flat_coords(m0, end, C, H, W, c, BP: tl.constexpr, ALIGNED: tl.constexpr):
+    """(n, p, h, w, ok) of positions m0 + [0, BP) of the flattened (N, H*W) index space.
+    ALIGNED (reduce_aligned: BP divides H*W and the split's bounds): each tile is whole and lies
+    in one image, so n is one scalar division per tile, p runs contiguously from a multiple of 16
+    and only the channel mask remains: what lets the compiler vectorize the loads."""
+    i = tl.arange(0, BP)[None, :]
     HW = H * W
-    p = m % HW
-    return m // HW, p, p // W, p % W, (c < C) & (m < end)
+    if ALIGNED:
+        n = m0 // HW
+        p = tl.multiple_of((m0 - n * HW).to(tl.int32), 16) + i
+        ok = (c < C) & (i < BP)
+    else:
+        m = m0 + i
+        n = m // HW
+        p = (m - n * HW).to(tl.int32)
+        ok = (c < C) & (m < end)
+    return n, p, p // W, p % W, ok
 
 
-def reduce_split(x, cl):
+def reduce_split(x, cl, tile=REDUCE_TILE):
     """(BC, BP, chunk, splits) of a per-channel reduction over x: a fixed function of the shape
-    (no autotuning), so the order of summation, and with it the result, never changes."""
+    (no autotuning), so the order of summation, and with it the result, never changes.
+    channels_last: blocks of pixels x (up to 64) channels; NCHW: one channel, a run of pixels."""
     N, C, H, W = x.shape
     M = N * H * W
     cp2 = triton.next_power_of_2(C)
     if cl:
         bc = min(cp2, 64)
-        bp = max(16, 1024 // bc)
+        bp = max(16, tile // bc)
     else:
-        bc, bp = 1, min(1024, max(16, triton.next_power_of_2(M)))
+        bc, bp = 1, min(tile, max(16, triton.next_power_of_2(M)))
     cblocks = triton.cdiv(C, bc)
     blocks = triton.cdiv(M, bp)
-    splits = min(blocks, max(1, 1024 // cblocks))
+    splits = min(blocks, max(1, REDUCE_PROGRAMS // cblocks))
     chunk = triton.cdiv(blocks, splits) * bp
     return bc, bp, chunk, triton.cdiv(M, chunk)
+
+
+def reduce_aligned(x, bp, chunk):
+    """flat_coords' ALIGNED for tiles of bp positions in splits of chunk (a multiple of bp) over x:
+    bp >= 16 divides H*W, so every tile of every split is whole and inside one image."""
+    return bp >= 16 and (x.shape[2] * x.shape[3]) % bp == 0 and chunk % bp == 0
 
 
 @triton.jit
@@ -381,42 +427,63 @@ def reduce_grid(C, bc, splits):
 
 
 @triton.jit
-def combine_kernel(part_ptr, out_ptr, S, C, STATS: tl.constexpr, BLOCK: tl.constexpr):
-    """Sums the per-split partials part[S, 3, C] in split order, in float64 (deterministic).
-    STATS: the partials are (mean, M2, count) of each split; Chan et al.'s combination gives
-    out[0:C] = mean and out[C:2C] = biased variance. Otherwise out[k*C + c] = sum_s part[s, k, c].
-    """
-    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cm = c < C
+def finish_kernel(part_ptr, out_ptr, S, C, STATS: tl.constexpr, BC: tl.constexpr,
+                  BP: tl.constexpr):
+    """Sums the per-split partials part[S, 3, C] in float64, BP splits of BC channels per step
+    (one round trip to memory per BP splits, not per split), then across the tile: a fixed order,
+    so the result is deterministic. Otherwise out[k*C + c] = sum_s part[s, k, c]; STATS: the
+    partials are (mean, M2, count) of each split, and out[0:C] = mean, out[C:2C] = biased variance
+    by Chan et al.'s combination taken about split 0's mean K (one pass: with d_s = mean_s - K,
+    M2 = sum M2_s + n_s d_s^2 - (sum n_s d_s)^2 / n)."""
+    c1 = tl.program_id(0) * BC + tl.arange(0, BC)
+    c = c1[None, :]
+    srow = tl.arange(0, BP)[:, None]
+    k1 = tl.load(part_ptr + c1, mask=c1 < C, other=0.0).to(tl.float64)
+    k = k1[None, :]
+    a0 = tl.zeros([BP, BC], tl.float64)
+    a1 = tl.zeros([BP, BC], tl.float64)
+    a2 = tl.zeros([BP, BC], tl.float64)
+    for s0 in range(0, S, BP):
+        ok = (srow + s0 < S) & (c < C)
+        row = part_ptr + (srow + s0) * 3 * C + c
+        v0 = tl.load(row, mask=ok, other=0.0).to(tl.float64)
+        v1 = tl.load(row + C, mask=ok, other=0.0).to(tl.float64)
+        v2 = tl.load(row + 2 * C, mask=ok, other=0.0).to(tl.float64)
+        if STATS:
+            dm = v0 - k  # masked: count v2 = 0, so every term is 0
+            a0 += v2 * dm
+            a1 += v1 + v2 * dm * dm
+            a2 += v2
+        else:
+            a0 += v0
+            a1 += v1
+            a2 += v2
+    t0 = tl.sum(a0, axis=0)
+    t1 = tl.sum(a1, axis=0)
+    t2 = tl.sum(a2, axis=0)
+    cm = c1 < C
     if STATS:
-        tot = tl.zeros([BLOCK], tl.float64)
-        cnt = tl.zeros([BLOCK], tl.float64)
-        for s in range(S):
-            ns = tl.load(part_ptr + (s * 3 + 2) * C + c, mask=cm, other=0.0).to(tl.float64)
-            ms = tl.load(part_ptr + s * 3 * C + c, mask=cm, other=0.0).to(tl.float64)
-            tot += ms * ns
-            cnt += ns
-        mean = tot / tl.where(cm, cnt, 1.0)
-        m2 = tl.zeros([BLOCK], tl.float64)
-        for s in range(S):
-            ns = tl.load(part_ptr + (s * 3 + 2) * C + c, mask=cm, other=0.0).to(tl.float64)
-            ms = tl.load(part_ptr + s * 3 * C + c, mask=cm, other=0.0).to(tl.float64)
-            m2s = tl.load(part_ptr + (s * 3 + 1) * C + c, mask=cm, other=0.0).to(tl.float64)
-            m2 += m2s + ns * (ms - mean) * (ms - mean)
-        tl.store(out_ptr + c, mean, mask=cm)
-        tl.store(out_ptr + C + c, m2 / tl.where(cm, cnt, 1.0), mask=cm)
+        n = tl.where(cm, t2, 1.0)
+        tl.store(out_ptr + c1, k1 + t0 / n, mask=cm)
+        tl.store(out_ptr + C + c1, tl.maximum(t1 - t0 * t0 / n, 0.0) / n, mask=cm)
     else:
-        for k in tl.static_range(3):
-            acc = tl.zeros([BLOCK], tl.float64)
-            for s in range(S):
-                acc += tl.load(part_ptr + (s * 3 + k) * C + c, mask=cm, other=0.0).to(tl.float64)
-            tl.store(out_ptr + k * C + c, acc, mask=cm)
+        tl.store(out_ptr + c1, t0, mask=cm)
+        tl.store(out_ptr + C + c1, t1, mask=cm)
+        tl.store(out_ptr + 2 * C + c1, t2, mask=cm)
+
+
+def finish_tile(S, C):
+    """(BC, BP) of finish_kernel: all S splits in one step up to 1024, channels filling the rest
+    of a 1024-element tile."""
+    bp = min(1024, triton.next_power_of_2(S))
+    return max(1, min(triton.next_power_of_2(C), 1024 // bp)), bp
 
 
 def combine(part, stats):
-    """The ordered float64 combine of partials (S, 3, C): (2, C) mean/var or (3, C) sums."""
+    """The float64 combine of partials (S, 3, C): (2, C) mean/var or (3, C) sums."""
     S, _, C = part.shape
     out = torch.empty((2 if stats else 3, C), dtype=torch.float64, device=part.device)
-    block = min(256, triton.next_power_of_2(C))
-    combine_kernel[(triton.cdiv(C, block),)](part, out, S, C, STATS=stats, BLOCK=block)
+    bc, bp = finish_tile(S, C)
+    finish_kernel[(triton.cdiv(C, bc),)](part, out, S, C, STATS=stats, BC=bc, BP=bp,
+                                         num_warps=4)
     return out

@@ -1,9 +1,9 @@
 """bn_prelu in Triton: BatchNorm2d (batch or running statistics) then PReLU, and its backward.
 
-Training statistics: each program walks one split of the (N, H, W) positions tile by tile; every
-tile's mean and centered sum of squares (two passes over registers) are merged into the split's
-running (mean, M2, count) with Chan et al.'s update, and the splits are combined in order in
-float64 (_common.combine_kernel): one read of x, no E[x^2] - E[x]^2 cancellation, deterministic.
+Training statistics: each program walks one split of the (N, H, W) positions tile by tile,
+summing v - K and (v - K)^2 per lane (K: the split's first value), and turns them into the
+split's (mean, M2, count); the splits are combined in float64 (_common.finish_kernel): one read
+of x, no E[x^2] - E[x]^2 cancellation, deterministic.
 The output pass is the stencil kernel with one tap (x * scale + shift, then PReLU).
 """
 from __future__ import annotations
@@ -18,33 +18,31 @@ from . import _common as cm
 @triton.jit
 def _stats_kernel(x_ptr, prm_ptr, part_ptr, M, C, H, W, d, CHUNK, AXIS: tl.constexpr,
                   TAPS: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr,
-                  BP: tl.constexpr):
-    """part[s] = (mean, M2, count) per channel of v = conv3(x) over split s (TAPS=1: v = x)."""
+                  BP: tl.constexpr, ALIGNED: tl.constexpr):
+    """part[s] = (mean, M2, count) per channel of v = conv3(x) over split s (TAPS=1: v = x), from
+    per-lane sums of v - K and (v - K)^2, K = v at the split's first position: shifted sums stay
+    accurate in float32 for data far from 0 (a plain sum of squares of 1024 values near 1000 would
+    lose the variance); the split's mean and M2 follow from them once, after the loop."""
     s, c = cm.reduce_coords(C, BC)
     start, end = cm.split_bounds(s, M, CHUNK)
-    # Shift by the split's first value: tile sums then stay near the spread of the data, not its
-    # offset (a float32 sum of 1024 values near 1000 would lose ~1e-4 of the mean).
-    n, p, h, w, ok = cm.flat_coords(start, start + 1, C, H, W, c, BP)
+    n, p, h, w, ok = cm.flat_coords(start, start + 1, C, H, W, c, BP, ALIGNED)
+    ok = ok & (tl.arange(0, BP)[None, :] == 0)
     shift = tl.sum(cm.conv3(x_ptr, prm_ptr, n, c, p, h, w, ok, C, H, W, d, AXIS, TAPS, False, CL,
-                            ACC), axis=1)
-    mean = tl.zeros([BC], ACC)
-    m2 = tl.zeros([BC], ACC)
-    cnt = tl.zeros([BC], ACC)
+                            ACC), axis=1)[:, None]
+    s1 = tl.zeros([BC, BP], ACC)
+    s2 = tl.zeros([BC, BP], ACC)
     for m0 in range(start, end, BP):
-        n, p, h, w, ok = cm.flat_coords(m0, end, C, H, W, c, BP)
+        n, p, h, w, ok = cm.flat_coords(m0, end, C, H, W, c, BP, ALIGNED)
         v = cm.conv3(x_ptr, prm_ptr, n, c, p, h, w, ok, C, H, W, d, AXIS, TAPS, False, CL, ACC)
-        v = v - shift[:, None]  # masked positions are excluded below
-        nb = tl.sum(ok.to(ACC), axis=1)
-        nb = tl.where(nb > 0, nb, 1.0)  # channels past C: all masked
-        mb = tl.sum(tl.where(ok, v, 0.0), axis=1) / nb
-        dev = tl.where(ok, v - mb[:, None], 0.0)
-        m2b = tl.sum(dev * dev, axis=1)
-        tot = cnt + nb
-        delta = mb - mean
-        mean += delta * (nb / tot)
-        m2 += m2b + delta * delta * (cnt * nb / tot)
-        cnt = tot
-    cm.store_partials(part_ptr, s, c, C, mean + shift, m2, cnt)
+        v = tl.where(ok, v - shift, 0.0)
+        s1 += v
+        s2 += v * v
+    cnt = (end - start).to(ACC)
+    t1 = tl.sum(s1, axis=1)
+    t2 = tl.sum(s2, axis=1)
+    m2 = tl.maximum(t2 - t1 * (t1 / cnt), 0.0)
+    cm.store_partials(part_ptr, s, c, C, tl.sum(shift, axis=1) + t1 / cnt, m2,
+                      tl.zeros([BC], ACC) + cnt)
 
 
 def batch_stats(x, cl, prm=None, dilation=1, axis=0):
@@ -58,7 +56,8 @@ def batch_stats(x, cl, prm=None, dilation=1, axis=0):
     with cm.device_guard(x):
         _stats_kernel[cm.reduce_grid(C, bc, splits)](
             x, prm, part, N * H * W, C, H, W, dilation, chunk, AXIS=axis, TAPS=taps, CL=cl,
-            ACC=cm.tl_acc(x), BC=bc, BP=bp, num_warps=4)
+            ACC=cm.tl_acc(x), BC=bc, BP=bp, ALIGNED=cm.reduce_aligned(x, bp, chunk),
+            num_warps=4)
         mean, var = cm.combine(part, stats=True)
     return mean, var
 
@@ -125,7 +124,8 @@ def _bn_terms(x_ptr, g_ptr, prm_ptr, n, c, p, h, w, ok, C, H, W, CL: tl.constexp
 
 @triton.jit
 def _bwd_sums_kernel(x_ptr, g_ptr, prm_ptr, part_ptr, M, C, H, W, CHUNK, CL: tl.constexpr,
-                     ACC: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+                     ACC: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
+                     ALIGNED: tl.constexpr):
     """part[s] = (sum gy, sum gy * xhat, sum of g * y where y <= 0) per channel over split s."""
     s, c = cm.reduce_coords(C, BC)
     start, end = cm.split_bounds(s, M, CHUNK)
@@ -133,7 +133,7 @@ def _bwd_sums_kernel(x_ptr, g_ptr, prm_ptr, part_ptr, M, C, H, W, CHUNK, CL: tl.
     a1 = tl.zeros([BC, BP], ACC)
     a2 = tl.zeros([BC, BP], ACC)
     for m0 in range(start, end, BP):
-        n, p, h, w, ok = cm.flat_coords(m0, end, C, H, W, c, BP)
+        n, p, h, w, ok = cm.flat_coords(m0, end, C, H, W, c, BP, ALIGNED)
         g, gy, xhat, y = _bn_terms(x_ptr, g_ptr, prm_ptr, n, c, p, h, w, ok, C, H, W, CL, ACC)
         a0 += gy  # masked positions: g = 0, so every term is 0
         a1 += gy * xhat
@@ -146,9 +146,9 @@ def _bwd_sums_kernel(x_ptr, g_ptr, prm_ptr, part_ptr, M, C, H, W, CHUNK, CL: tl.
 @triton.heuristics(cm.TILE)
 @triton.jit
 def _grad_x_kernel(x_ptr, g_ptr, prm_ptr, gx_ptr, N, C, H, W, CL: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+                   BLOCK: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr):
     """grad_x = scale * (gy - k1 - xhat * k2) (k1 = k2 = 0 in eval)."""
-    n, c, p, h, w, ok = cm.tile_coords(C, H, W, BC, BP)
+    n, c, p, h, w, ok = cm.tile_coords(C, H, W, BC, BP, BW)
     g, gy, xhat, y = _bn_terms(x_ptr, g_ptr, prm_ptr, n, c, p, h, w, ok, C, H, W, CL, ACC)
     scale = tl.load(prm_ptr + 2 * C + c, mask=c < C, other=0.0)
     k1 = tl.load(prm_ptr + 5 * C + c, mask=c < C, other=0.0)
@@ -179,7 +179,8 @@ def bn_prelu_backward(grad_out, x_, weight, bias, prelu_weight, mean, var, train
         with cm.device_guard(x):
             _bwd_sums_kernel[cm.reduce_grid(C, bc, splits)](
                 x, g, torch.stack(prm).to(acc), part, M, C, H, W, chunk, CL=cl,
-                ACC=cm.tl_acc(x), BC=bc, BP=bp, num_warps=4)
+                ACC=cm.tl_acc(x), BC=bc, BP=bp, ALIGNED=cm.reduce_aligned(x, bp, chunk),
+            num_warps=4)
             sums = cm.combine(part, stats=False)
     gx = gw = gb = ga = None
     if output_mask[0]:

@@ -29,21 +29,23 @@ def _kernels(cm, bn, dw, dn, tl, dt, cl):
         out = []
         for cfg in configs:
             blk = cfg.kwargs["BLOCK"]
-            bc, bp = cm._tile(dict(C=32, H=64, W=128, CL=cl, BLOCK=blk))
-            out.append((dict(CL=cl, ACC=acc, BLOCK=blk, BC=bc, BP=bp), cfg.num_warps))
+            bc, bp, bw = cm._tile(dict(C=32, H=64, W=128, CL=cl, BLOCK=blk))
+            out.append((dict(CL=cl, ACC=acc, BLOCK=blk, BC=bc, BP=bp, BW=bw), cfg.num_warps))
         return out
 
     x = torch.empty(8, 32, 64, 128, device="meta")
     rbc, rbp, _, _ = cm.reduce_split(x.contiguous(memory_format=torch.channels_last) if cl else x,
                                      cl)
-    red = dict(CL=cl, ACC=acc, BC=rbc, BP=rbp)
+    red = dict(CL=cl, ACC=acc, BC=rbc, BP=rbp, ALIGNED=True)
+    gbc, gbp, _, _ = cm.reduce_split(x.contiguous(memory_format=torch.channels_last) if cl else x,
+                                     cl, cm.REDUCE_TILE // 2)  # dwconv3.grads' tile
     dims = dict(C=i, H=i, W=i)
     tdims = dict(N=i, **dims)  # the tile kernels also take N (an autotune key)
-    tap = dict(x_ptr=P, prm_ptr=A, out_ptr=P, d=i, **tdims)
+    tap = dict(x_ptr=P, prm_ptr=A, out_ptr=P, **tdims)
     return [
-        *[(cm.tap3_kernel, tap, dict(AXIS=0, TAPS=3, ACT=True, BN=True, **t), w)
+        *[(cm.tap3_kernel, tap, dict(d=2, AXIS=0, TAPS=3, ACT=True, BN=True, **t), w)
           for t, w in tiles(cm.CONFIGS)],
-        *[(cm.tap3_kernel, tap, dict(AXIS=1, TAPS=1, ACT=False, BN=False, **t), w)
+        *[(cm.tap3_kernel, tap, dict(d=4, AXIS=1, TAPS=1, ACT=False, BN=False, **t), w)
           for t, w in tiles(cm.CONFIGS)],
         *[(dn._dab_neck_kernel, dict(x_ptr=P, prm_ptr=A, fin_ptr=A, out_ptr=P, d=i, **tdims), t,
            w) for t, w in tiles(dn.CONFIGS)],
@@ -54,12 +56,12 @@ def _kernels(cm, bn, dw, dn, tl, dt, cl):
          dict(AXIS=1, TAPS=3, **red), 4),
         (bn._bwd_sums_kernel, dict(x_ptr=P, g_ptr=P, prm_ptr=A, part_ptr=A, M=i, CHUNK=i, **dims),
          red, 4),
-        (dw._grad_weight_kernel, dict(g_ptr=P, x_ptr=P, part_ptr=A, M=i, d=i, CHUNK=i, **dims),
-         dict(AXIS=0, **red), 4),
-        (cm.combine_kernel, dict(part_ptr=A, out_ptr="*fp64", S=i, C=i), dict(STATS=True, BLOCK=32),
-         4),
-        (cm.combine_kernel, dict(part_ptr=A, out_ptr="*fp64", S=i, C=i),
-         dict(STATS=False, BLOCK=32), 4),
+        *[(dw._grad_kernel, dict(g_ptr=P, x_ptr=P, prm_ptr=A, gx_ptr=P, part_ptr=A, M=i, d=i,
+                                 CHUNK=i, **dims), dict(red, AXIS=axis, GX=gx, BC=gbc, BP=gbp), 4)
+          for axis, gx in ((0, True), (1, False))],
+        *[(cm.finish_kernel, dict(part_ptr=A, out_ptr="*fp64", S=i, C=i),
+           dict(STATS=stats, BC=bc, BP=bp), 4)
+          for stats in (True, False) for bc, bp in (cm.finish_tile(32, 32), cm.finish_tile(1024, 64))],
     ]
 
 

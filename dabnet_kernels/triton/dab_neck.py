@@ -29,20 +29,23 @@ def _branch(x_ptr, prm_ptr, n, c, p, h, w, ok, C, H, W, d, CL: tl.constexpr, ACC
     return cm.prelu(acc, prm_ptr + 9 * C, c, C)
 
 
-# At most 2 elements per thread: each keeps ~20 live values per element. On sm_90 (compile_check)
-# these take 40-80 registers; 4 per thread took 121-168 (one or two programs per SM), 16 spilled.
+# At most 4 elements per thread: each keeps ~20 live values per element. On sm_90 (compile_check)
+# 2 per thread take 40-80 registers and 4 take 120-170 (one or two programs per SM, but half the
+# instructions per element: the tile's index and mask arithmetic is shared by more elements);
+# 8 per thread took 234-255 and spilled in some dtypes and layouts.
 CONFIGS = [triton.Config({"BLOCK": 512}, num_warps=8), triton.Config({"BLOCK": 1024}, num_warps=16),
-           triton.Config({"BLOCK": 256}, num_warps=8)]
+           triton.Config({"BLOCK": 1024}, num_warps=8), triton.Config({"BLOCK": 256}, num_warps=8)]
 
 
 @cm.autotuned(["N", "C", "H", "W", "d", "CL"], CONFIGS)
 @triton.heuristics(cm.TILE)
 @triton.jit
 def _dab_neck_kernel(x_ptr, prm_ptr, fin_ptr, out_ptr, N, C, H, W, d, CL: tl.constexpr,
-                     ACC: tl.constexpr, BLOCK: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+                     ACC: tl.constexpr, BLOCK: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
+                     BW: tl.constexpr):
     """prm: (4, 5, C) [w0, w1, w2, bias, slope] of the four convs; fin: (3, C) scale, shift and
     slope of the final BN-PReLU of the branch sum."""
-    n, c, p, h, w, ok = cm.tile_coords(C, H, W, BC, BP)
+    n, c, p, h, w, ok = cm.tile_coords(C, H, W, BC, BP, BW)
     s = _branch(x_ptr, prm_ptr, n, c, p, h, w, ok, C, H, W, 1, CL, ACC)
     s += _branch(x_ptr, prm_ptr + 10 * C, n, c, p, h, w, ok, C, H, W, d, CL, ACC)
     cmask = c < C
