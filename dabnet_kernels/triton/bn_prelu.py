@@ -180,7 +180,7 @@ def bn_prelu_backward(grad_out, x_, weight, bias, prelu_weight, mean, var, train
             _bwd_sums_kernel[cm.reduce_grid(C, bc, splits)](
                 x, g, torch.stack(prm).to(acc), part, M, C, H, W, chunk, CL=cl,
                 ACC=cm.tl_acc(x), BC=bc, BP=bp, ALIGNED=cm.reduce_aligned(x, bp, chunk),
-            num_warps=4)
+                num_warps=4)
             sums = cm.combine(part, stats=False)
     gx = gw = gb = ga = None
     if output_mask[0]:

@@ -34,11 +34,12 @@ def _kernels(cm, bn, dw, dn, tl, dt, cl):
         return out
 
     x = torch.empty(8, 32, 64, 128, device="meta")
-    rbc, rbp, _, _ = cm.reduce_split(x.contiguous(memory_format=torch.channels_last) if cl else x,
-                                     cl)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    rbc, rbp, _, _ = cm.reduce_split(x, cl)
     red = dict(CL=cl, ACC=acc, BC=rbc, BP=rbp, ALIGNED=True)
-    gbc, gbp, _, _ = cm.reduce_split(x.contiguous(memory_format=torch.channels_last) if cl else x,
-                                     cl, cm.REDUCE_TILE // 2)  # dwconv3.grads' tile
+    esize = {"fp64": 8, "fp32": 4}.get(dt, 2)
+    gbc, gbp, _, _ = cm.reduce_split(x, cl, dw.grads_tile(esize))  # the tile dwconv3.grads runs
     dims = dict(C=i, H=i, W=i)
     tdims = dict(N=i, **dims)  # the tile kernels also take N (an autotune key)
     tap = dict(x_ptr=P, prm_ptr=A, out_ptr=P, **tdims)

@@ -36,17 +36,27 @@ def _grad_kernel(g_ptr, x_ptr, prm_ptr, gx_ptr, part_ptr, M, C, H, W, d, CHUNK,
                       tl.sum(a2, axis=1))
 
 
+def flipped_taps(weight, x):
+    """grad_x's stencil parameters: d/dx of sum_k w_k x[i + (k-1)d] is the same stencil with the
+    taps reversed."""
+    return cm.tap_params(weight, x.shape[1], cm.acc_dtype(x), flip=True)
+
+
+def grads_tile(element_size):
+    """Elements per step of _grad_kernel: 4 KB of x. Three accumulators and six tap loads per
+    element took ~140 registers at 16 fp32 elements per thread on sm_90 (3 programs per SM);
+    16-bit types keep 16 per thread."""
+    return cm.REDUCE_TILE * 2 // element_size
+
+
 def grads(g, x, cl, weight, dilation, axis, want_gx):
     """(grad_x or None, grad_weight in weight's dtype and shape): one pass over g and x."""
     N, C, H, W = x.shape
     gx = cm.empty_as(x, cl) if want_gx else None
     if x.numel() == 0:
         return gx, torch.zeros_like(weight, memory_format=torch.contiguous_format)
-    # d/dx of sum_k w_k x[i + (k-1)d] is the same stencil with the taps reversed.
-    prm = cm.tap_params(weight, C, cm.acc_dtype(x), flip=True)
-    # 4 KB of x per step: three accumulators and six tap loads per element took ~140 registers at
-    # 16 fp32 elements per thread on sm_90 (3 programs per SM); 16-bit types keep 16 per thread.
-    bc, bp, chunk, splits = cm.reduce_split(x, cl, cm.REDUCE_TILE * 2 // x.element_size())
+    prm = flipped_taps(weight, x)
+    bc, bp, chunk, splits = cm.reduce_split(x, cl, grads_tile(x.element_size()))
     part = torch.empty((splits, 3, C), dtype=cm.acc_dtype(x), device=x.device)
     with cm.device_guard(x):
         _grad_kernel[cm.reduce_grid(C, bc, splits)](
@@ -75,7 +85,5 @@ def dwconv3_backward(grad_out, x_, weight, dilation, output_mask):
         return grads(g, x, cl, weight, dilation, axis, bool(output_mask[0]))
     gx = None
     if output_mask[0]:
-        # d/dx of sum_k w_k x[i + (k-1)d] is the same stencil with the taps reversed.
-        prm = cm.tap_params(weight, x.shape[1], cm.acc_dtype(x), flip=True)
-        gx = cm.tap3(g, cl, prm, dilation, axis, taps=3, act=False)
+        gx = cm.tap3(g, cl, flipped_taps(weight, x), dilation, axis, taps=3, act=False)
     return gx, None
