@@ -10,6 +10,7 @@ namespace dabnet {
 namespace cpu {
 std::string isa_name();            // cpu/isa.cpp
 int64_t release_cached_blocks();  // cpu/alloc.cpp
+bool set_bf16_store(bool on);      // cpu/isa.cpp
 }  // namespace cpu
 }  // namespace dabnet
 
@@ -65,6 +66,9 @@ TORCH_LIBRARY(dabnet, m) {
   m.def("upsample_argmax(Tensor logits, int out_h, int out_w) -> Tensor");
   // The instruction set the CPU kernels were picked for at load time: "avx2" or "base".
   m.def("cpu_isa() -> str", &dabnet::cpu::isa_name);
+  // AVX512_BF16 stores of bf16 outputs (csrc/cpu/bf16_store.cpp) off (0) or on (1) where the CPU
+  // has them; returns the previous setting. For tests and A/B timings.
+  m.def("set_cpu_bf16_store(bool on) -> bool", &dabnet::cpu::set_bf16_store);
   // Frees the large CPU output blocks kept for reuse; returns their bytes.
   m.def("empty_cpu_cache() -> int", &dabnet::cpu::release_cached_blocks);
 }

@@ -34,31 +34,29 @@ inline acc_t cat_in(const T* __restrict__ x, const T* __restrict__ r, int64_t j)
 }
 
 template <bool VEC, bool RES, typename T, typename acc_t>
-inline void bn_prelu_run(T* __restrict__ o, const T* __restrict__ x, const T* __restrict__ r,
+inline void bn_prelu_acc(acc_t* __restrict__ d, const T* __restrict__ x, const T* __restrict__ r,
                          const acc_t* __restrict__ s, const acc_t* __restrict__ t,
                          const acc_t* __restrict__ a, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     const int64_t c = VEC ? j : 0;
-    o[j] = T(prelu(cat_in<RES, T, acc_t>(x, r, j) * s[c] + t[c], a[c]));
+    d[j] = prelu(cat_in<RES, T, acc_t>(x, r, j) * s[c] + t[c], a[c]);
   }
 }
 
-// The same for kNarrow or fewer channels (DABNet's 3-channel input injection) over n pixels: one
-// loop over pixels with the channel parameters in registers. Called per pixel, such a run cost
-// more than the wide input's whole run (per-run vector/scalar dispatch): 1x(32+3)x256x512 fp32
-// channels_last 2.9 -> 1.9 ms.
-constexpr int64_t kNarrow = 4;
-template <bool RES, typename T, typename acc_t>
-void bn_prelu_narrow(T* __restrict__ o, int64_t o_stride, const T* __restrict__ x,
-                     const T* __restrict__ r, int64_t Ci, const acc_t* s, const acc_t* t,
-                     const acc_t* a, int64_t n) {
-  acc_t S[kNarrow] = {}, Tt[kNarrow] = {}, A[kNarrow] = {};
-  for (int64_t c = 0; c < Ci; ++c) S[c] = s[c], Tt[c] = t[c], A[c] = a[c];
-  for (int64_t q = 0; q < n; ++q)
-    for (int64_t c = 0; c < Ci; ++c)
-      o[q * o_stride + c] =
-          T(prelu(cat_in<RES, T, acc_t>(x, r, q * Ci + c) * S[c] + Tt[c], A[c]));
+// The same stored into o, in T (staged_run: a bf16 output goes through store_run).
+template <bool VEC, bool RES, typename T, typename acc_t>
+inline void bn_prelu_run(T* o, const T* x, const T* r, const acc_t* s, const acc_t* t,
+                         const acc_t* a, int64_t n) {
+  staged_run<T, acc_t>(o, n, [&](acc_t* d, int64_t i0, int64_t m) {
+    const int64_t c = VEC ? i0 : 0;
+    bn_prelu_acc<VEC, RES>(d, x + i0, RES ? r + i0 : r, s + c, t + c, a + c, m);
+  });
 }
+
+// Inputs of kNarrow or fewer channels (DABNet's 3-channel input injection) are computed for a
+// block's pixels as one run (parameters tiled) and then copied into place: per pixel, a run of 3
+// cost more than the wide inputs' whole runs (1x(64+64+3)x128x256: 2x the time of 64+64).
+constexpr int64_t kNarrow = 4;
 
 // Input i of the concatenation: its data, and the residual added to it (input 0 only) or null.
 template <typename T>
@@ -76,17 +74,53 @@ template <bool VEC, bool RES, typename T, typename acc_t>
 inline void affine_prelu_run(T* __restrict__ y, const T* __restrict__ r, T* __restrict__ o,
                              const acc_t* __restrict__ s, const acc_t* __restrict__ t,
                              const acc_t* __restrict__ a, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t c = VEC ? j : 0;
-    // Every store is a T(...) written in place: a named T local (a struct) is copied with a
-    // load and a store in one statement, which GCC refuses to vectorize (scalar: 10x slower).
-    if (RES) {
-      y[j] = T(acc_t(y[j]) + acc_t(r[j]));
-      o[j] = T(prelu(affine(acc_t(y[j]), s[c], t[c]), a[c]));  // the sum as stored, rounded
-    } else {
-      y[j] = T(prelu(affine(acc_t(y[j]), s[c], t[c]), a[c]));
+  if constexpr (std::is_same_v<T, acc_t>) {
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t c = VEC ? j : 0;
+      if (RES) {
+        y[j] = y[j] + r[j];
+        o[j] = prelu(affine(y[j], s[c], t[c]), a[c]);
+      } else {
+        y[j] = prelu(affine(y[j], s[c], t[c]), a[c]);
+      }
+    }
+  } else {  // through an acc_t buffer and store_run (see staged_run)
+    alignas(64) acc_t buf[kStage];
+    for (int64_t i0 = 0; i0 < n; i0 += kStage) {
+      const int64_t m = std::min(kStage, n - i0), c0 = VEC ? i0 : 0;
+      T* __restrict__ yi = y + i0;
+      if (RES) {  // the sum, stored (rounded as add_ rounds it) before the BN-PReLU reads it
+        for (int64_t j = 0; j < m; ++j) buf[j] = acc_t(yi[j]) + acc_t(r[i0 + j]);
+        store_run(yi, buf, m);
+      }
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t c = c0 + (VEC ? j : 0);
+        buf[j] = prelu(affine(acc_t(yi[j]), s[c], t[c]), a[c]);
+      }
+      store_run(RES ? o + i0 : yi, buf, m);
     }
   }
+}
+
+// Channels_last: blocks of whole pixels, about kStage elements each, so that a bf16 block is stored
+// in one store_run and a dense single input is one run, its channel parameters repeated along it
+// (tiled), instead of a vector loop's setup and tail per pixel of C = 32..128 elements.
+inline int64_t tile_pixels(int64_t C) { return std::max<int64_t>(1, kStage / C); }
+
+template <typename acc_t>
+std::vector<acc_t> tiled(const std::vector<acc_t>& v, int64_t reps) {
+  std::vector<acc_t> out;
+  out.reserve(v.size() * reps);
+  for (int64_t i = 0; i < reps; ++i) out.insert(out.end(), v.begin(), v.end());
+  return out;
+}
+
+// f(q, n) for consecutive blocks of n <= reps pixels starting at pixel q, in parallel.
+template <typename F>
+void pixel_tiles(int64_t P, int64_t reps, const F& f) {
+  at::parallel_for(0, P, std::max<int64_t>(64, reps), [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; q += reps) f(q, std::min(reps, end - q));
+  });
 }
 
 // y is updated in place: it must already be dense in one of the two layouts.
@@ -123,10 +157,11 @@ void affine_prelu_impl(at::Tensor& y, const at::Tensor& r_, const at::Tensor& o,
         }
       });
     } else {
-      at::parallel_for(0, N * HW, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t q = begin; q < end; ++q)
-          affine_prelu_run<true, RES>(yp + q * C, RES ? rp + q * C : nullptr, RES ? op + q * C : nullptr,
-                                      s.data(), t.data(), a.data(), C);
+      const int64_t reps = tile_pixels(C);
+      const auto S = tiled(s, reps), T = tiled(t, reps), A = tiled(a, reps);
+      pixel_tiles(N * HW, reps, [&](int64_t q, int64_t n) {
+        affine_prelu_run<true, RES>(yp + q * C, RES ? rp + q * C : nullptr,
+                                    RES ? op + q * C : nullptr, S.data(), T.data(), A.data(), n * C);
       });
     }
   });
@@ -221,26 +256,61 @@ at::Tensor cat_bn_prelu(at::TensorList xs, const at::Tensor& scale, const at::Te
         }
       });
     } else {
-      // Pixel by pixel: each input's channels are one run of the output pixel's Ct; inputs of
-      // few channels take a whole block of pixels at a time.
-      at::parallel_for(0, N * HW, 64, [&](int64_t begin, int64_t end) {
+      // Blocks of whole output pixels (tile_pixels), each computed in acc_t straight into the
+      // output, or for a narrower type into a buffer stored at once (store_run). One input: the
+      // block is one run, its parameters repeated per pixel (tiled); several: a run per input
+      // and pixel, but an input of few channels is one run over the block (kNarrow).
+      const int64_t reps = tile_pixels(Ct);
+      const auto S = tiled(s, reps), T = tiled(t, reps), A = tiled(a, reps);
+      // The narrow inputs' parameters, tiled over a block's pixels.
+      std::vector<std::array<std::vector<acc_t>, 3>> narrow(src.size());
+      for (size_t i = 0; i < src.size(); ++i) {
+        if (off[i + 1] - off[i] > kNarrow) continue;
+        for (int k = 0; k < 3; ++k) {
+          const auto& v = k == 0 ? s : k == 1 ? t : a;
+          narrow[i][k] = tiled(std::vector<acc_t>(v.begin() + off[i], v.begin() + off[i + 1]), reps);
+        }
+      }
+      const scalar_t* none = nullptr;
+      const auto block = [&](acc_t* d, int64_t q, int64_t n) {
+        if (src.size() == 1) {
+          const scalar_t* x = src[0].x + q * Ct;
+          if (src[0].r)
+            bn_prelu_acc<true, true>(d, x, src[0].r + q * Ct, S.data(), T.data(), A.data(), n * Ct);
+          else
+            bn_prelu_acc<true, false>(d, x, none, S.data(), T.data(), A.data(), n * Ct);
+          return;
+        }
         for (size_t i = 0; i < src.size(); ++i) {
           const int64_t o0 = off[i], Ci = off[i + 1] - o0;
-          if (Ci > kNarrow) continue;
-          scalar_t* o = op + begin * Ct + o0;
-          const scalar_t* x = src[i].x + begin * Ci;
-          if (src[i].r)
-            bn_prelu_narrow<true>(o, Ct, x, src[i].r + begin * Ci, Ci, sp + o0, tp + o0, ap + o0,
-                                  end - begin);
-          else
-            bn_prelu_narrow<false>(o, Ct, x, (const scalar_t*)nullptr, Ci, sp + o0, tp + o0,
-                                   ap + o0, end - begin);
-        }
-        for (int64_t q = begin; q < end; ++q)
-          for (size_t i = 0; i < src.size(); ++i) {
-            const int64_t o0 = off[i], Ci = off[i + 1] - o0;
-            if (Ci > kNarrow) run(std::true_type{}, op + q * Ct + o0, i, q * Ci, o0, Ci);
+          const scalar_t* x = src[i].x + q * Ci;
+          const scalar_t* r = src[i].r ? src[i].r + q * Ci : nullptr;
+          const acc_t *si = sp + o0, *ti = tp + o0, *ai = ap + o0;
+          if (Ci <= kNarrow) {
+            acc_t tmp[kNarrow * kStage];  // n * Ci values, n <= reps
+            const auto& np = narrow[i];
+            if (r) bn_prelu_acc<true, true>(tmp, x, r, np[0].data(), np[1].data(), np[2].data(), n * Ci);
+            else bn_prelu_acc<true, false>(tmp, x, none, np[0].data(), np[1].data(), np[2].data(), n * Ci);
+            for (int64_t p = 0; p < n; ++p)
+              for (int64_t c = 0; c < Ci; ++c) d[p * Ct + o0 + c] = tmp[p * Ci + c];
+          } else if (r) {
+            for (int64_t p = 0; p < n; ++p)
+              bn_prelu_acc<true, true>(d + p * Ct + o0, x + p * Ci, r + p * Ci, si, ti, ai, Ci);
+          } else {
+            for (int64_t p = 0; p < n; ++p)
+              bn_prelu_acc<true, false>(d + p * Ct + o0, x + p * Ci, none, si, ti, ai, Ci);
           }
+        }
+      };
+      at::parallel_for(0, N * HW, std::max<int64_t>(64, reps), [&](int64_t begin, int64_t end) {
+        constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
+        std::vector<acc_t> buf(direct ? 0 : reps * Ct);
+        for (int64_t q = begin; q < end; q += reps) {
+          const int64_t n = std::min(reps, end - q);
+          // (not a template: both branches compile for every type; the cast is taken for acc_t)
+          block(direct ? reinterpret_cast<acc_t*>(op + q * Ct) : buf.data(), q, n);
+          if (!direct) store_run(op + q * Ct, buf.data(), n * Ct);
+        }
       });
     }
   });

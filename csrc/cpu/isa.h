@@ -4,6 +4,9 @@
 // the baseline build, picks one when the library loads. Distinct namespaces keep the two builds'
 // inline functions and template instances from being merged by the linker.
 #pragma once
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
 
 #ifndef DABNET_CPU_ISA
 #define DABNET_CPU_ISA base
@@ -15,6 +18,15 @@ namespace cpu {
 // True when the AVX2 kernels are built, the CPU has AVX2 and FMA, and DABNET_CPU_ISA is not
 // "base" in the environment (which forces the baseline kernels, e.g. to test them).
 bool use_avx2();
+
+// dst[i] = c10::BFloat16(src[i]) for i < n, bit for bit, through AVX512_BF16 (bf16_store.cpp):
+// that function where the AVX2 build runs on a CPU with AVX512_BF16/F/BW/VL/DQ, else null (and
+// where DABNET_CPU_BF16=0 is in the environment, to compare the two).
+using Bf16Store = void (*)(const float* src, c10::BFloat16* dst, int64_t n);
+Bf16Store bf16_store();
+// Turns those stores off (false) or back on for the whole process, for tests and A/B timings in
+// one process; returns the previous setting.
+bool set_bf16_store(bool on);
 
 }  // namespace cpu
 }  // namespace dabnet

@@ -14,6 +14,10 @@
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  // bf16_store.cpp
+#endif
+
 #include <algorithm>
 #include <array>
 #include <cmath>

@@ -137,11 +137,7 @@ void bilinear_rows_cl(const at::Tensor& x, scalar_t* out, int64_t out_h, int64_t
           for (int64_t k = 0; k < K; ++k) d[k] = l0 * u[k] + l1 * v[k];
         }
       }
-      if constexpr (!kDirect) {
-        const acc_t* __restrict__ src = wide.data();
-        scalar_t* __restrict__ o = dst;
-        for (int64_t i = 0; i < out_w * K; ++i) o[i] = scalar_t(src[i]);
-      }
+      if constexpr (!kDirect) store_run(dst, wide.data(), out_w * K);
     }
   });
 }
