@@ -51,9 +51,12 @@ TORCH_LIBRARY(dabnet, m) {
       " Tensor out_shift, Tensor out_slope, int dilation) -> Tensor");
   // Eval-mode BN-PReLU (folded: y = x*scale + shift, then PReLU) of torch.cat(xs, 1), without the
   // concatenated intermediate.
-  // With add0, xs[0] + add0 (rounded as add_ rounds) takes xs[0]'s place.
-  m.def("cat_bn_prelu(Tensor[] xs, Tensor scale, Tensor shift, Tensor slope, Tensor? add0=None)"
-        " -> Tensor");
+  // With add0, xs[0] + add0 (rounded as add_ rounds) takes xs[0]'s place. With pre0 =
+  // [scale, shift, slope], xs[0] (after add0) goes through its own BN-PReLU first, rounded to its
+  // dtype (a conv's output whose BN-PReLU was not applied yet). With pool_last, the last input is
+  // max-pooled 2x2, stride 2 (floor) on the way in (DABNet's downsampling block).
+  m.def("cat_bn_prelu(Tensor[] xs, Tensor scale, Tensor shift, Tensor slope, Tensor? add0=None,"
+        " Tensor[]? pre0=None, bool pool_last=False) -> Tensor");
   // The same on one tensor, in place: x = PReLU(x*scale + shift) (a fresh conv output).
   m.def("affine_prelu_(Tensor(a!) x, Tensor scale, Tensor shift, Tensor slope) -> ()");
   // y += r in place (a residual add), and returns PReLU(y*scale + shift) of the sum.

@@ -13,7 +13,10 @@ What it saves over ``DABNet(fused=True)`` in eval (bench/README.md has the measu
   output also costs a read for ownership;
 - the read of each DAB module's residual sum by the next module's first BN-PReLU: the sum and
   that BN-PReLU are one pass (``add_affine_prelu_``); a block's last sum is formed inside the
-  concatenation that reads it (``cat_bn_prelu``'s ``add0``) and never written.
+  concatenation that reads it (``cat_bn_prelu``'s ``add0``) and never written;
+- two more passes: the last initial conv's BN-PReLU is applied inside the concatenation that
+  follows it (``cat_bn_prelu``'s ``pre0``), and the widening downsampling block's 2x2 max-pool
+  is taken there too (``pool_last``), never written.
 The arithmetic is the fused model's: outputs equal ``model.eval()``'s to rounding (bit for bit
 on the machines tested, fp32 and bf16).
 
@@ -137,10 +140,12 @@ class FrozenDABNet:
         inj2 = ops.avg_pool3x3s2(inj1)
         inj3 = ops.avg_pool3x3s2(inj2)
         y = x
-        for c, a in self.init:
+        for i, (c, a) in enumerate(self.init):
             y = _conv(y, c)
-            D.affine_prelu_(y, *a)
-        b1_in = self._down(D.cat_bn_prelu([y, inj1], *self.bn_prelu[0]), 0)
+            if i + 1 < len(self.init):
+                D.affine_prelu_(y, *a)
+        # the last init conv's BN-PReLU is applied on the way into the concatenation (pre0)
+        b1_in = self._down(D.cat_bn_prelu([y, inj1], *self.bn_prelu[0], None, list(a)), 0)
         b1_out, r1 = self._block(b1_in, self.blocks[0])
         b2_in = self._down(D.cat_bn_prelu([b1_out, b1_in, inj2], *self.bn_prelu[1], r1), 1)
         b2_out, r2 = self._block(b2_in, self.blocks[1])
@@ -152,10 +157,8 @@ class FrozenDABNet:
     def _down(self, x, i):
         c, a, widen = self.down[i]
         y = _conv(x, c)
-        if widen:
-            from dabnet_kernels.ops import max_pool2x2
-
-            return torch.ops.dabnet.cat_bn_prelu([y, max_pool2x2(x)], *a)
+        if widen:  # [conv, 2x2 max-pool of the input], the pool taken on the way in
+            return torch.ops.dabnet.cat_bn_prelu([y, x], *a, None, None, True)
         torch.ops.dabnet.affine_prelu_(y, *a)
         return y
 

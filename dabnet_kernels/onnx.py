@@ -101,10 +101,14 @@ def dab_neck(x, weight, bias, slope, out_scale, out_shift, out_slope, dilation):
     return _affine_prelu(op.Add(local, context), out_scale, out_shift, out_slope)
 
 
-def cat_bn_prelu(xs, scale, shift, slope, add0=None):
+def cat_bn_prelu(xs, scale, shift, slope, add0=None, pre0=None, pool_last=False):
     xs = list(xs)
     if add0 is not None:
         xs[0] = op.Add(xs[0], add0)
+    if pre0 is not None:
+        xs[0] = _affine_prelu(xs[0], *pre0)
+    if pool_last:
+        xs[-1] = op.MaxPool(xs[-1], kernel_shape=[2, 2], strides=[2, 2])
     return _affine_prelu(op.Concat(*xs, axis=1), scale, shift, slope)
 
 

@@ -460,8 +460,8 @@ def _fake_dab_neck(x, weight, bias, slope, out_scale, out_shift, out_slope, dila
 
 
 @torch.library.register_fake("dabnet::cat_bn_prelu")
-def _fake_cat_bn_prelu(xs, scale, shift, slope, add0=None):
-    x0 = xs[0]
+def _fake_cat_bn_prelu(xs, scale, shift, slope, add0=None, pre0=None, pool_last=False):
+    x0 = xs[0]  # the output's N, H, W (pool_last: the last input is twice that, floored)
     return torch.empty((x0.shape[0], sum(t.shape[1] for t in xs), *x0.shape[2:]), dtype=x0.dtype,
                        device=x0.device, memory_format=_out_format(x0))
 

@@ -171,3 +171,72 @@ def test_add0_opcheck_and_bad_shape():
     torch.library.opcheck(torch.ops.dabnet.cat_bn_prelu, (xs, *folded, xs[0].clone()))
     with pytest.raises(RuntimeError, match="add0 must have xs\\[0\\]'s shape"):
         torch.ops.dabnet.cat_bn_prelu(xs, *folded, xs[1])
+
+
+# pre0 (xs[0]'s own BN-PReLU on the way in) and pool_last (the last input max-pooled 2x2): the
+# frozen model's fusions of DABNet's first block and downsampling. Each must equal the unfused
+# sequence of ops bit for bit, in every dtype and layout.
+def _pool(x):
+    H, W = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
+    v = x[:, :, :H, :W]
+    return torch.maximum(torch.maximum(v[:, :, 0::2, 0::2], v[:, :, 0::2, 1::2]),
+                         torch.maximum(v[:, :, 1::2, 0::2], v[:, :, 1::2, 1::2]))
+
+
+@pytest.mark.parametrize("sizes", [(5, 3), (3, 6, 2), (33,)])  # wide, narrow and single xs[0]
+@pytest.mark.parametrize("add0", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_pre0_is_xs0s_own_bn_prelu_first(dtype, layout, add0, sizes):
+    xs = _inputs(layout, dtype, sizes)
+    r = make_input(tuple(xs[0].shape), layout, dtype) if add0 else None
+    _, folded = _folded(sum(sizes), dtype)
+    _, pre = _folded(sizes[0], dtype)
+    out = torch.ops.dabnet.cat_bn_prelu(xs, *folded, r, list(pre))
+    y0 = (xs[0] + r if add0 else xs[0]).clone()
+    torch.ops.dabnet.affine_prelu_(y0, *pre)
+    ref = torch.ops.dabnet.cat_bn_prelu([y0] + xs[1:], *folded)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert not torch.equal(out, torch.ops.dabnet.cat_bn_prelu(xs, *folded, r))
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("hw", [(6, 7), (5, 9), (3, 2)])  # even, odd (floor), one column
+@pytest.mark.parametrize("sizes", [(5, 35), (29, 2, 3), (4, 7)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_pool_last_is_a_2x2_max_pool_of_the_last_input(dtype, layout, sizes, hw):
+    H, W = hw
+    xs = [make_input((2, c, H // 2, W // 2), layout, dtype) for c in sizes[:-1]]
+    big = make_input((2, sizes[-1], H, W), layout, dtype)
+    big[1, 0, 0, 1] = float("nan")  # NaN wins its window, as in torch.maximum / max_pool2d
+    _, folded = _folded(sum(sizes), dtype)
+    out = torch.ops.dabnet.cat_bn_prelu(xs + [big], *folded, None, None, True)
+    ref = torch.ops.dabnet.cat_bn_prelu(xs + [_pool(big)], *folded)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+    assert out.isnan().sum() == ref.isnan().sum() >= 1
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+
+
+def test_pre0_and_pool_last_opcheck():
+    xs = [make_input((2, 5, 3, 4), "channels_last", torch.float32),
+          make_input((2, 3, 7, 9), "channels_last", torch.float32)]
+    _, folded = _folded(8, torch.float32)
+    _, pre = _folded(5, torch.float32)
+    torch.library.opcheck(torch.ops.dabnet.cat_bn_prelu, (xs, *folded, None, list(pre), True))
+
+
+@pytest.mark.parametrize("args,msg", [
+    (lambda xs, f, pre: ([xs[1]], *f, None, None, True), "at least two inputs"),
+    (lambda xs, f, pre: ([xs[0], xs[0]], *f, None, None, True), "after its 2x2 max-pool"),
+    (lambda xs, f, pre: ([xs[0]] * 2, *f, None, list(pre[:2])), r"\[scale, shift, slope\]"),
+    (lambda xs, f, pre: ([xs[0]] * 2, *f, None, [pre[0][:2], pre[1], pre[2]]), "pre0 scale"),
+])
+def test_pre0_and_pool_last_refuse_bad_input(args, msg):
+    xs = [torch.randn(1, 4, 3, 3), torch.randn(1, 4, 6, 7)]
+    _, folded = _folded(8, torch.float32)
+    _, pre = _folded(4, torch.float32)
+    with pytest.raises(RuntimeError, match=msg):
+        torch.ops.dabnet.cat_bn_prelu(*args(xs, folded, pre))

@@ -111,6 +111,8 @@ def test_avx512_bf16_stores_are_c10s_rounding_bit_for_bit():
     one, zero = torch.ones(37), torch.zeros(37)
     p = (torch.rand(37, generator=g) + 0.5, torch.randn(37, generator=g) * 0.1, torch.rand(37, generator=g))
     p77 = tuple(torch.cat([v, v, v[:3]]) for v in p)
+    neck = (torch.randn(4, 37, 3, generator=g) * 0.5, torch.randn(4, 37, generator=g) * 0.1,
+            torch.rand(4, 37, generator=g)) + p
     cases = {
         "affine_prelu_ (identity: denormals and NaNs pass through)":
             lambda: D.affine_prelu_(x.clone(), one, zero, one) or None,
@@ -121,6 +123,8 @@ def test_avx512_bf16_stores_are_c10s_rounding_bit_for_bit():
         "cat_bn_prelu nchw": lambda: D.cat_bn_prelu([x.contiguous(), r.contiguous()],
                                                     *(torch.cat([v, v]) for v in p)),
         "upsample_bilinear": lambda: D.upsample_bilinear(x, 20, 45),
+        "dab_neck": lambda: D.dab_neck(x, *neck, 2),
+        "dab_neck nchw": lambda: D.dab_neck(x.contiguous(), *neck, 3),
     }
     ident = x.clone()
     D.affine_prelu_(ident, one, zero, one)

@@ -8,7 +8,9 @@
 //     ownership too;
 //   add_affine_prelu_: y += r in place (DAB's residual), and the BN-PReLU of the sum, in one pass
 //     (the next module's first BN-PReLU), where add_ then bn_prelu read the sum twice.
+#include <ATen/ops/add.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/maximum.h>
 
 #include <type_traits>
 #include <torch/library.h>
@@ -57,6 +59,35 @@ inline void bn_prelu_run(T* o, const T* x, const T* r, const acc_t* s, const acc
 // block's pixels as one run (parameters tiled) and then copied into place: per pixel, a run of 3
 // cost more than the wide inputs' whole runs (1x(64+64+3)x128x256: 2x the time of 64+64).
 constexpr int64_t kNarrow = 4;
+
+// xs[0]'s values under pre0: its own BN-PReLU, rounded to T as affine_prelu_ stores it (the
+// unfused sequence: a conv's output, affine_prelu_ in place, then the concatenation), over a run
+// of n elements whose parameters are tiled per pixel.
+template <bool RES, typename T, typename acc_t>
+inline void pre_values(acc_t* __restrict__ v, const T* __restrict__ x, const T* __restrict__ r,
+                       const acc_t* __restrict__ s, const acc_t* __restrict__ t,
+                       const acc_t* __restrict__ a, int64_t n) {
+  for (int64_t j = 0; j < n; ++j)
+    v[j] = acc_t(T(prelu(affine(cat_in<RES, T, acc_t>(x, r, j), s[j], t[j]), a[j])));
+}
+
+// max(a, b) as torch.maximum: NaN if either is. Two selects that GCC vectorizes (a max, then a
+// blend on a's NaN test); one expression with both tests became scalar branches per element
+// (9 ms instead of 0.5 for DABNet's 35 pooled channels at 256x512).
+template <typename acc_t>
+inline acc_t max_nan(acc_t a, acc_t b) {
+  const acc_t m = a > b ? a : b;  // b where either is NaN
+  return a != a ? a : m;
+}
+
+// The pooled input's values at one output pixel: the max of its 2x2 window (pixels w00, w01 of
+// one row, w10, w11 of the next), Ci channels.
+template <typename T, typename acc_t>
+inline void pool_values(acc_t* __restrict__ v, const T* __restrict__ w00, const T* __restrict__ w01,
+                        const T* __restrict__ w10, const T* __restrict__ w11, int64_t Ci) {
+  for (int64_t c = 0; c < Ci; ++c)
+    v[c] = max_nan(max_nan(acc_t(w00[c]), acc_t(w01[c])), max_nan(acc_t(w10[c]), acc_t(w11[c])));
+}
 
 // Input i of the concatenation: its data, and the residual added to it (input 0 only) or null.
 template <typename T>
@@ -191,16 +222,21 @@ at::Tensor add_affine_prelu_(at::Tensor& y, const at::Tensor& r, const at::Tenso
 }
 
 at::Tensor cat_bn_prelu(at::TensorList xs, const at::Tensor& scale, const at::Tensor& shift,
-                        const at::Tensor& slope, const c10::optional<at::Tensor>& add0_) {
+                        const at::Tensor& slope, const c10::optional<at::Tensor>& add0_,
+                        const c10::optional<at::TensorList>& pre0_, bool pool_last) {
   TORCH_CHECK(!xs.empty(), "dabnet: cat_bn_prelu needs at least one input");
+  TORCH_CHECK(!pool_last || xs.size() >= 2, "dabnet: cat_bn_prelu's pool_last pools the last of ",
+              "at least two inputs, got ", xs.size());
+  const size_t last = xs.size() - 1;
   int64_t Ct = 0;
   for (size_t i = 0; i < xs.size(); ++i) {
     check_input(xs[i], "xs[i]");
     check_like(xs[i], xs[0], "xs[i]");
-    TORCH_CHECK(xs[i].size(0) == xs[0].size(0) && xs[i].size(2) == xs[0].size(2) &&
-                    xs[i].size(3) == xs[0].size(3),
-                "dabnet: cat_bn_prelu inputs must agree in N, H and W, got ", xs[0].sizes(),
-                " and ", xs[i].sizes());
+    const bool pooled = pool_last && i == last;  // 2x2 windows, stride 2, floor
+    const int64_t H = xs[i].size(2) / (pooled ? 2 : 1), W = xs[i].size(3) / (pooled ? 2 : 1);
+    TORCH_CHECK(xs[i].size(0) == xs[0].size(0) && H == xs[0].size(2) && W == xs[0].size(3),
+                "dabnet: cat_bn_prelu inputs must agree in N, H and W", pooled ? " (the last one "
+                "after its 2x2 max-pool)" : "", ", got ", xs[0].sizes(), " and ", xs[i].sizes());
     Ct += xs[i].size(1);
   }
   const bool res = add0_.has_value() && add0_->defined();
@@ -210,15 +246,42 @@ at::Tensor cat_bn_prelu(at::TensorList xs, const at::Tensor& scale, const at::Te
     TORCH_CHECK(add0_->sizes() == xs[0].sizes(), "dabnet: add0 must have xs[0]'s shape ",
                 xs[0].sizes(), ", got ", add0_->sizes());
   }
+  const bool pre = pre0_.has_value();
+  if (pre) {
+    TORCH_CHECK(pre0_->size() == 3, "dabnet: pre0 must be [scale, shift, slope] of xs[0]'s own "
+                "BN-PReLU, got ", pre0_->size(), " tensors");
+    const at::Tensor like0 = at::empty({1, xs[0].size(1), 1, 1}, xs[0].options());
+    check_vec((*pre0_)[0], like0, "pre0 scale");
+    check_vec((*pre0_)[1], like0, "pre0 shift");
+    check_vec((*pre0_)[2], like0, "pre0 slope", /*allow_single=*/true);
+  }
   bool cl;
   const at::Tensor x0 = canonical(xs[0], cl);
   const int64_t N = x0.size(0), H = x0.size(2), W = x0.size(3), HW = H * W;
-  at::Tensor out = empty_out({N, Ct, H, W}, x0.options().memory_format(fmt(cl)));
   // Checks the parameter vectors against the concatenated channel count.
   const at::Tensor like = at::empty({1, Ct, 1, 1}, x0.options());
   check_vec(scale, like, "scale");
   check_vec(shift, like, "shift");
   check_vec(slope, like, "slope", /*allow_single=*/true);
+  if (!cl && (pre || pool_last)) {
+    // NCHW (the slower layout on CPU, kept for comparison): xs[0]'s own BN-PReLU and the pool
+    // as separate passes, then the plain concatenation.
+    std::vector<at::Tensor> ys(xs.begin(), xs.end());
+    if (pre) {
+      ys[0] = (res ? at::add(xs[0], *add0_) : xs[0]).contiguous().clone();
+      affine_prelu_impl<false>(ys[0], at::Tensor(), at::Tensor(), (*pre0_)[0], (*pre0_)[1],
+                               (*pre0_)[2], false);
+    }
+    if (pool_last) {
+      const at::Tensor v = xs[last].slice(2, 0, 2 * H).slice(3, 0, 2 * W);
+      const auto win = [&](int64_t dy, int64_t dx) {
+        return v.slice(2, dy, 2 * H, 2).slice(3, dx, 2 * W, 2);
+      };
+      ys[last] = at::maximum(at::maximum(win(0, 0), win(0, 1)), at::maximum(win(1, 0), win(1, 1)));
+    }
+    return cat_bn_prelu(ys, scale, shift, slope, pre ? c10::nullopt : add0_, c10::nullopt, false);
+  }
+  at::Tensor out = empty_out({N, Ct, H, W}, x0.options().memory_format(fmt(cl)));
   if (out.numel() == 0) return out;
   std::vector<at::Tensor> ins;
   for (const auto& x : xs) ins.push_back(x.contiguous(fmt(cl)));
@@ -255,64 +318,87 @@ at::Tensor cat_bn_prelu(at::TensorList xs, const at::Tensor& scale, const at::Te
           run(std::false_type{}, op + p * HW, i, (n * Ci + c - off[i]) * HW, c, HW);
         }
       });
-    } else {
-      // Blocks of whole output pixels (tile_pixels), each computed in acc_t straight into the
-      // output, or for a narrower type into a buffer stored at once (store_run). One input: the
-      // block is one run, its parameters repeated per pixel (tiled); several: a run per input
-      // and pixel, but an input of few channels is one run over the block (kNarrow).
-      const int64_t reps = tile_pixels(Ct);
-      const auto S = tiled(s, reps), T = tiled(t, reps), A = tiled(a, reps);
-      // The narrow inputs' parameters, tiled over a block's pixels.
-      std::vector<std::array<std::vector<acc_t>, 3>> narrow(src.size());
-      for (size_t i = 0; i < src.size(); ++i) {
-        if (off[i + 1] - off[i] > kNarrow) continue;
-        for (int k = 0; k < 3; ++k) {
-          const auto& v = k == 0 ? s : k == 1 ? t : a;
-          narrow[i][k] = tiled(std::vector<acc_t>(v.begin() + off[i], v.begin() + off[i + 1]), reps);
-        }
+      return;
+    }
+    // channels_last: blocks of whole output pixels (tile_pixels), each computed in acc_t
+    // straight into the output, or for a narrower type into a buffer stored at once
+    // (store_run). One plain input: the block is one run, its parameters repeated per pixel
+    // (tiled). Several: a run per input and pixel, except that the values of an input of few
+    // channels (kNarrow), of xs[0] under pre0 and of the pooled input are first made for the
+    // whole block in v (n * Ci) and read from there.
+    const int64_t reps = tile_pixels(Ct);
+    const auto S = tiled(s, reps), T = tiled(t, reps), A = tiled(a, reps);
+    const auto slice = [&](const std::vector<acc_t>& v, int64_t c0, int64_t c1) {
+      return tiled(std::vector<acc_t>(v.begin() + c0, v.begin() + c1), reps);
+    };
+    std::vector<std::array<std::vector<acc_t>, 3>> narrow(src.size());
+    for (size_t i = 0; i < src.size(); ++i)
+      if (off[i + 1] - off[i] <= kNarrow)
+        narrow[i] = {slice(s, off[i], off[i + 1]), slice(t, off[i], off[i + 1]),
+                     slice(a, off[i], off[i + 1])};
+    std::array<std::vector<acc_t>, 3> pp;  // pre0, tiled
+    if (pre) {
+      const int64_t C0 = off[1];
+      for (int k = 0; k < 3; ++k) pp[k] = tiled(to_vec<acc_t>((*pre0_)[k], C0), reps);
+    }
+    const int64_t Hi = pool_last ? ins[last].size(2) : 0, Wi = pool_last ? ins[last].size(3) : 0;
+    const scalar_t* none = nullptr;
+    const auto block = [&](acc_t* d, acc_t* v, int64_t q, int64_t n) {
+      if (src.size() == 1 && !pre) {
+        const scalar_t* x = src[0].x + q * Ct;
+        if (src[0].r)
+          bn_prelu_acc<true, true>(d, x, src[0].r + q * Ct, S.data(), T.data(), A.data(), n * Ct);
+        else
+          bn_prelu_acc<true, false>(d, x, none, S.data(), T.data(), A.data(), n * Ct);
+        return;
       }
-      const scalar_t* none = nullptr;
-      const auto block = [&](acc_t* d, int64_t q, int64_t n) {
-        if (src.size() == 1) {
-          const scalar_t* x = src[0].x + q * Ct;
-          if (src[0].r)
-            bn_prelu_acc<true, true>(d, x, src[0].r + q * Ct, S.data(), T.data(), A.data(), n * Ct);
-          else
-            bn_prelu_acc<true, false>(d, x, none, S.data(), T.data(), A.data(), n * Ct);
-          return;
-        }
-        for (size_t i = 0; i < src.size(); ++i) {
-          const int64_t o0 = off[i], Ci = off[i + 1] - o0;
-          const scalar_t* x = src[i].x + q * Ci;
-          const scalar_t* r = src[i].r ? src[i].r + q * Ci : nullptr;
-          const acc_t *si = sp + o0, *ti = tp + o0, *ai = ap + o0;
-          if (Ci <= kNarrow) {
-            acc_t tmp[kNarrow * kStage];  // n * Ci values, n <= reps
-            const auto& np = narrow[i];
-            if (r) bn_prelu_acc<true, true>(tmp, x, r, np[0].data(), np[1].data(), np[2].data(), n * Ci);
-            else bn_prelu_acc<true, false>(tmp, x, none, np[0].data(), np[1].data(), np[2].data(), n * Ci);
-            for (int64_t p = 0; p < n; ++p)
-              for (int64_t c = 0; c < Ci; ++c) d[p * Ct + o0 + c] = tmp[p * Ci + c];
-          } else if (r) {
+      for (size_t i = 0; i < src.size(); ++i) {
+        const int64_t o0 = off[i], Ci = off[i + 1] - o0;
+        const scalar_t* x = src[i].x + q * Ci;
+        const scalar_t* r = src[i].r ? src[i].r + q * Ci : nullptr;
+        const acc_t *si = sp + o0, *ti = tp + o0, *ai = ap + o0;
+        const bool staged = Ci <= kNarrow || (pre && i == 0) || (pool_last && i == last);
+        if (!staged) {
+          if (r)
             for (int64_t p = 0; p < n; ++p)
               bn_prelu_acc<true, true>(d + p * Ct + o0, x + p * Ci, r + p * Ci, si, ti, ai, Ci);
-          } else {
+          else
             for (int64_t p = 0; p < n; ++p)
               bn_prelu_acc<true, false>(d + p * Ct + o0, x + p * Ci, none, si, ti, ai, Ci);
+          continue;
+        }
+        if (pool_last && i == last) {
+          for (int64_t p = 0; p < n; ++p) {
+            const int64_t img = (q + p) / HW, h = (q + p) % HW / W, w = (q + p) % W;
+            const scalar_t* w00 = src[i].x + ((img * Hi + 2 * h) * Wi + 2 * w) * Ci;
+            pool_values(v + p * Ci, w00, w00 + Ci, w00 + Wi * Ci, w00 + Wi * Ci + Ci, Ci);
           }
+        } else if (pre && i == 0) {
+          if (r) pre_values<true>(v, x, r, pp[0].data(), pp[1].data(), pp[2].data(), n * Ci);
+          else pre_values<false>(v, x, none, pp[0].data(), pp[1].data(), pp[2].data(), n * Ci);
+        } else {  // narrow: v holds this input's BN-PReLU outputs, copied into place below
+          const auto& np = narrow[i];
+          if (r) bn_prelu_acc<true, true>(v, x, r, np[0].data(), np[1].data(), np[2].data(), n * Ci);
+          else bn_prelu_acc<true, false>(v, x, none, np[0].data(), np[1].data(), np[2].data(), n * Ci);
+          for (int64_t p = 0; p < n; ++p)
+            for (int64_t c = 0; c < Ci; ++c) d[p * Ct + o0 + c] = v[p * Ci + c];
+          continue;
         }
-      };
-      at::parallel_for(0, N * HW, std::max<int64_t>(64, reps), [&](int64_t begin, int64_t end) {
-        constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
-        std::vector<acc_t> buf(direct ? 0 : reps * Ct);
-        for (int64_t q = begin; q < end; q += reps) {
-          const int64_t n = std::min(reps, end - q);
-          // (not a template: both branches compile for every type; the cast is taken for acc_t)
-          block(direct ? reinterpret_cast<acc_t*>(op + q * Ct) : buf.data(), q, n);
-          if (!direct) store_run(op + q * Ct, buf.data(), n * Ct);
-        }
-      });
-    }
+        const acc_t* nv = nullptr;
+        for (int64_t p = 0; p < n; ++p)
+          bn_prelu_acc<true, false>(d + p * Ct + o0, v + p * Ci, nv, si, ti, ai, Ci);
+      }
+    };
+    at::parallel_for(0, N * HW, std::max<int64_t>(64, reps), [&](int64_t begin, int64_t end) {
+      constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
+      std::vector<acc_t> buf(direct ? 0 : reps * Ct), v(reps * Ct);
+      for (int64_t q = begin; q < end; q += reps) {
+        const int64_t n = std::min(reps, end - q);
+        // (not a template: both branches compile for every type; the cast is taken for acc_t)
+        block(direct ? reinterpret_cast<acc_t*>(op + q * Ct) : buf.data(), v.data(), q, n);
+        if (!direct) store_run(op + q * Ct, buf.data(), n * Ct);
+      }
+    });
   });
   return out;
 }

@@ -46,11 +46,13 @@ void neck_row(T* __restrict__ out, const T* __restrict__ x, const T* __restrict_
     m1[i] = k0.template apply<UNIT>(acc_t(up1[i]), v, acc_t(dn1[i]));
     m2[i] = k2.template apply<UNIT>(acc_t(upd[i]), v, acc_t(dnd[i]));
   }
-  for (int64_t i = 0; i < W; ++i) {
-    const acc_t y = k1.template apply<UNIT>(t1[i], t1[i + 1], t1[i + 2]) +
-                    k3.template apply<UNIT>(t2[i], t2[i + dd], t2[i + 2 * dd]);
-    out[i] = T(act<UNIT>(scale * y + shift, slope));
-  }
+  staged_run<T, acc_t>(out, W, [&](acc_t* __restrict__ o, int64_t i0, int64_t n) {
+    for (int64_t i = i0; i < i0 + n; ++i) {
+      const acc_t y = k1.template apply<UNIT>(t1[i], t1[i + 1], t1[i + 2]) +
+                      k3.template apply<UNIT>(t2[i], t2[i + dd], t2[i + 2 * dd]);
+      o[i - i0] = act<UNIT>(scale * y + shift, slope);
+    }
+  });
 }
 
 // NHWC: the neck of one image row, W pixels of C channels. CC: C known at compile time (DABNet's
@@ -64,7 +66,7 @@ template <int CC, bool UNIT, typename T, typename acc_t>
 void neck_row_cl(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ up1,
                  const T* __restrict__ dn1, const T* __restrict__ upd, const T* __restrict__ dnd,
                  acc_t* __restrict__ t1, acc_t* __restrict__ t2, int64_t W, int64_t C_, int64_t dd,
-                 const acc_t* __restrict__ q) {
+                 const acc_t* __restrict__ q, acc_t* __restrict__ ob) {
   const int64_t C = CC ? CC : C_;
   // q: [conv k: w0 | w1 | w2 | bias | slope] for k = 0..3, then [scale | shift | slope]
   const auto P = [&](int k, int j) { return q + (5 * k + j) * C; };
@@ -83,6 +85,10 @@ void neck_row_cl(T* __restrict__ out, const T* __restrict__ x, const T* __restri
     }
   }
   const int64_t dc = dd * C;
+  // The row in acc_t: the output itself, or for a narrower type ob (W*C), stored at once.
+  acc_t* __restrict__ dst;
+  if constexpr (std::is_same_v<T, acc_t>) dst = out;
+  else dst = ob;
   for (int64_t w = 0; w < W; ++w) {
     const int64_t o = w * C;
     for (int64_t i = 0; i < C; ++i) {
@@ -92,9 +98,10 @@ void neck_row_cl(T* __restrict__ out, const T* __restrict__ x, const T* __restri
       const acc_t y2 = act<UNIT>(P(3, 3)[i] + P(3, 0)[i] * m2[o - dc + i] +
                                      P(3, 1)[i] * m2[o + i] + P(3, 2)[i] * m2[o + dc + i],
                                  P(3, 4)[i]);
-      out[o + i] = T(act<UNIT>(P(4, 0)[i] * (y1 + y2) + P(4, 1)[i], P(4, 2)[i]));
+      dst[o + i] = act<UNIT>(P(4, 0)[i] * (y1 + y2) + P(4, 1)[i], P(4, 2)[i]);
     }
   }
+  if constexpr (!std::is_same_v<T, acc_t>) store_run(out, ob, W * C);
 }
 
 }  // namespace
@@ -166,6 +173,7 @@ at::Tensor dab_neck(const at::Tensor& x_, const at::Tensor& weight, const at::Te
                                    : neck_row_cl<0, false, scalar_t, acc_t>);
       at::parallel_for(0, g.N * H, 1, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> t1((W + 2) * C, acc_t(0)), t2((W + 2 * dd) * C, acc_t(0));
+        std::vector<acc_t> ob(std::is_same_v<scalar_t, acc_t> ? 0 : W * C);
         std::vector<scalar_t> zero(W * C, scalar_t(0));
         const scalar_t* z = zero.data();
         const int64_t rs = W * C;  // one image row
@@ -174,7 +182,7 @@ at::Tensor dab_neck(const at::Tensor& x_, const at::Tensor& weight, const at::Te
           const scalar_t* xr = xp + r * rs;
           row(op + r * rs, xr, h >= 1 ? xr - rs : z, h + 1 < H ? xr + rs : z,
               h >= d ? xr - d * rs : z, h + d < H ? xr + d * rs : z, t1.data(), t2.data(), W, C,
-              dd, q.data());
+              dd, q.data(), ob.data());
         }
       });
     }

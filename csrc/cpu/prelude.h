@@ -9,7 +9,9 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/maximum.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Optional.h>
 #include <torch/library.h>
