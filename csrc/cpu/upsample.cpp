@@ -112,11 +112,14 @@ void bilinear_rows(const at::Tensor& x, int64_t out_h, int64_t out_w, F f) {
 // into a (w, K) buffer, so each output pixel blends two K-vectors into K contiguous outputs:
 // vector stores, where writing class by class into the strided row took 3x as long. Same
 // formulas, in the same order, as bilinear_rows.
-template <typename scalar_t>
+// KK: the class count known at compile time (0: K at run time). Per output pixel the K-long blend
+// is a loop whose setup and scalar tail cost more than its body at K = 19 (Cityscapes); with a
+// constant K, GCC emits straight-line vector code.
+template <typename scalar_t, int KK>
 void bilinear_rows_cl(const at::Tensor& x, scalar_t* out, int64_t out_h, int64_t out_w) {
   using acc_t = at::opmath_type<scalar_t>;
   const Bilinear<scalar_t> bl(x, out_h, out_w);
-  const int64_t K = bl.K;
+  const int64_t K = KK ? KK : bl.K;
   const auto& seg = bl.seg;
   // A narrower output type is written through an acc_t row, converted in one pass: per pixel,
   // K = 19 classes leave a scalar tail of 3 whose bf16 rounding cost more than the vector part
@@ -165,7 +168,7 @@ at::Tensor upsample_bilinear(const at::Tensor& x_, int64_t out_h, int64_t out_w)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upsample_bilinear", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     if (cl) {
-      bilinear_rows_cl<scalar_t>(x, o, out_h, out_w);
+      (K == 19 ? bilinear_rows_cl<scalar_t, 19> : bilinear_rows_cl<scalar_t, 0>)(x, o, out_h, out_w);
       return;
     }
     bilinear_rows<scalar_t>(x, out_h, out_w, [&](int64_t r, int64_t k, const auto* val) {
