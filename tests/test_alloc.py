@@ -101,14 +101,38 @@ def test_freed_block_is_reused_with_fresh_values():
 
 
 def test_empty_cpu_cache_frees_what_is_kept_and_the_cache_is_bounded():
+    """Freed blocks are kept up to the most ever live at once (at least 256 MiB): what a forward
+    cycles through stays mapped, and never more than the process needed at its peak."""
     dabnet_kernels.empty_cpu_cache()
     nbytes = 19 * 512 * 1024 * 4  # a multiple of 2 MiB: kept as is
-    outs = [_big_output()[1] for _ in range(8)]  # 304 MiB
+    outs = [_big_output()[1] for _ in range(8)]  # 304 MiB live at once
     assert dabnet_kernels.empty_cpu_cache() == 0  # all in use: nothing to free
     del outs
-    freed = dabnet_kernels.empty_cpu_cache()
-    assert freed == (256 << 20) // nbytes * nbytes  # the oldest beyond 256 MiB went at once
+    assert dabnet_kernels.empty_cpu_cache() == 8 * nbytes  # all kept: the peak was 304 MiB
     assert dabnet_kernels.empty_cpu_cache() == 0
+    # After empty_cpu_cache the cap starts again at 256 MiB: 8 outputs made and dropped one at a
+    # time are one block, reused; 8 live at once, then dropped, keep 304 MiB again; 10 outputs
+    # of 38 MiB made one by one while the 8 are kept add none (each is a kept block).
+    for _ in range(8):
+        _big_output()
+    assert dabnet_kernels.empty_cpu_cache() == nbytes
+    outs = [_big_output()[1] for _ in range(8)]
+    del outs
+    for _ in range(10):
+        _big_output()
+    assert dabnet_kernels.empty_cpu_cache() == 8 * nbytes
+    # Blocks of another size beyond the cap push the oldest out: 8 kept (304 MiB, the peak),
+    # then 3 of 40 MiB live at once (120 MiB, no new peak), then freed: 424 MiB is more than
+    # the peak, and the oldest 38 MiB blocks go until what is kept fits it.
+    outs = [_big_output()[1] for _ in range(8)]
+    del outs
+    other = [ops.upsample_bilinear(torch.randn(1, 20, 64, 128), (512, 1024)) for _ in range(3)]
+    obytes = other[0].numel() * 4
+    del other
+    kept = 8 * nbytes + 3 * obytes
+    while kept > 8 * nbytes:
+        kept -= nbytes
+    assert dabnet_kernels.empty_cpu_cache() == kept < 8 * nbytes + 3 * obytes
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

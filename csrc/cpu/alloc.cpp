@@ -12,6 +12,7 @@
 #include <c10/core/Allocator.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -38,9 +39,14 @@ constexpr size_t kHuge = size_t(2) << 20;  // the x86-64 / arm64 huge page
 // concatenation alone took 4.1-4.9 ms instead of 1.8-2.8 (a fault and 2 MiB zeroed per page).
 constexpr size_t kMinBytes = size_t(32) << 20;
 
-// Freed blocks are kept for the next allocation of the same size, up to kCacheBytes in all: the
-// same outputs come back every forward, and a fresh block faults its huge pages in again (each a
-// fault and 2 MiB zeroed: the 38 MiB logits of a 512x1024 forward, 19 faults, 2-4 ms).
+// Freed blocks are kept for the next allocation of the same size, up to cap() in all: the same
+// outputs come back every forward, and a fresh block faults its pages in again (each a fault and
+// the page zeroed: the 38 MiB logits of a 512x1024 forward, 19 huge-page faults, 2-4 ms; where
+// the kernel grants no huge pages, 9,700 faults). The cap is the most the process ever had live
+// in these blocks at once, at least kCacheBytes: a fixed 256 MiB was less than one frozen fp32
+// forward at 1024x2048 cycles through (about 470 MB), and every forward faulted 12-43 thousand
+// pages in afresh (538-770 ms a forward; 477-482 ms with the blocks kept). What is kept is never
+// more than the process needed at its peak; dabnet_kernels.empty_cpu_cache() returns it.
 constexpr size_t kCacheBytes = size_t(256) << 20;
 
 struct BlockCache {
@@ -48,6 +54,13 @@ struct BlockCache {
   std::unordered_map<void*, size_t> live;         // block -> bytes, for the deleter
   std::deque<std::pair<void*, size_t>> free;      // oldest first
   size_t free_bytes = 0;
+  size_t live_bytes = 0, peak_live = 0;  // blocks in use now, and at most so far
+
+  size_t cap() const { return std::max(kCacheBytes, peak_live); }  // mu held
+  void note_live(size_t bytes) {  // mu held
+    live_bytes += bytes;
+    peak_live = std::max(peak_live, live_bytes);
+  }
 
   void* take(size_t bytes) {
     std::lock_guard<std::mutex> lock(mu);
@@ -57,6 +70,7 @@ struct BlockCache {
       free_bytes -= bytes;
       free.erase(it);
       live.emplace(p, bytes);
+      note_live(bytes);
       return p;
     }
     return nullptr;
@@ -64,24 +78,27 @@ struct BlockCache {
   void add_live(void* p, size_t bytes) {
     std::lock_guard<std::mutex> lock(mu);
     live.emplace(p, bytes);
+    note_live(bytes);
   }
   void give_back(void* p) {
     std::lock_guard<std::mutex> lock(mu);
     auto it = live.find(p);
     const size_t bytes = it == live.end() ? 0 : it->second;  // every block is registered
     if (it != live.end()) live.erase(it);
-    if (bytes == 0 || bytes > kCacheBytes) {
+    live_bytes -= bytes;
+    if (bytes == 0 || bytes > cap()) {
       std::free(p);
       return;
     }
     free.emplace_back(p, bytes);
     free_bytes += bytes;
-    while (free_bytes > kCacheBytes) trim_oldest();
+    while (free_bytes > cap()) trim_oldest();
   }
   size_t release() {
     std::lock_guard<std::mutex> lock(mu);
     const size_t n = free_bytes;
     while (!free.empty()) trim_oldest();
+    peak_live = live_bytes;  // asked to give memory back: the cap starts again from here
     return n;
   }
   void trim_oldest() {  // mu held
