@@ -9,14 +9,14 @@
 // the cost of one instruction per 16 values) is converted by c10 instead.
 // Why: GCC vectorizes c10's integer rounding at about 9 vector instructions per 8 values, which
 // made the bf16 pointwise kernels ALU-bound at half the speed of their fp32 twins.
-#ifdef DABNET_CPU_VARIANT
+#include "isa.h"
+
+#if defined(DABNET_CPU_VARIANT) && defined(DABNET_WITH_BF16_STORE)
 #include <immintrin.h>
 
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
-
-#include "isa.h"
 
 namespace dabnet {
 namespace cpu {

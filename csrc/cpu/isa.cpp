@@ -23,7 +23,7 @@ bool use_avx2() {
 #endif
 }
 
-#ifdef DABNET_WITH_AVX2
+#ifdef DABNET_WITH_BF16_STORE
 namespace avx2 {
 void bf16_store_avx512(const float* src, c10::BFloat16* dst, int64_t n);  // bf16_store.cpp
 }
@@ -37,7 +37,7 @@ bool set_bf16_store(bool on) { return g_bf16_store_on.exchange(on); }
 
 Bf16Store bf16_store() {
   static const Bf16Store f = []() -> Bf16Store {
-#if defined(DABNET_WITH_AVX2) && defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#ifdef DABNET_WITH_BF16_STORE
     const char* off = std::getenv("DABNET_CPU_BF16");
     if (!use_avx2() || (off && std::strcmp(off, "0") == 0)) return nullptr;
     __builtin_cpu_init();

@@ -23,6 +23,11 @@ bool use_avx2();
 // that function where the AVX2 build runs on a CPU with AVX512_BF16/F/BW/VL/DQ, else null (and
 // where DABNET_CPU_BF16=0 is in the environment, to compare the two).
 using Bf16Store = void (*)(const float* src, c10::BFloat16* dst, int64_t n);
+// GCC has the AVX512_BF16 intrinsics from version 10 on; older ones build without those stores.
+#if defined(DABNET_WITH_AVX2) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10 && \
+    (defined(__x86_64__) || defined(__i386__))
+#define DABNET_WITH_BF16_STORE 1
+#endif
 Bf16Store bf16_store();
 // Turns those stores off (false) or back on for the whole process, for tests and A/B timings in
 // one process; returns the previous setting.
