@@ -26,7 +26,7 @@ inline namespace DABNET_CPU_ISA {  // see isa.h
 
 namespace {
 
-// o[j] = PReLU(v * s + t) for j < n, v = x[j], or with RES the sum x[j] + r[j] rounded to T (as
+// d[j] = PReLU(v * s + t) in acc_t for j < n, v = x[j], or with RES the sum x[j] + r[j] rounded to T (as
 // add_ rounds it: a residual added on the way in). VEC, the parameters of channel j (an NHWC
 // pixel's run); otherwise one channel's scalars (an NCHW plane). Restrict pointers, so that GCC
 // vectorizes it.
@@ -57,7 +57,7 @@ inline void bn_prelu_run(T* o, const T* x, const T* r, const acc_t* s, const acc
 
 // Inputs of kNarrow or fewer channels (DABNet's 3-channel input injection) are computed for a
 // block's pixels as one run (parameters tiled) and then copied into place: per pixel, a run of 3
-// cost more than the wide inputs' whole runs (1x(64+64+3)x128x256: 2x the time of 64+64).
+// cost about as much as the wide inputs' whole runs (1x(64+64+3)x128x256: 1.8x the time of 64+64).
 constexpr int64_t kNarrow = 4;
 
 // xs[0]'s values under pre0: its own BN-PReLU, rounded to T as affine_prelu_ stores it (the
