@@ -67,7 +67,8 @@ TORCH_LIBRARY(dabnet, m) {
   // Labels of the bilinear (align_corners=False) upsampling of logits to (out_h, out_w): argmax
   // over classes without materializing the upsampled logits. Returns int64 (N, out_h, out_w).
   m.def("upsample_argmax(Tensor logits, int out_h, int out_w) -> Tensor");
-  // The instruction set the CPU kernels were picked for at load time: "avx2" or "base".
+  // The instruction set the CPU kernels were picked for at load time: "avx2", "avx2+avx512bf16"
+  // (bf16 outputs stored through AVX512_BF16, as set_cpu_bf16_store leaves it now) or "base".
   m.def("cpu_isa() -> str", &dabnet::cpu::isa_name);
   // AVX512_BF16 stores of bf16 outputs (csrc/cpu/bf16_store.cpp) off (0) or on (1) where the CPU
   // has them; returns the previous setting. For tests and A/B timings.

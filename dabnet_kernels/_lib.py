@@ -15,8 +15,10 @@ _ext_path = _C.__file__
 
 
 def cpu_isa() -> str:
-    """The build of the C++ CPU kernels this process runs: "avx2" (AVX2+FMA) or "base" (picked
-    when the library loads; DABNET_CPU_ISA=base in the environment forces the baseline)."""
+    """The build of the C++ CPU kernels this process runs: "avx2" (AVX2+FMA), "avx2+avx512bf16"
+    (the same, storing bf16 outputs with AVX512_BF16's vcvtneps2bf16, bit for bit the same
+    rounding) or "base" (picked when the library loads; DABNET_CPU_ISA=base in the environment
+    forces the baseline, DABNET_CPU_BF16=0 the AVX2 stores)."""
     return torch.ops.dabnet.cpu_isa()
 
 

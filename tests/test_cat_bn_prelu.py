@@ -176,13 +176,6 @@ def test_add0_opcheck_and_bad_shape():
 # pre0 (xs[0]'s own BN-PReLU on the way in) and pool_last (the last input max-pooled 2x2): the
 # frozen model's fusions of DABNet's first block and downsampling. Each must equal the unfused
 # sequence of ops bit for bit, in every dtype and layout.
-def _pool(x):
-    H, W = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
-    v = x[:, :, :H, :W]
-    return torch.maximum(torch.maximum(v[:, :, 0::2, 0::2], v[:, :, 0::2, 1::2]),
-                         torch.maximum(v[:, :, 1::2, 0::2], v[:, :, 1::2, 1::2]))
-
-
 @pytest.mark.parametrize("sizes", [(5, 3), (3, 6, 2), (33,)])  # wide, narrow and single xs[0]
 @pytest.mark.parametrize("add0", [False, True])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -213,7 +206,7 @@ def test_pool_last_is_a_2x2_max_pool_of_the_last_input(dtype, layout, sizes, hw)
     big[1, 0, 0, 1] = float("nan")  # NaN wins its window, as in torch.maximum / max_pool2d
     _, folded = _folded(sum(sizes), dtype)
     out = torch.ops.dabnet.cat_bn_prelu(xs + [big], *folded, None, None, True)
-    ref = torch.ops.dabnet.cat_bn_prelu(xs + [_pool(big)], *folded)
+    ref = torch.ops.dabnet.cat_bn_prelu(xs + [ops.max_pool2x2(big)], *folded)
     torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
     assert out.isnan().sum() == ref.isnan().sum() >= 1
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
