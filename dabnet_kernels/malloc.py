@@ -9,8 +9,12 @@ process to process with the heap's layout); with the settings below the fused fo
 instead of 157 ms and the eager one 227 instead of 288 ms (`python -m bench.malloc_ab`,
 bench/results/2026-12-03-malloc-ab-cpu-amd-epyc-2c.json).
 
-tune_malloc() fixes the mmap threshold at glibc's 64-bit maximum (32 MiB, so that mid-size
-activations are reused from the heap) and raises the trim threshold to `retain_mib`. It is what
+tune_malloc() serves every block from the heap (no mmap, so that large activations are reused
+from it as the mid-size ones are) and raises the trim threshold to `retain_mib`. Fixing the mmap
+threshold at glibc's 64-bit maximum (32 MiB), as it did first, still mapped each block of 32 MiB
+or more afresh: at 1024x2048 in fp32, PyTorch's 32 and 64 MiB convolution outputs faulted 16-74
+thousand pages per frozen forward, depending on the heap's state in that process (490-496 ms a
+forward; 449-461 ms with no mmap, no faults, the same process type, 2026-12-07). It is what
 jemalloc or tcmalloc would do for you (LD_PRELOAD): use either instead if you prefer. The `dabnet`
 command line and the benchmarks call it; a library import never does (it changes the whole
 process).
@@ -23,6 +27,7 @@ import os
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc refuses more on 64-bit
 
 _state = {"tuned": None}
@@ -45,16 +50,18 @@ def _libc():
 
 
 def tune_malloc(retain_mib: int = 1024) -> bool:
-    """Sets glibc's mmap threshold to 32 MiB and its trim threshold to `retain_mib` MiB for this
-    process. Returns True if both were set, False where the C library is not glibc (nothing is
-    changed there). Freed memory up to `retain_mib` MiB then stays mapped in the process for the
-    next forward; blocks of 32 MiB or more are still returned when freed."""
+    """Makes glibc serve every allocation of this process from its heap (no mmap; the mmap
+    threshold at its 32 MiB maximum, for the threads' arenas, which still map what their heaps
+    cannot hold) and sets its trim threshold to `retain_mib` MiB. Returns True if all were set,
+    False where the C library is not glibc (nothing is changed there). Freed memory up to
+    `retain_mib` MiB at the heap's top then stays mapped in the process for the next forward."""
     if isinstance(retain_mib, bool) or not isinstance(retain_mib, int) or not 0 <= retain_mib < 2048:
         raise ValueError(f"retain_mib must be an int in [0, 2048), got {retain_mib!r}")
     libc = _libc()
     if libc is None:
         return False
     ok = (libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
+          and libc.mallopt(_M_MMAP_MAX, 0) == 1
           and libc.mallopt(_M_TRIM_THRESHOLD, retain_mib << 20) == 1)
     _state["tuned"] = retain_mib if ok else None
     return ok

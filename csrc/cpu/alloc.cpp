@@ -42,11 +42,15 @@ constexpr size_t kMinBytes = size_t(32) << 20;
 // Freed blocks are kept for the next allocation of the same size, up to cap() in all: the same
 // outputs come back every forward, and a fresh block faults its pages in again (each a fault and
 // the page zeroed: the 38 MiB logits of a 512x1024 forward, 19 huge-page faults, 2-4 ms; where
-// the kernel grants no huge pages, 9,700 faults). The cap is the most the process ever had live
-// in these blocks at once, at least kCacheBytes: a fixed 256 MiB was less than one frozen fp32
-// forward at 1024x2048 cycles through (about 470 MB), and every forward faulted 12-43 thousand
-// pages in afresh (538-770 ms a forward; 477-482 ms with the blocks kept). What is kept is never
-// more than the process needed at its peak; dabnet_kernels.empty_cpu_cache() returns it.
+// the kernel grants no huge pages, 9,700 faults). The cap is what a repeat of the work so far
+// needs: for each block size, the most blocks of it ever live at once, summed (at least
+// kCacheBytes; at most four times the most ever live in all, so that a stream of ever new shapes
+// cannot grow it without end). A fixed 256 MiB was less than one
+// frozen fp32 forward at 1024x2048 cycles through (about 470 MB), and every forward faulted
+// 12-43 thousand pages in afresh; a cap of the most ever live at once still dropped the 160 MB
+// logits each forward: freed last, they were the oldest block when the next forward's freed
+// blocks overflowed it (78 huge pages faulted, 11-28 ms a forward). dabnet_kernels.
+// empty_cpu_cache() returns what is kept.
 constexpr size_t kCacheBytes = size_t(256) << 20;
 
 struct BlockCache {
@@ -55,11 +59,25 @@ struct BlockCache {
   std::deque<std::pair<void*, size_t>> free;      // oldest first
   size_t free_bytes = 0;
   size_t live_bytes = 0, peak_live = 0;  // blocks in use now, and at most so far
+  struct Count { size_t now = 0, peak = 0; };
+  std::unordered_map<size_t, Count> by_size;  // block size -> blocks of it live, now and at most
+  size_t need = 0;  // sum over sizes of size x peak: what a repeat of the work so far needs
 
-  size_t cap() const { return std::max(kCacheBytes, peak_live); }  // mu held
+  size_t cap() const {  // mu held
+    return std::max(kCacheBytes, std::min(need, 4 * peak_live));
+  }
   void note_live(size_t bytes) {  // mu held
     live_bytes += bytes;
     peak_live = std::max(peak_live, live_bytes);
+    Count& c = by_size[bytes];
+    if (++c.now > c.peak) {
+      c.peak = c.now;
+      need += bytes;
+    }
+  }
+  void note_dead(size_t bytes) {  // mu held
+    live_bytes -= bytes;
+    by_size[bytes].now -= 1;
   }
 
   void* take(size_t bytes) {
@@ -84,8 +102,10 @@ struct BlockCache {
     std::lock_guard<std::mutex> lock(mu);
     auto it = live.find(p);
     const size_t bytes = it == live.end() ? 0 : it->second;  // every block is registered
-    if (it != live.end()) live.erase(it);
-    live_bytes -= bytes;
+    if (it != live.end()) {
+      live.erase(it);
+      note_dead(bytes);
+    }
     if (bytes == 0 || bytes > cap()) {
       std::free(p);
       return;
@@ -98,7 +118,18 @@ struct BlockCache {
     std::lock_guard<std::mutex> lock(mu);
     const size_t n = free_bytes;
     while (!free.empty()) trim_oldest();
-    peak_live = live_bytes;  // asked to give memory back: the cap starts again from here
+    // Asked to give memory back: the cap starts again from what is live now.
+    peak_live = live_bytes;
+    need = 0;
+    for (auto it = by_size.begin(); it != by_size.end();) {
+      if (it->second.now == 0) {
+        it = by_size.erase(it);
+        continue;
+      }
+      it->second.peak = it->second.now;
+      need += it->first * it->second.now;
+      ++it;
+    }
     return n;
   }
   void trim_oldest() {  // mu held
