@@ -63,7 +63,9 @@ struct Segments {
 
 
 // The geometry of one upsampling, and the first of its two passes: blending the two source rows
-// of an output row (one class at a time, w values).
+// of an output row (one class at a time, w values, from an NCHW L; or all classes at once from a
+// channels_last one). Both blends are one explicit FMA (affine), as is the second pass: the two
+// layouts' outputs are bit for bit equal.
 template <typename scalar_t>
 struct Bilinear {
   using acc_t = at::opmath_type<scalar_t>;
@@ -81,7 +83,15 @@ struct Bilinear {
     const acc_t a = ly.l0[y], b = ly.l1[y];
     const scalar_t* p0 = L + ((n * K + k) * h + ly.i0[y]) * w;
     const scalar_t* p1 = L + ((n * K + k) * h + ly.i1[y]) * w;
-    for (int64_t i = 0; i < w; ++i) row[i * stride] = a * acc_t(p0[i]) + b * acc_t(p1[i]);
+    for (int64_t i = 0; i < w; ++i) row[i * stride] = affine(acc_t(p1[i]), b, a * acc_t(p0[i]));
+  }
+  // The same for all classes at once, from a channels_last L: row[i * K + k], one flat loop.
+  void blend_rows_cl(int64_t r, acc_t* __restrict__ row) const {
+    const int64_t n = r / out_h, y = r % out_h, wk = w * K;
+    const acc_t a = ly.l0[y], b = ly.l1[y];
+    const scalar_t* __restrict__ p0 = L + (n * h + ly.i0[y]) * wk;
+    const scalar_t* __restrict__ p1 = L + (n * h + ly.i1[y]) * wk;
+    for (int64_t j = 0; j < wk; ++j) row[j] = affine(acc_t(p1[j]), b, a * acc_t(p0[j]));
   }
 };
 
@@ -101,15 +111,34 @@ void bilinear_rows(const at::Tensor& x, int64_t out_h, int64_t out_w, F f) {
         for (int64_t sg = 0; sg < bl.nseg(); ++sg) {
           const acc_t u = row[seg.i0[sg]], v = row[seg.i1[sg]];
           for (int64_t o = seg.begin[sg]; o < seg.begin[sg + 1]; ++o)
-            val[o] = lx.l0[o] * u + lx.l1[o] * v;
+            val[o] = affine(v, lx.l1[o], lx.l0[o] * u);  // as blend_pixel
         }
         f(r, k, val.data());
       }
   });
 }
 
-// channels_last: output row r is out_w pixels of K contiguous classes. The source rows are blended
-// into a (w, K) buffer, so each output pixel blends two K-vectors into K contiguous outputs:
+// One channels_last output pixel: d[k] = l0 * u[k] + l1 * v[k] for its K classes. With K known
+// and at least one 32-byte vector long, the classes go in whole vectors, the last one overlapping
+// its predecessor (classes 11-18 of 19: the same values written twice) instead of a scalar tail,
+// which cost more than the vectors; u and v then stay in registers across a segment's pixels.
+template <int KK, typename acc_t>
+inline void blend_pixel(acc_t* __restrict__ d, const acc_t* __restrict__ u,
+                        const acc_t* __restrict__ v, acc_t l0, acc_t l1, int64_t K) {
+  constexpr int V = 32 / int(sizeof(acc_t));
+  if constexpr (KK >= V) {
+    for (int b = 0; b + V <= KK; b += V)
+      for (int l = 0; l < V; ++l) d[b + l] = affine(v[b + l], l1, l0 * u[b + l]);
+    if constexpr (KK % V != 0)
+      for (int l = KK - V; l < KK; ++l) d[l] = affine(v[l], l1, l0 * u[l]);
+  } else {
+    for (int64_t k = 0; k < (KK ? KK : K); ++k) d[k] = affine(v[k], l1, l0 * u[k]);
+  }
+}
+
+// channels_last (x too): output row r is out_w pixels of K contiguous classes. The source rows are
+// blended into a (w, K) buffer in one flat loop (class by class from NCHW, strided, it had cost
+// a third of the whole), so each output pixel blends two K-vectors into K contiguous outputs:
 // vector stores, where writing class by class into the strided row took 3x as long. Same
 // formulas, in the same order, as bilinear_rows.
 // KK: the class count known at compile time (0: K at run time). Per output pixel the K-long blend
@@ -128,17 +157,14 @@ void bilinear_rows_cl(const at::Tensor& x, scalar_t* out, int64_t out_h, int64_t
   at::parallel_for(0, bl.N * out_h, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> row(bl.w * K), wide(kDirect ? 0 : out_w * K);
     for (int64_t r = begin; r < end; ++r) {
-      for (int64_t k = 0; k < K; ++k) bl.blend_rows(r, k, row.data() + k, K);
+      bl.blend_rows_cl(r, row.data());
       scalar_t* dst = out + r * out_w * K;
       acc_t* buf = kDirect ? reinterpret_cast<acc_t*>(dst) : wide.data();
       for (int64_t sg = 0; sg < bl.nseg(); ++sg) {
         const acc_t* __restrict__ u = row.data() + seg.i0[sg] * K;
         const acc_t* __restrict__ v = row.data() + seg.i1[sg] * K;
-        for (int64_t o = seg.begin[sg]; o < seg.begin[sg + 1]; ++o) {
-          const acc_t l0 = bl.lx.l0[o], l1 = bl.lx.l1[o];
-          acc_t* __restrict__ d = buf + o * K;
-          for (int64_t k = 0; k < K; ++k) d[k] = l0 * u[k] + l1 * v[k];
-        }
+        for (int64_t o = seg.begin[sg]; o < seg.begin[sg + 1]; ++o)
+          blend_pixel<KK>(buf + o * K, u, v, bl.lx.l0[o], bl.lx.l1[o], K);
       }
       if constexpr (!kDirect) store_run(dst, wide.data(), out_w * K);
     }
@@ -168,7 +194,8 @@ at::Tensor upsample_bilinear(const at::Tensor& x_, int64_t out_h, int64_t out_w)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upsample_bilinear", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     if (cl) {
-      (K == 19 ? bilinear_rows_cl<scalar_t, 19> : bilinear_rows_cl<scalar_t, 0>)(x, o, out_h, out_w);
+      const at::Tensor xc = x_.contiguous(at::MemoryFormat::ChannelsLast);
+      (K == 19 ? bilinear_rows_cl<scalar_t, 19> : bilinear_rows_cl<scalar_t, 0>)(xc, o, out_h, out_w);
       return;
     }
     bilinear_rows<scalar_t>(x, out_h, out_w, [&](int64_t r, int64_t k, const auto* val) {
