@@ -67,6 +67,9 @@ TORCH_LIBRARY(dabnet, m) {
   // Labels of the bilinear (align_corners=False) upsampling of logits to (out_h, out_w): argmax
   // over classes without materializing the upsampled logits. Returns int64 (N, out_h, out_w).
   m.def("upsample_argmax(Tensor logits, int out_h, int out_w) -> Tensor");
+  // F.avg_pool2d(x, 3, stride=2, padding=1), padding counted, floor: DABNet's input-injection pool
+  // (CPU; ops.avg_pool3x3s2 routes other devices and gradients to ATen).
+  m.def("avg_pool3x3s2(Tensor x) -> Tensor");
   // The instruction set the CPU kernels were picked for at load time: "avx2", "avx2+avx512bf16"
   // (bf16 outputs stored through AVX512_BF16, as set_cpu_bf16_store leaves it now) or "base".
   m.def("cpu_isa() -> str", &dabnet::cpu::isa_name);

@@ -131,7 +131,13 @@ def upsample_argmax(logits, out_h, out_w):
     return op.ArgMax(_resize(logits, out_h, out_w), axis=1, keepdims=0)
 
 
+def avg_pool3x3s2(x):
+    return op.AveragePool(x, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+                          count_include_pad=1)
+
+
 TRANSLATIONS = {getattr(torch.ops.dabnet, name).default: fn for name, fn in (
     ("dwconv3", dwconv3), ("bn_prelu", bn_prelu), ("dwconv3_bn_prelu", dwconv3_bn_prelu),
     ("dab_neck", dab_neck), ("cat_bn_prelu", cat_bn_prelu),
-    ("upsample_bilinear", upsample_bilinear), ("upsample_argmax", upsample_argmax))}
+    ("upsample_bilinear", upsample_bilinear), ("upsample_argmax", upsample_argmax),
+    ("avg_pool3x3s2", avg_pool3x3s2))}

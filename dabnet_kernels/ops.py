@@ -379,18 +379,17 @@ def upsample_argmax(logits: Tensor, size) -> Tensor:
 
 def avg_pool3x3s2(x: Tensor) -> Tensor:
     """``F.avg_pool2d(x, 3, stride=2, padding=1)`` (padding counted, floor): DABNet's input-injection
-    pool. A channels_last CPU tensor is pooled as a depthwise convolution with taps 1/9 (the same
-    window sum, scaled by 1/9 instead of divided by 9: equal to rounding; in bfloat16 the tap 1/9
-    is itself rounded, 3e-4 relative, below bf16's resolution): ATen's channels_last avg_pool2d
-    vectorizes over channels, of which the image has 3 (3x512x1024 on 2 cores, fp32: 6.7 -> 1.0 ms;
-    bf16: 8.0 -> 0.65 ms). Elsewhere F.avg_pool2d. Differentiable either way."""
+    pool. On CPU with no gradient needed, dabnet::avg_pool3x3s2 (csrc/cpu/avg_pool.cpp), equal to
+    rounding (the window is summed in another order): ATen's avg_pool2d and oneDNN vectorize over
+    channels, of which the image has 3 (one pool of 1x3x512x1024 channels_last on 2 cores, fp32:
+    ATen 6.7 ms, a depthwise conv with taps 1/9 1.0 ms; the three cascaded pools of DABNet there:
+    the conv 0.76-1.12 ms, this kernel 0.50-0.52 ms, bf16 0.53-0.91 against 0.48-0.56, alternating
+    in one process). With a gradient, or on other devices, F.avg_pool2d."""
     _check_x(x)
-    if (x.device.type == "cpu" and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last)):
-        C = x.shape[1]
-        w = torch.full((C, 1, 3, 3), 1.0 / 9.0, dtype=x.dtype, device=x.device)
-        return F.conv2d(x, w, stride=2, padding=1, groups=C)
-    return F.avg_pool2d(x, 3, stride=2, padding=1)
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    if x.device.type != "cpu" or needs_grad or ops_for(x) is None or 0 in x.shape[2:]:
+        return F.avg_pool2d(x, 3, stride=2, padding=1)
+    return torch.ops.dabnet.avg_pool3x3s2(x)
 
 
 def max_pool2x2(x: Tensor) -> Tensor:
@@ -495,6 +494,13 @@ def _upsample_backward(ctx, grad):
 
 torch.library.register_autograd("dabnet::upsample_bilinear", _upsample_backward,
                                 setup_context=_upsample_setup)
+
+
+@torch.library.register_fake("dabnet::avg_pool3x3s2")
+def _fake_avg_pool3x3s2(x):
+    H, W = x.shape[2], x.shape[3]
+    return torch.empty((x.shape[0], x.shape[1], (H - 1) // 2 + 1, (W - 1) // 2 + 1),
+                       dtype=x.dtype, device=x.device, memory_format=_out_format(x))
 
 
 @torch.library.register_fake("dabnet::upsample_argmax")
