@@ -54,7 +54,10 @@ def tune_malloc(retain_mib: int = 1024) -> bool:
     threshold at its 32 MiB maximum, for the threads' arenas, which still map what their heaps
     cannot hold) and sets its trim threshold to `retain_mib` MiB. Returns True if all were set,
     False where the C library is not glibc (nothing is changed there). Freed memory up to
-    `retain_mib` MiB at the heap's top then stays mapped in the process for the next forward."""
+    `retain_mib` MiB at the heap's top then stays mapped in the process for the next forward;
+    memory freed below the top stays too (reused by later allocations), so the process keeps
+    about its peak footprint until it exits (jemalloc and tcmalloc give idle memory back over
+    time; glibc with these settings does not)."""
     if isinstance(retain_mib, bool) or not isinstance(retain_mib, int) or not 0 <= retain_mib < 2048:
         raise ValueError(f"retain_mib must be an int in [0, 2048), got {retain_mib!r}")
     libc = _libc()
