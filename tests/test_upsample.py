@@ -91,3 +91,20 @@ def test_upsample_bilinear_channels_last_equals_nchw(size, dtype):
     ref = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
     torch.testing.assert_close(cl.float(), ref, **(dict(rtol=1e-5, atol=1e-5) if dtype ==
                                                    torch.float32 else dict(rtol=1e-2, atol=1e-2)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("classes", [1, 7, 19])
+@pytest.mark.parametrize("size", [(64, 128), (37, 53), (5, 300), (16, 9)])
+def test_argmax_is_the_argmax_of_upsample_bilinear(size, classes, dtype):
+    """upsample_argmax computes upsample_bilinear's values (channels_last), 8 pixels at a time,
+    without storing them: its labels are their torch.argmax exactly, whatever the input layout
+    (runs of fewer than 8 pixels at the image's edges included). For bfloat16, of the float
+    values before they are rounded to bfloat16 (where rounding makes ties, argmax would pick the
+    first)."""
+    x = torch.randn(2, classes, 8, 16, dtype=torch.float64).to(dtype)
+    xw = x.float() if dtype == torch.bfloat16 else x
+    want = ops.upsample_bilinear(xw.contiguous(memory_format=torch.channels_last), size).argmax(1)
+    assert torch.equal(ops.upsample_argmax(x, size), want)
+    assert torch.equal(ops.upsample_argmax(x.contiguous(memory_format=torch.channels_last), size),
+                       want)
