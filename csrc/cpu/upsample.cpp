@@ -110,8 +110,12 @@ void bilinear_rows(const at::Tensor& x, int64_t out_h, int64_t out_w, F f) {
         bl.blend_rows(r, k, row.data(), 1);
         for (int64_t sg = 0; sg < bl.nseg(); ++sg) {
           const acc_t u = row[seg.i0[sg]], v = row[seg.i1[sg]];
+          const acc_t* __restrict__ l0 = lx.l0.data();
+          const acc_t* __restrict__ l1 = lx.l1.data();
+          acc_t* __restrict__ out = val.data();
+#pragma omp simd  // a segment is 8 outputs at x8: one vector (GCC left this loop scalar)
           for (int64_t o = seg.begin[sg]; o < seg.begin[sg + 1]; ++o)
-            val[o] = affine(v, lx.l1[o], lx.l0[o] * u);  // as blend_pixel
+            out[o] = affine(v, l1[o], l0[o] * u);  // as blend_pixel
         }
         f(r, k, val.data());
       }
@@ -256,7 +260,7 @@ at::Tensor upsample_bilinear(const at::Tensor& x_, int64_t out_h, int64_t out_w)
     bilinear_rows<scalar_t>(x, out_h, out_w, [&](int64_t r, int64_t k, const auto* val) {
       const int64_t n = r / out_h, y = r % out_h;
       scalar_t* dst = o + ((n * K + k) * out_h + y) * out_w;
-      for (int64_t i = 0; i < out_w; ++i) dst[i] = scalar_t(val[i]);
+      store_run(dst, val, out_w);
     });
   });
   return out;
