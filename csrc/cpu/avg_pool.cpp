@@ -6,6 +6,8 @@
 // pixel with its two neighbours and divided by 9; the outputs are every other pixel of that.
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "../checks.h"
 #include "alloc.h"
 #include "isa.h"
@@ -25,8 +27,10 @@ void pool_rows(const T* x, T* out, int64_t planes, int64_t H, int64_t W, int64_t
   using acc_t = at::opmath_type<T>;
   const int64_t rw = W * P;
   at::parallel_for(0, planes * Ho, 1, [&](int64_t begin, int64_t end) {
-    // v: column sums with a zero pixel each side (the padding); h: v's 3-pixel sums over 9.
-    std::vector<acc_t> v((W + 2) * P, acc_t(0)), h(rw), o(Wo * P);
+    // v: column sums with a zero pixel each side (the padding); h: v's 3-pixel sums over 9 (the
+    // general path only); o: an output row in acc_t, for a narrower T (else the output itself).
+    constexpr bool kDirect = std::is_same_v<T, acc_t>;
+    std::vector<acc_t> v((W + 2) * P, acc_t(0)), h(P == 3 ? 0 : rw), o(kDirect ? 0 : Wo * P);
     acc_t* vs = v.data() + P;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / Ho, y = 2 * (r % Ho);  // the window's middle row (always inside)
@@ -41,7 +45,8 @@ void pool_rows(const T* x, T* out, int64_t planes, int64_t H, int64_t W, int64_t
       } else {
         for (int64_t j = 0; j < rw; ++j) vs[j] = acc_t(r1[j]);
       }
-      acc_t* __restrict__ dst = o.data();
+      T* row_out = out + r * Wo * P;
+      acc_t* __restrict__ dst = kDirect ? reinterpret_cast<acc_t*>(row_out) : o.data();
       if (P == 3) {  // the image: the pixel's 3 values as constants, so the loop is straight-line
         for (int64_t ox = 0; ox < Wo; ++ox)
           for (int64_t c = 0; c < 3; ++c) {
@@ -54,7 +59,7 @@ void pool_rows(const T* x, T* out, int64_t planes, int64_t H, int64_t W, int64_t
         for (int64_t ox = 0; ox < Wo; ++ox)
           for (int64_t c = 0; c < P; ++c) dst[ox * P + c] = h[2 * ox * P + c];
       }
-      store_run(out + r * Wo * P, dst, Wo * P);
+      if constexpr (!kDirect) store_run(row_out, dst, Wo * P);
     }
   });
 }

@@ -105,19 +105,19 @@ void bilinear_rows(const at::Tensor& x, int64_t out_h, int64_t out_w, F f) {
   const auto& lx = bl.lx;
   at::parallel_for(0, bl.N * out_h, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> row(bl.w), val(out_w);
+    const acc_t* __restrict__ l0 = lx.l0.data();
+    const acc_t* __restrict__ l1 = lx.l1.data();
+    acc_t* __restrict__ vp = val.data();
     for (int64_t r = begin; r < end; ++r)
       for (int64_t k = 0; k < bl.K; ++k) {
         bl.blend_rows(r, k, row.data(), 1);
         for (int64_t sg = 0; sg < bl.nseg(); ++sg) {
           const acc_t u = row[seg.i0[sg]], v = row[seg.i1[sg]];
-          const acc_t* __restrict__ l0 = lx.l0.data();
-          const acc_t* __restrict__ l1 = lx.l1.data();
-          acc_t* __restrict__ out = val.data();
 #pragma omp simd  // a segment is 8 outputs at x8: one vector (GCC left this loop scalar)
           for (int64_t o = seg.begin[sg]; o < seg.begin[sg + 1]; ++o)
-            out[o] = affine(v, l1[o], l0[o] * u);  // as blend_pixel
+            vp[o] = affine(v, l1[o], l0[o] * u);  // as blend_pixel
         }
-        f(r, k, val.data());
+        f(r, k, vp);  // through vp (restrict), as every access to val here
       }
   });
 }
