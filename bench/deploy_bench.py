@@ -4,7 +4,7 @@ per-op overhead, measured earlier at 6-7 ms a forward) and what it costs.
 Rows, all fp32, batch 1, on the same pixel-value input (dabnet.export.Deployed: the mean
 subtraction inside): the fused eager model (channels_last), the AOTInductor package (.pt2,
 dynamic H/W, run from Python with torch._inductor.aoti_load_package) and onnxruntime on the
-.onnx (CPU provider). Timed in interleaved rounds (each row once per round, order rotated), as
+.onnx (CPU provider). Timed in interleaved rounds (each row once per round, order shuffled), as
 bench.run's interleaved table; the speedup of a row is the median over rounds of fused-eager's
 time over the row's time in the same round.
 

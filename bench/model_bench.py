@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .progress import progress_bar
-from .timing import (Budget, Stats, first_call_s, paired_speedup, quantiles, round_order,
-                     time_fn)
+from .timing import (ROUND_ORDER, Budget, Stats, first_call_s, paired_speedup, quantiles,
+                     round_order, time_fn)
 
 # DABNet's row of the paper's Table 5 (GTX 1080Ti, batch 1), for context in the report.
 PAPER_TABLE5_MS = {"256x512": 6, "512x1024": 10, "1024x2048": 36}
@@ -250,7 +250,7 @@ TARGET_VARIANTS = ("eager", "eager-cl", "compile", "compile-cl", "eager-cl-bf16"
 def bench_interleaved(device: str, res, budget: Budget, with_compile=True, progress=True,
                       deadline=None, min_rounds: int = 7, names=None) -> list:
     """Every inference variant at one resolution, timed in rounds: each round calls each variant
-    once, in an order rotated from round to round, so that a machine that speeds up or slows down
+    once, in an order shuffled from round to round (round_order), so that a machine that speeds up or slows down
     during the run (shared VMs: 20-40% within minutes) moves every variant alike. Per variant:
     median / quartiles / min of its per-call times, and its speedup over the fp32 plain-PyTorch
     baseline with the lowest median, as the median over rounds of the ratio of the two calls in
@@ -309,7 +309,7 @@ def bench_interleaved(device: str, res, budget: Budget, with_compile=True, progr
         timer = "interleaved rounds (perf_counter" + (
             ", cuda synchronize)" if device == "cuda" else ")")
         out[n].update(Stats(med, q25, q75, len(times[n]), timer).as_dict(),
-                      min_ms=min(times[n]), rounds=rounds)
+                      min_ms=min(times[n]), rounds=rounds, order=ROUND_ORDER)
     base = [n for n in names if n in BASELINES_FP32]
     if base:
         best = min(base, key=lambda n: out[n]["median_ms"])

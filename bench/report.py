@@ -256,8 +256,8 @@ def model_tables(res) -> str:
         skipped = [f"{r['variant']} ({r['error']})" for r in il if r.get("error")]
         out.append(
             f"DABNet inference at {r0['res'][0]}x{r0['res'][1]}, batch 1, interleaved: "
-            f"{r0.get('rounds', '-')} rounds, each calling every variant once in a rotated "
-            f"order, so that drift in the machine's speed hits all alike; vs baseline: the "
+            f"{r0.get('rounds', '-')} rounds, each calling every variant once in a "
+            f"{r0.get('order', 'rotated')} order, so that drift in the machine's speed hits all alike; vs baseline: the "
             f"median over rounds of {r0.get('baseline', '-')}'s time (the fp32 plain-PyTorch "
             f"variant with the lowest median) over the variant's, in the same round"
             + ("; over floor: the median over rounds of the variant's time over the "
@@ -352,8 +352,8 @@ def summary_table(results) -> str:
             hw = il[0]["res"]
             base = il[0].get("baseline", "baseline")
             recs = [(r, r.get("speedup_vs_baseline")) for r in il]
-            how = (f"{il[0]['rounds']} rounds, each calling every variant once in a rotated "
-                   f"order; vs {base}: the median over rounds of the ratio of {base}'s time "
+            how = (f"{il[0]['rounds']} rounds, each calling every variant once in a "
+                   f"{il[0].get('order', 'rotated')} order; vs {base}: the median over rounds of the ratio of {base}'s time "
                    f"(the fastest plain-PyTorch fp32 variant) to the variant's, in the same "
                    f"round")
         elif inf:

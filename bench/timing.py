@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 import time
 from dataclasses import asdict, dataclass
 
@@ -57,11 +58,19 @@ def quantiles(xs):
     return q(0.25), q(0.5), q(0.75)
 
 
+ROUND_ORDER = "shuffled"  # what round_order does, as results files record it
+
+
 def round_order(names, r):
-    """The order of round r of an interleaved benchmark: names rotated by r, so that no variant
-    always runs first (or right after the same other one)."""
-    k = r % len(names)
-    return names[k:] + names[:k]
+    """The order of round r of an interleaved benchmark: names shuffled, seeded by r (the same
+    orders in every run), so that no variant always runs first or right after the same other one.
+    A rotation (the order until 2026-12-07) kept each variant behind the same predecessor in
+    every round, and what ran just before moves a short memory-bound call more than a long
+    compute-bound one (in one A/B at 256x512: the frozen bf16 model at 1.39x its floor when a
+    torch.compile'd forward ran before each call, 1.25x when nothing did)."""
+    order = list(names)
+    random.Random(r).shuffle(order)
+    return order
 
 
 def paired_speedup(base_times, times):

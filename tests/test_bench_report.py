@@ -160,6 +160,23 @@ def test_interleaved_bench_times_every_variant_in_rounds_and_renders():
             assert r["floor"] == ("floor-cl-bf16" if r["dtype"] == "bf16" else "floor-cl")
             assert r["over_floor"] > 1.0, (name, r["over_floor"])
     assert "over floor" in text
+    assert all(r["order"] == "shuffled" for r in recs) and "a shuffled order" in text
+
+
+def test_round_order_is_a_permutation_with_varying_predecessors():
+    """Each round calls every variant once; across rounds a variant follows different others
+    (a rotation kept every variant behind the same one) and runs first in different rounds; the
+    orders are reproducible."""
+    from bench.timing import round_order
+
+    names = [f"v{i}" for i in range(11)]
+    orders = [round_order(names, r) for r in range(40)]
+    assert all(sorted(o) == sorted(names) for o in orders)
+    assert orders == [round_order(names, r) for r in range(40)]
+    for n in names:
+        before = {o[o.index(n) - 1] for o in orders if o.index(n) > 0}
+        assert len(before) >= 3, (n, before)
+    assert len({o[0] for o in orders}) >= 5
 
 
 def test_floor_run_renders_per_resolution_and_is_listed_after_the_full_run(tmp_path):
