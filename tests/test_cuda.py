@@ -309,13 +309,21 @@ def test_dab_neck(dev, shape, dilation, layout):
 # segment is at least two steps and 8D rows; the ring holds TR + 2D rows), sizes not multiples of
 # the ring's 128-column (NCHW) or 32/64/128-pixel x 8/4/2-channel (channels_last) strips, odd C
 # (a thread's pair of channels half outside C), odd W (NCHW pairs of columns half outside the
-# image), N > 1, and every dtype.
+# image), N > 1, and every dtype; last, a view one element off its storage's start (no
+# alignment beyond the element's may be assumed).
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_dab_neck_ring(dev, layout, dtype):
     for shape, dilations in [((2, 9, 43, 37), (1, 2, 3, 4, 5)), ((1, 10, 71, 133), (8, 9, 16)),
-                             ((2, 3, 23, 5), (7, 16))]:
-        x = make_input(shape, layout, dtype)
+                             ((2, 3, 23, 5), (7, 16)), ("off", (4,))]:
+        if shape == "off":
+            shape = (1, 6, 19, 42)
+            flat = make_input((1, 1, 1, 6 * 19 * 42 + 1), "nchw", dtype).reshape(-1)[1:]
+            x = (flat.view(1, 19, 42, 6).permute(0, 3, 1, 2) if layout == "channels_last"
+                 else flat.view(shape))
+            assert x.data_ptr() % (2 * x.element_size()) != 0
+        else:
+            x = make_input(shape, layout, dtype)
         weights, bns = neck_params(shape[1], dtype)
         for d in dilations:
             dev.poison()
