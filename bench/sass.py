@@ -964,6 +964,8 @@ def _triton_variants(kind, obj, args, kwargs):
     launch may run with."""
     import triton
 
+    from dabnet_kernels.triton import compile_check
+
     kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
     if kind == "autotune":
         configs = obj.configs
@@ -982,6 +984,7 @@ def _triton_variants(kind, obj, args, kwargs):
             kw["num_warps"] = cfg.num_warps
             if cfg.num_stages:
                 kw["num_stages"] = cfg.num_stages
+            kw.update(compile_check.config_options(cfg))
         meta = {**dict(zip(names, args)), **kw}
         for v, h in heur.items():
             kw[v] = h(meta)

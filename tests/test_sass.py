@@ -416,3 +416,28 @@ def test_a_launch_without_a_kernel_gives_no_estimate_not_a_crash():
     res = dict(kind=sass.KIND, date="d", gpus=sass.GPUS, tools={}, records=[rec])
     assert "no estimate" in sass.tables_markdown(res)
     assert "| dwconv3 | fwd | cuda | - |" in sass.summary_markdown(res)
+
+
+def test_triton_configs_register_cap_reaches_the_compile():
+    """A triton.Config's maxnreg (the Triton neck caps 4 elements per thread at 128 registers) is
+    among the options each config is compiled with, for the model (_triton_variants) and for
+    compile_check (config_options); configs without one get none."""
+    triton = pytest.importorskip("triton")
+    from triton.runtime.jit import JITFunction
+
+    from dabnet_kernels.triton import compile_check, dab_neck as dn
+
+    assert 128 in [compile_check.config_options(c).get("maxnreg") for c in dn.CONFIGS]
+
+    def kernel(x_ptr, BLOCK: triton.language.constexpr):
+        pass
+
+    class Tuned:  # what the model finds under an autotuned launch
+        configs = [triton.Config({"BLOCK": 4}, num_warps=2, maxnreg=64),
+                   triton.Config({"BLOCK": 8}, num_warps=4)]
+        fn = JITFunction(kernel)
+
+    kws = [kw for kw, _, _, _ in sass._triton_variants("autotune", Tuned, (None,), {"grid": None})]
+    assert [(kw["BLOCK"], kw["num_warps"], kw.get("maxnreg")) for kw in kws] == [(4, 2, 64),
+                                                                                (8, 4, None)]
+    assert [compile_check.config_options(c) for c in Tuned.configs] == [{"maxnreg": 64}, {}]

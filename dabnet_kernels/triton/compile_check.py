@@ -17,7 +17,7 @@ import time
 
 
 def _kernels(cm, bn, dw, dn, tl, dt, cl):
-    """(kernel, argument types, constexprs, num_warps) for one dtype and layout."""
+    """(kernel, argument types, constexprs, num_warps[, options]) for one dtype and layout."""
     import torch
 
     P = "*" + dt
@@ -25,12 +25,13 @@ def _kernels(cm, bn, dw, dn, tl, dt, cl):
     acc = tl.float64 if dt == "fp64" else tl.float32
     i = "i32"
 
-    def tiles(configs):  # every config of an autotuned kernel: (constexprs, warps)
+    def tiles(configs):  # every config of an autotuned kernel: (constexprs, warps, options)
         out = []
         for cfg in configs:
             blk = cfg.kwargs["BLOCK"]
             bc, bp, bw = cm._tile(dict(C=32, H=64, W=128, CL=cl, BLOCK=blk))
-            out.append((dict(CL=cl, ACC=acc, BLOCK=blk, BC=bc, BP=bp, BW=bw), cfg.num_warps))
+            out.append((dict(CL=cl, ACC=acc, BLOCK=blk, BC=bc, BP=bp, BW=bw), cfg.num_warps,
+                        config_options(cfg)))
         return out
 
     x = torch.empty(8, 32, 64, 128, device="meta")
@@ -44,14 +45,14 @@ def _kernels(cm, bn, dw, dn, tl, dt, cl):
     tdims = dict(N=i, **dims)  # the tile kernels also take N (an autotune key)
     tap = dict(x_ptr=P, prm_ptr=A, out_ptr=P, **tdims)
     return [
-        *[(cm.tap3_kernel, tap, dict(d=2, AXIS=0, TAPS=3, ACT=True, BN=True, **t), w)
-          for t, w in tiles(cm.CONFIGS)],
-        *[(cm.tap3_kernel, tap, dict(d=4, AXIS=1, TAPS=1, ACT=False, BN=False, **t), w)
-          for t, w in tiles(cm.CONFIGS)],
+        *[(cm.tap3_kernel, tap, dict(d=2, AXIS=0, TAPS=3, ACT=True, BN=True, **t), w, o)
+          for t, w, o in tiles(cm.CONFIGS)],
+        *[(cm.tap3_kernel, tap, dict(d=4, AXIS=1, TAPS=1, ACT=False, BN=False, **t), w, o)
+          for t, w, o in tiles(cm.CONFIGS)],
         *[(dn._dab_neck_kernel, dict(x_ptr=P, prm_ptr=A, fin_ptr=A, out_ptr=P, d=i, **tdims), t,
-           w) for t, w in tiles(dn.CONFIGS)],
-        *[(bn._grad_x_kernel, dict(x_ptr=P, g_ptr=P, prm_ptr=A, gx_ptr=P, **tdims), t, w)
-          for t, w in tiles(cm.CONFIGS)],
+           w, o) for t, w, o in tiles(dn.CONFIGS)],
+        *[(bn._grad_x_kernel, dict(x_ptr=P, g_ptr=P, prm_ptr=A, gx_ptr=P, **tdims), t, w, o)
+          for t, w, o in tiles(cm.CONFIGS)],
         # M = N*H*W is an i64 argument from 2**31 on: one kernel compiled that way
         (bn._stats_kernel, dict(x_ptr=P, prm_ptr=A, part_ptr=A, M="i64", d=i, CHUNK=i, **dims),
          dict(AXIS=1, TAPS=3, **red), 4),
@@ -64,6 +65,11 @@ def _kernels(cm, bn, dw, dn, tl, dt, cl):
            dict(STATS=stats, BC=bc, BP=bp), 4)
           for stats in (True, False) for bc, bp in (cm.finish_tile(32, 32), cm.finish_tile(1024, 64))],
     ]
+
+
+def config_options(cfg) -> dict:
+    """The compile options a triton.Config sets besides num_warps (maxnreg: a register cap)."""
+    return {"maxnreg": cfg.maxnreg} if getattr(cfg, "maxnreg", None) else {}
 
 
 def cuobjdump() -> str:
@@ -143,11 +149,11 @@ def check(arch: int, dtypes, layouts, verbose=True) -> int:
     n = 0
     for dt in dtypes:
         for cl in layouts:
-            for kernel, types, consts, warps in _kernels(cm, bn, dw, dn, tl, dt, cl):
+            for kernel, types, consts, warps, *opts in _kernels(cm, bn, dw, dn, tl, dt, cl):
                 fn = jit_fn(kernel)
                 sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
                 t0 = time.time()
-                k = compile_kernel(fn, sig, consts, warps, arch)
+                k = compile_kernel(fn, sig, consts, warps, arch, options=opts[0] if opts else None)
                 n += 1
                 use = _usage(k)
                 what = (f"{fn.__name__:20s} {dt} {'NHWC' if cl else 'NCHW'} BLOCK "
