@@ -250,12 +250,12 @@ TARGET_VARIANTS = ("eager", "eager-cl", "compile", "compile-cl", "eager-cl-bf16"
 def bench_interleaved(device: str, res, budget: Budget, with_compile=True, progress=True,
                       deadline=None, min_rounds: int = 7, names=None) -> list:
     """Every inference variant at one resolution, timed in rounds: each round calls each variant
-    once, in an order shuffled from round to round (round_order), so that a machine that speeds up or slows down
-    during the run (shared VMs: 20-40% within minutes) moves every variant alike. Per variant:
-    median / quartiles / min of its per-call times, and its speedup over the fp32 plain-PyTorch
-    baseline with the lowest median, as the median over rounds of the ratio of the two calls in
-    the same round; and its time over the dense-convolution floor of its dtype (a row of the
-    same rounds), the same way. Rounds go on for 10x budget.cpu_min_run_s (CPU) or 10x
+    once, in an order shuffled from round to round (round_order), so that a machine that speeds
+    up or slows down during the run (shared VMs: 20-40% within minutes) moves every variant
+    alike. Per variant: median / quartiles / min of its per-call times, and its speedup over the
+    fp32 plain-PyTorch baseline with the lowest median, as the median over rounds of the ratio
+    of the two calls in the same round; and its time over the dense-convolution floor of its
+    dtype (a row of the same rounds), the same way. Rounds go on for 10x budget.cpu_min_run_s (CPU) or 10x
     budget.gpu_rep_ms (GPU) per variant, and at least `min_rounds`. names: the variants to run
     (default all)."""
     state = _bench_state()

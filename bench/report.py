@@ -257,9 +257,10 @@ def model_tables(res) -> str:
         out.append(
             f"DABNet inference at {r0['res'][0]}x{r0['res'][1]}, batch 1, interleaved: "
             f"{r0.get('rounds', '-')} rounds, each calling every variant once in a "
-            f"{r0.get('order', 'rotated')} order, so that drift in the machine's speed hits all alike; vs baseline: the "
-            f"median over rounds of {r0.get('baseline', '-')}'s time (the fp32 plain-PyTorch "
-            f"variant with the lowest median) over the variant's, in the same round"
+            f"{r0.get('order', 'rotated')} order, so that drift in the machine's speed hits all "
+            f"alike; vs baseline: the median over rounds of {r0.get('baseline', '-')}'s time "
+            f"(the fp32 plain-PyTorch variant with the lowest median) over the variant's, in the "
+            f"same round"
             + ("; over floor: the median over rounds of the variant's time over the "
                "dense-convolution floor of its dtype (floor rows: the model's dense 3x3 and 1x1 "
                "convolutions alone, on a forward's activations)" if floor else "")
@@ -353,9 +354,9 @@ def summary_table(results) -> str:
             base = il[0].get("baseline", "baseline")
             recs = [(r, r.get("speedup_vs_baseline")) for r in il]
             how = (f"{il[0]['rounds']} rounds, each calling every variant once in a "
-                   f"{il[0].get('order', 'rotated')} order; vs {base}: the median over rounds of the ratio of {base}'s time "
-                   f"(the fastest plain-PyTorch fp32 variant) to the variant's, in the same "
-                   f"round")
+                   f"{il[0].get('order', 'rotated')} order; vs {base}: the median over rounds of "
+                   f"the ratio of {base}'s time (the fastest plain-PyTorch fp32 variant) to the "
+                   f"variant's, in the same round")
         elif inf:
             hw = max((r["res"] for r in inf), key=lambda v: v[0] * v[1])
             base = "eager"
