@@ -255,9 +255,9 @@ def bench_interleaved(device: str, res, budget: Budget, with_compile=True, progr
     alike. Per variant: median / quartiles / min of its per-call times, and its speedup over the
     fp32 plain-PyTorch baseline with the lowest median, as the median over rounds of the ratio
     of the two calls in the same round; and its time over the dense-convolution floor of its
-    dtype (a row of the same rounds), the same way. Rounds go on for 10x budget.cpu_min_run_s (CPU) or 10x
-    budget.gpu_rep_ms (GPU) per variant, and at least `min_rounds`. names: the variants to run
-    (default all)."""
+    dtype (a row of the same rounds), the same way. Rounds go on for 10x budget.cpu_min_run_s
+    (CPU) or 10x budget.gpu_rep_ms (GPU) per variant, and at least `min_rounds`. names: the
+    variants to run (default all)."""
     state = _bench_state()
     variants = inference_variants(device, with_compile) + floor_variants(device)
     if names is not None:
