@@ -35,9 +35,9 @@ def _branch(x_ptr, base, prm_ptr, c, h, w, ok, C, H, W, d, sH, sW, ACC: tl.const
     for k in tl.static_range(3):  # the first conv at column w + (k - 1) d
         if k == 0:
             inside = w >= d
-        else:
+        elif k == 2:
             inside = w + d < W
-        m = ok if k == 1 else ok & inside
+        m = ok if k == 1 else ok & inside  # the middle column is inside wherever ok is
         o = base + (k - 1) * d * sW
         t = b + w0 * tl.load(x_ptr + (o - d * sH), mask=m & up, other=0.0).to(ACC)
         t += w1 * tl.load(x_ptr + o, mask=m, other=0.0).to(ACC)
