@@ -80,13 +80,19 @@ inline acc_t max_nan(acc_t a, acc_t b) {
   return a != a ? a : m;
 }
 
-// The pooled input's values at one output pixel: the max of its 2x2 window (pixels w00, w01 of
-// one row, w10, w11 of the next), Ci channels.
+// The pooled input at one output pixel, BN-PReLU'd into d: the max of its 2x2 window (pixels w00,
+// w01 of one row, w10, w11 of the next), Ci channels. The max is a value of T: nothing to round.
 template <typename T, typename acc_t>
-inline void pool_values(acc_t* __restrict__ v, const T* __restrict__ w00, const T* __restrict__ w01,
-                        const T* __restrict__ w10, const T* __restrict__ w11, int64_t Ci) {
-  for (int64_t c = 0; c < Ci; ++c)
-    v[c] = max_nan(max_nan(acc_t(w00[c]), acc_t(w01[c])), max_nan(acc_t(w10[c]), acc_t(w11[c])));
+inline void pool_bn_prelu_acc(acc_t* __restrict__ d, const T* __restrict__ w00,
+                              const T* __restrict__ w01, const T* __restrict__ w10,
+                              const T* __restrict__ w11, const acc_t* __restrict__ s,
+                              const acc_t* __restrict__ t, const acc_t* __restrict__ a,
+                              int64_t Ci) {
+  for (int64_t c = 0; c < Ci; ++c) {
+    const acc_t v =
+        max_nan(max_nan(acc_t(w00[c]), acc_t(w01[c])), max_nan(acc_t(w10[c]), acc_t(w11[c])));
+    d[c] = prelu(v * s[c] + t[c], a[c]);
+  }
 }
 
 // Input i of the concatenation: its data, and the residual added to it (input 0 only) or null.
@@ -323,9 +329,9 @@ at::Tensor cat_bn_prelu(at::TensorList xs, const at::Tensor& scale, const at::Te
     // channels_last: blocks of whole output pixels (tile_pixels), each computed in acc_t
     // straight into the output, or for a narrower type into a buffer stored at once
     // (store_run). One plain input: the block is one run, its parameters repeated per pixel
-    // (tiled). Several: a run per input and pixel, except that the values of an input of few
-    // channels (kNarrow), of xs[0] under pre0 and of the pooled input are first made for the
-    // whole block in v (n * Ci) and read from there.
+    // (tiled). Several: a run per input and pixel (the pooled input's from its 2x2 window),
+    // except that the values of an input of few channels (kNarrow) and of xs[0] under pre0 are
+    // first made for the whole block in v (n * Ci) and read from there.
     const int64_t reps = tile_pixels(Ct);
     const auto S = tiled(s, reps), T = tiled(t, reps), A = tiled(a, reps);
     const auto slice = [&](const std::vector<acc_t>& v, int64_t c0, int64_t c1) {
@@ -357,8 +363,18 @@ at::Tensor cat_bn_prelu(at::TensorList xs, const at::Tensor& scale, const at::Te
         const scalar_t* x = src[i].x + q * Ci;
         const scalar_t* r = src[i].r ? src[i].r + q * Ci : nullptr;
         const acc_t *si = sp + o0, *ti = tp + o0, *ai = ap + o0;
-        const bool staged = Ci <= kNarrow || (pre && i == 0) || (pool_last && i == last);
-        if (!staged) {
+        if (pool_last && i == last) {
+          // pixel q's window, then the next pixel's: the coordinates advance without a division
+          int64_t img = q / HW, h = q % HW / W, w = q % W;
+          for (int64_t p = 0; p < n; ++p) {
+            const scalar_t* w00 = src[i].x + ((img * Hi + 2 * h) * Wi + 2 * w) * Ci;
+            pool_bn_prelu_acc(d + p * Ct + o0, w00, w00 + Ci, w00 + Wi * Ci, w00 + Wi * Ci + Ci,
+                              si, ti, ai, Ci);
+            if (++w == W) w = 0, h = h + 1 == H ? (++img, 0) : h + 1;
+          }
+          continue;
+        }
+        if (Ci > kNarrow && !(pre && i == 0)) {
           if (r)
             for (int64_t p = 0; p < n; ++p)
               bn_prelu_acc<true, true>(d + p * Ct + o0, x + p * Ci, r + p * Ci, si, ti, ai, Ci);
@@ -367,13 +383,7 @@ at::Tensor cat_bn_prelu(at::TensorList xs, const at::Tensor& scale, const at::Te
               bn_prelu_acc<true, false>(d + p * Ct + o0, x + p * Ci, none, si, ti, ai, Ci);
           continue;
         }
-        if (pool_last && i == last) {
-          for (int64_t p = 0; p < n; ++p) {
-            const int64_t img = (q + p) / HW, h = (q + p) % HW / W, w = (q + p) % W;
-            const scalar_t* w00 = src[i].x + ((img * Hi + 2 * h) * Wi + 2 * w) * Ci;
-            pool_values(v + p * Ci, w00, w00 + Ci, w00 + Wi * Ci, w00 + Wi * Ci + Ci, Ci);
-          }
-        } else if (pre && i == 0) {
+        if (pre && i == 0) {
           if (r) pre_values<true>(v, x, r, pp[0].data(), pp[1].data(), pp[2].data(), n * Ci);
           else pre_values<false>(v, x, none, pp[0].data(), pp[1].data(), pp[2].data(), n * Ci);
         } else {  // narrow: v holds this input's BN-PReLU outputs, copied into place below
