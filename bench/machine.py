@@ -64,11 +64,16 @@ def cpu_vector_flags() -> list:
 
 
 def _git_commit() -> str | None:
+    """HEAD's short hash, with "-dirty" when tracked files differ from it: the results then
+    come from code that no commit holds."""
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
+        git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True,  # noqa: E731
+                                        text=True, timeout=10).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        if head and git("status", "--porcelain", "--untracked-files=no"):
+            head += "-dirty"
+        return head or None
     except (OSError, subprocess.SubprocessError):
         return None
 

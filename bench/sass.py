@@ -1173,6 +1173,8 @@ def main(argv=None):
         tv = triton.__version__
     except ImportError:
         tv = None
+    from .machine import _git_commit
+
     now = datetime.datetime.now(datetime.timezone.utc)
     res = dict(kind=KIND, model="static performance MODEL of sm_90 (not measured)",
                date=now.strftime("%Y-%m-%d %H:%M UTC"),
@@ -1220,14 +1222,6 @@ def write_results(res: dict, path: str) -> None:
     json.loads(text)  # well-formed
     with open(path, "w") as f:
         f.write(text)
-
-
-def _git_commit():
-    try:
-        return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True).stdout.strip() or None
-    except OSError:
-        return None
 
 
 # ------------------------------------------------------------------------- report rendering
