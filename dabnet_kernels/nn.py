@@ -383,7 +383,7 @@ class FusedDABModule(_NoTorchScript, nn.Module):
         ns = ops.ops_for(y)
         if (ns is None or torch.compiler.is_compiling() or torch.is_autocast_enabled(y.device.type)
                 or any(t.dtype != y.dtype or t.device != y.device for t in tensors)
-                or (torch.is_grad_enabled() and any(t.requires_grad for t in [y] + tensors))):
+                or ops._needs_grad(y, *tensors)):
             return None
         if any(t.is_inference() for t in tensors):
             # Inference tensors keep no version counter, so a fold of them could not notice an

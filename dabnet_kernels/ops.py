@@ -224,9 +224,7 @@ def dab_neck(x: Tensor, weights: Sequence[Tensor], bn_prelus: Sequence[BNPReLUPa
         if tuple(w.shape[2:]) != shapes[k]:
             raise ValueError(f"weights[{k}] must be a {'x'.join(map(str, shapes[k]))} depthwise "
                              f"weight, got shape {tuple(w.shape)}")
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or any(w.requires_grad for w in weights)
-        or any(t is not None and t.requires_grad for p in bn for t in p[:5]))
+    needs_grad = _needs_grad(x, *weights, *(t for p in bn for t in p[:5]))
     ns = ops_for(x)
     fused = (ns is not None and not training and not needs_grad
              and all(p.running_mean is not None for p in bn))
@@ -260,9 +258,7 @@ def cat_bn_prelu(xs: Sequence[Tensor], weight: Optional[Tensor], bias: Optional[
         if t.shape[0] != xs[0].shape[0] or t.shape[2:] != xs[0].shape[2:]:
             raise ValueError(f"xs[{k}] has shape {tuple(t.shape)}, which cannot be concatenated "
                              f"along channels with {tuple(xs[0].shape)}")
-    needs_grad = torch.is_grad_enabled() and (
-        any(t.requires_grad for t in xs)
-        or any(t is not None and t.requires_grad for t in (weight, bias, prelu_weight)))
+    needs_grad = _needs_grad(*xs, weight, bias, prelu_weight)
     x0 = xs[0]
     mixed = any(t.dtype != x0.dtype for t in xs)  # torch.cat promotes (e.g. under autocast)
     if (training or needs_grad or mixed or running_mean is None or x0.device.type != "cpu"
@@ -290,6 +286,12 @@ def fold_bn_prelu(weight: Optional[Tensor], bias: Optional[Tensor], running_mean
     return scale.to(acc), shift.to(acc), prelu_weight.to(acc).expand(C).contiguous()
 
 
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd would record an op on these (None allowed): the fused eval kernels run
+    only where it would not."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _check_inplace(y, name):
     _check_x(y, name)
     if y.dim() != 4:
@@ -297,7 +299,7 @@ def _check_inplace(y, name):
     if not (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last)):
         raise ValueError(f"{name} is updated in place, so it must be contiguous (NCHW or "
                          f"channels_last), got strides {y.stride()}")
-    if torch.is_grad_enabled() and y.requires_grad:
+    if _needs_grad(y):
         raise ValueError(f"{name} requires grad: the in-place eval ops are for inference only "
                          f"(use bn_prelu, which has a backward)")
     if ops_for(y) is None or y.device.type != "cpu":
@@ -386,8 +388,7 @@ def avg_pool3x3s2(x: Tensor) -> Tensor:
     the conv 0.76-1.12 ms, this kernel 0.50-0.52 ms, bf16 0.53-0.91 against 0.48-0.56, alternating
     in one process). With a gradient, or on other devices, F.avg_pool2d."""
     _check_x(x)
-    needs_grad = torch.is_grad_enabled() and x.requires_grad
-    if x.device.type != "cpu" or needs_grad or ops_for(x) is None or 0 in x.shape[2:]:
+    if x.device.type != "cpu" or _needs_grad(x) or ops_for(x) is None or 0 in x.shape[2:]:
         return F.avg_pool2d(x, 3, stride=2, padding=1)
     return torch.ops.dabnet.avg_pool3x3s2(x)
 
@@ -399,8 +400,7 @@ def max_pool2x2(x: Tensor) -> Tensor:
     indices (1x35x256x512 channels_last: fp32 3.3 -> 1.2 ms, bf16 3.3 -> 1.0 ms). With a
     gradient, F.max_pool2d, whose backward sends a tie's gradient to one input, not half to each."""
     _check_x(x)
-    needs_grad = torch.is_grad_enabled() and x.requires_grad
-    if x.device.type != "cpu" or needs_grad or x.shape[2] < 2 or x.shape[3] < 2:
+    if x.device.type != "cpu" or _needs_grad(x) or x.shape[2] < 2 or x.shape[3] < 2:
         return F.max_pool2d(x, 2, stride=2)
     H, W = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
     v = x[:, :, :H, :W]
@@ -514,8 +514,7 @@ def _graph_wanted(ctx, grad):
     during backward, and some input of the backward requires grad). The backward kernels have no
     autograd of their own, so such a backward differentiates the op's ATen composite instead
     (_composite_grads): its second derivative is then exact, where it came back as zeros."""
-    return torch.is_grad_enabled() and (
-        grad.requires_grad or any(t.requires_grad for t in ctx.saved_tensors))
+    return _needs_grad(grad, *ctx.saved_tensors)
 
 
 def _composite_grads(ctx, out, grad, inputs):
