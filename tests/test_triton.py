@@ -90,6 +90,27 @@ def test_nchw_row_tiles(along, shape):
                                    reference.dab_neck(x, weights, bns, 3), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("block", sorted({c.kwargs["BLOCK"] for c in T._common.CONFIGS}))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 70, 3, 21)])  # C under and over one tile
+def test_every_autotune_tile_computes_the_stencil(shape, layout, block):
+    """The interpreter cannot autotune, so the tests above run the first config's tile only; on a
+    GPU the autotuner may pick any. Each config's BLOCK (its tile geometry) is launched here
+    directly, both directions, against the reference."""
+    from dabnet_kernels.triton import _common as cm
+
+    x = make_input(shape, layout, torch.float32, DEVICE)
+    N, C, H, W = x.shape
+    cl = layout == "channels_last"
+    for along, axis in (("h", 0), ("w", 1)):
+        w = dw_weight(C, along, torch.float32, DEVICE)
+        out = cm.empty_as(x, cl)
+        cm.tap3_kernel.fn[cm.tile_grid(N, C, H, W)](
+            x, cm.tap_params(w, C, torch.float32), out, N, C, H, W, 2, AXIS=axis, TAPS=3,
+            ACT=False, BN=False, CL=cl, ACC=cm.tl_acc(x), BLOCK=block, num_warps=4)
+        torch.testing.assert_close(out, reference.dwconv3(x, w, 2), **tol(torch.float32))
+
+
 @pytest.mark.parametrize("along", ["h", "w"])
 @pytest.mark.parametrize("layout", LAYOUTS + ("strided",))
 @pytest.mark.parametrize("dilation", [1, 6, 16])
