@@ -90,25 +90,47 @@ def test_nchw_row_tiles(along, shape):
                                    reference.dab_neck(x, weights, bns, 3), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("block", sorted({c.kwargs["BLOCK"] for c in T._common.CONFIGS}))
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 70, 3, 21)])  # C under and over one tile
-def test_every_autotune_tile_computes_the_stencil(shape, layout, block):
-    """The interpreter cannot autotune, so the tests above run the first config's tile only; on a
-    GPU the autotuner may pick any. Each config's BLOCK (its tile geometry) is launched here
-    directly, both directions, against the reference."""
-    from dabnet_kernels.triton import _common as cm
+def _autotune_cases():
+    """(kernel name, config index) for every config of the autotuned kernels."""
+    from dabnet_kernels.triton import _common as cm, dab_neck as dn
 
-    x = make_input(shape, layout, torch.float32, DEVICE)
-    N, C, H, W = x.shape
-    cl = layout == "channels_last"
-    for along, axis in (("h", 0), ("w", 1)):
-        w = dw_weight(C, along, torch.float32, DEVICE)
-        out = cm.empty_as(x, cl)
-        cm.tap3_kernel.fn[cm.tile_grid(N, C, H, W)](
-            x, cm.tap_params(w, C, torch.float32), out, N, C, H, W, 2, AXIS=axis, TAPS=3,
-            ACT=False, BN=False, CL=cl, ACC=cm.tl_acc(x), BLOCK=block, num_warps=4)
-        torch.testing.assert_close(out, reference.dwconv3(x, w, 2), **tol(torch.float32))
+    return ([("tap3", k) for k in range(len(cm.CONFIGS))] + [("grad_x", k) for k in range(len(cm.CONFIGS))]
+            + [("dab_neck", k) for k in range(len(dn.CONFIGS))])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name,k", _autotune_cases())
+def test_every_autotune_config_computes_the_op(name, k, layout, monkeypatch):
+    """The interpreter cannot autotune, so the other tests run each kernel's first config only; on
+    a GPU the autotuner may pick any. Here each config alone is in force (a one-config autotuner
+    runs it without timing) and the op that launches the kernel is checked against the reference,
+    at C under and over one channel tile (BC <= 64)."""
+    from dabnet_kernels.triton import _common as cm, bn_prelu as bn, dab_neck as dn
+
+    kernel, configs = {"tap3": (cm.tap3_kernel, cm.CONFIGS), "grad_x": (bn._grad_x_kernel, cm.CONFIGS),
+                       "dab_neck": (dn._dab_neck_kernel, dn.CONFIGS)}[name]
+    monkeypatch.setattr(kernel, "configs", [configs[k]])
+    for shape in ((2, 5, 7, 9), (1, 70, 3, 21)):
+        C = shape[1]
+        x = make_input(shape, layout, torch.float32, DEVICE)
+        if name == "tap3":
+            for along in "hw":
+                w = dw_weight(C, along, torch.float32, DEVICE)
+                torch.testing.assert_close(ops.dwconv3(x, w, 2), reference.dwconv3(x, w, 2),
+                                           **tol(torch.float32))
+        elif name == "grad_x":  # the eval backward's grad_input
+            p = bn_params(C, torch.float32, DEVICE)
+            x, xr = _pair(x)
+            g = torch.randn(shape, device=DEVICE)
+            ops.bn_prelu(x, *p[:5], False).backward(g)
+            reference.bn_prelu(xr, *clone_params(p)[:5], False).backward(g)
+            torch.testing.assert_close(x.grad, xr.grad, **tol(torch.float32))
+        else:
+            weights, bns = _neck_params(C, torch.float32)
+            with torch.no_grad():
+                torch.testing.assert_close(ops.dab_neck(x, weights, bns, 3),
+                                           reference.dab_neck(x, weights, bns, 3),
+                                           rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("along", ["h", "w"])
