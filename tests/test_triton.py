@@ -94,8 +94,9 @@ def _autotune_cases():
     """(kernel name, config index) for every config of the autotuned kernels."""
     from dabnet_kernels.triton import _common as cm, dab_neck as dn
 
-    return ([("tap3", k) for k in range(len(cm.CONFIGS))] + [("grad_x", k) for k in range(len(cm.CONFIGS))]
-            + [("dab_neck", k) for k in range(len(dn.CONFIGS))])
+    return [(name, k) for name, configs in (("tap3", cm.CONFIGS), ("grad_x", cm.CONFIGS),
+                                            ("dab_neck", dn.CONFIGS))
+            for k in range(len(configs))]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -107,7 +108,8 @@ def test_every_autotune_config_computes_the_op(name, k, layout, monkeypatch):
     at C under and over one channel tile (BC <= 64)."""
     from dabnet_kernels.triton import _common as cm, bn_prelu as bn, dab_neck as dn
 
-    kernel, configs = {"tap3": (cm.tap3_kernel, cm.CONFIGS), "grad_x": (bn._grad_x_kernel, cm.CONFIGS),
+    kernel, configs = {"tap3": (cm.tap3_kernel, cm.CONFIGS),
+                       "grad_x": (bn._grad_x_kernel, cm.CONFIGS),
                        "dab_neck": (dn._dab_neck_kernel, dn.CONFIGS)}[name]
     monkeypatch.setattr(kernel, "configs", [configs[k]])
     for shape in ((2, 5, 7, 9), (1, 70, 3, 21)):
