@@ -63,11 +63,11 @@ def cpu_vector_flags() -> list:
     return [f for f in VECTOR_FLAGS if f in have]
 
 
-def _git_commit() -> str | None:
-    """HEAD's short hash, with "-dirty" when tracked files differ from it: the results then
-    come from code that no commit holds."""
+def git_commit(root: str | None = None) -> str | None:
+    """HEAD's short hash of the repository at root (default: this checkout), with "-dirty" when
+    tracked files differ from it: the results then come from code that no commit holds."""
     try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True,  # noqa: E731
                                         text=True, timeout=10).stdout.strip()
         head = git("rev-parse", "--short", "HEAD")
@@ -162,7 +162,7 @@ def info(device: str) -> dict:
         "dabnet_cpu_isa": cpu_isa,
         "malloc": malloc_setting(),
         "memory_reclaim": memory_reclaim(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "gpu_model": None,
     }
     if device == "cuda":

@@ -1173,14 +1173,14 @@ def main(argv=None):
         tv = triton.__version__
     except ImportError:
         tv = None
-    from .machine import _git_commit
+    from .machine import git_commit
 
     now = datetime.datetime.now(datetime.timezone.utc)
     res = dict(kind=KIND, model="static performance MODEL of sm_90 (not measured)",
                date=now.strftime("%Y-%m-%d %H:%M UTC"),
                command=("python -m bench.sass " + " ".join(argv if argv is not None
                                                            else sys.argv[1:])).strip(),
-               git_commit=_git_commit(), torch=torch.__version__, triton=tv,
+               git_commit=git_commit(), torch=torch.__version__, triton=tv,
                tools=tools, nvcc_version=tools["nvcc"]["version"], sm90_limits=SM90, gpus=GPUS,
                sources=SOURCES, targets=[dict(op=o, modes=m, dtypes=d, min_pct=v, text=t)
                                          for o, m, d, v, t in TARGETS],

@@ -310,3 +310,26 @@ def test_readme_and_bench_readme_are_rendered_from_the_results_on_record():
     assert _between(bench_readme, report.SASS_START, report.SASS_END).strip() == \
         report.sass.tables_markdown(model).strip(), \
         "bench/README.md's static model tables are stale: run `make bench-report`"
+
+
+def test_git_commit_marks_uncommitted_changes_to_tracked_files(tmp_path):
+    import shutil
+    import subprocess
+
+    from bench import machine
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t",  # noqa: E731
+                                     "-c", "user.email=t@t", *a], check=True,
+                                    capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    (tmp_path / "k.py").write_text("a = 1\n")
+    git("add", "k.py")
+    git("commit", "-qm", "one")
+    head = git("rev-parse", "--short", "HEAD")
+    assert machine.git_commit(str(tmp_path)) == head
+    (tmp_path / "new.txt").write_text("untracked files do not count\n")
+    assert machine.git_commit(str(tmp_path)) == head
+    (tmp_path / "k.py").write_text("a = 2\n")
+    assert machine.git_commit(str(tmp_path)) == head + "-dirty"

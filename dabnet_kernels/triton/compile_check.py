@@ -17,7 +17,7 @@ import time
 
 
 def _kernels(cm, bn, dw, dn, tl, dt, cl):
-    """(kernel, argument types, constexprs, num_warps[, options]) for one dtype and layout."""
+    """(kernel, argument types, constexprs, num_warps, compile options) for one dtype and layout."""
     import torch
 
     P = "*" + dt
@@ -55,14 +55,14 @@ def _kernels(cm, bn, dw, dn, tl, dt, cl):
           for t, w, o in tiles(cm.CONFIGS)],
         # M = N*H*W is an i64 argument from 2**31 on: one kernel compiled that way
         (bn._stats_kernel, dict(x_ptr=P, prm_ptr=A, part_ptr=A, M="i64", d=i, CHUNK=i, **dims),
-         dict(AXIS=1, TAPS=3, **red), 4),
+         dict(AXIS=1, TAPS=3, **red), 4, {}),
         (bn._bwd_sums_kernel, dict(x_ptr=P, g_ptr=P, prm_ptr=A, part_ptr=A, M=i, CHUNK=i, **dims),
-         red, 4),
+         red, 4, {}),
         *[(dw._grad_kernel, dict(g_ptr=P, x_ptr=P, prm_ptr=A, gx_ptr=P, part_ptr=A, M=i, d=i,
-                                 CHUNK=i, **dims), dict(red, AXIS=axis, GX=gx, BC=gbc, BP=gbp), 4)
+                                 CHUNK=i, **dims), dict(red, AXIS=axis, GX=gx, BC=gbc, BP=gbp), 4, {})
           for axis, gx in ((0, True), (1, False))],
         *[(cm.finish_kernel, dict(part_ptr=A, out_ptr="*fp64", S=i, C=i),
-           dict(STATS=stats, BC=bc, BP=bp), 4)
+           dict(STATS=stats, BC=bc, BP=bp), 4, {})
           for stats in (True, False) for bc, bp in (cm.finish_tile(32, 32), cm.finish_tile(1024, 64))],
     ]
 
@@ -149,11 +149,11 @@ def check(arch: int, dtypes, layouts, verbose=True) -> int:
     n = 0
     for dt in dtypes:
         for cl in layouts:
-            for kernel, types, consts, warps, *opts in _kernels(cm, bn, dw, dn, tl, dt, cl):
+            for kernel, types, consts, warps, opts in _kernels(cm, bn, dw, dn, tl, dt, cl):
                 fn = jit_fn(kernel)
                 sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
                 t0 = time.time()
-                k = compile_kernel(fn, sig, consts, warps, arch, options=opts[0] if opts else None)
+                k = compile_kernel(fn, sig, consts, warps, arch, options=opts)
                 n += 1
                 use = _usage(k)
                 what = (f"{fn.__name__:20s} {dt} {'NHWC' if cl else 'NCHW'} BLOCK "
