@@ -134,6 +134,58 @@ def test_extension_holds_cuda_kernels_for_every_op():
     assert lib.has_cuda_kernels()
 
 
+# C++20-only syntax: torch 2.14 (CI) builds extensions with -std=c++20, torch 2.11 (the GPU
+# machine's) with -std=c++17, so what CI compiles may not build there (a requires-expression in
+# common.cuh did not, 2026-12-08; make check-device-stack is the full check).
+CXX20_ONLY = {
+    r"\brequires\b": "requires-expression / clause",
+    r"\bconcept\b": "concept",
+    r"\bconsteval\b": "consteval",
+    r"\bconstinit\b": "constinit",
+    r"<=>": "three-way comparison",
+    r"\bco_(await|yield|return)\b": "coroutine",
+    r"\[\[(un)?likely\]\]": "[[likely]]",
+    r"\busing\s+enum\b": "using enum",
+    r"std::(span|bit_cast|ranges|format|numbers|is_constant_evaluated)\b": "C++20 library name",
+    r"\[\]\s*<": "template lambda",
+    r"[{,(]\s*\.[A-Za-z_]\w*\s*=": "designated initializer",
+}
+
+
+def _code_without_comments(text: str) -> str:
+    import re
+
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    text = re.sub(r"//[^\n]*", "", text)
+    return re.sub(r'"(\\.|[^"\\\n])*"', '""', text)  # string literals
+
+
+def test_sources_use_no_cxx20_only_syntax():
+    import re
+
+    files = sorted(p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cuh", ".cu", ".cpp"))
+    assert len(files) > 10
+    found = []
+    for f in files:
+        code = _code_without_comments(f.read_text())
+        for pattern, what in CXX20_ONLY.items():
+            for m in re.finditer(pattern, code):
+                line = code.count("\n", 0, m.start()) + 1
+                found.append(f"{f.relative_to(ROOT)}:{line}: {what}")
+    assert not found, "C++20-only syntax (the GPU machine builds C++17):\n" + "\n".join(found)
+
+
+def test_cxx20_scan_finds_what_it_looks_for():
+    import re
+
+    planted = ("template <class Op> void f() { if constexpr (requires { &Op::load; }) {} }\n"
+               "Geo g{.N = 1};  // requires in a comment is fine\n"
+               'const char* s = "requires";\n')
+    code = _code_without_comments(planted)
+    hits = [what for pattern, what in CXX20_ONLY.items() if re.search(pattern, code)]
+    assert hits == ["requires-expression / clause", "designated initializer"]
+
+
 def test_index_math_on_host(tmp_path):
     """csrc/cuda/index.h on the host: coverage of the launch plan, the neck tile and halo."""
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")

@@ -4,6 +4,8 @@ Without a GPU these run on CPU tensors under the Triton interpreter (tests/conft
 TRITON_INTERPRET=1), which is slow: shapes are small and each case launches few kernels. With a
 GPU the same tests run on CUDA tensors, plus bfloat16.
 """
+import types
+
 import pytest
 import torch
 
@@ -510,3 +512,54 @@ def test_kernels_compile_for_sm90_with_the_real_compiler():
 
     listed = sum(len(compile_check._kernels(cm, bn, dw, dn, tl, "fp32", cl)) for cl in (0, 1))
     assert listed >= 40 and f"{listed} kernels compiled for sm_90" in r.stdout
+
+
+def test_neck_autotuner_leaves_the_register_cap_out_for_float64():
+    """float64 values take two registers each: the neck's 128-register config spilled them under
+    triton 3.6, so the autotuner never times it for float64 (compile_check skips it too)."""
+    from dabnet_kernels.triton import dab_neck as dn
+
+    capped = [c for c in dn.CONFIGS if compile_check_options(c).get("maxnreg")]
+    assert len(capped) == 1
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert dn._prune(dn.CONFIGS, {"x_ptr": torch.empty(1, dtype=dtype)}) == dn.CONFIGS
+    kept = dn._prune(dn.CONFIGS, {"x_ptr": torch.empty(1, dtype=torch.float64)})
+    assert kept == [c for c in dn.CONFIGS if c is not capped[0]] and kept
+    assert dn._dab_neck_kernel.early_config_prune is not None  # wired into the autotuner
+
+
+def compile_check_options(cfg):
+    from dabnet_kernels.triton import compile_check
+
+    return compile_check.config_options(cfg)
+
+
+def test_compile_check_fails_on_spills_only_where_a_config_runs_untimed(monkeypatch):
+    """A spill in an autotune config after the first is listed (the autotuner times it against
+    the others); in a first config or a kernel without autotuning it fails the check."""
+    from dabnet_kernels.triton import compile_check
+
+    timed = [k for k in compile_check_kernels("fp32", False) if k[5]]
+    untimed = [k for k in compile_check_kernels("fp32", False) if not k[5]]
+    assert timed and untimed
+    monkeypatch.setattr(compile_check, "compile_kernel", lambda *a, **k: None)
+    # under the interpreter the kernels are not JITFunctions: a stand-in with their names
+    monkeypatch.setattr(compile_check, "jit_fn", lambda k: types.SimpleNamespace(
+        __name__="kernel", arg_names=[]))
+    monkeypatch.setattr(compile_check, "_kernels", lambda *a: timed)
+    monkeypatch.setattr(compile_check, "_usage", lambda k: {"REG": "80", "STACK": "40"})
+    spilled = []
+    assert compile_check.check(90, ["fp32"], [False], verbose=False, spilled=spilled) == len(timed)
+    assert len(spilled) == len(timed) and "40 B of stack" in spilled[0]
+    monkeypatch.setattr(compile_check, "_kernels", lambda *a: untimed[:1])
+    with pytest.raises(RuntimeError, match="spills"):
+        compile_check.check(90, ["fp32"], [False], verbose=False, spilled=[])
+
+
+def compile_check_kernels(dt, cl):
+    import triton.language as tl
+
+    from dabnet_kernels.triton import _common as cm, bn_prelu as bn, compile_check
+    from dabnet_kernels.triton import dab_neck as dn, dwconv3 as dw
+
+    return compile_check._kernels(cm, bn, dw, dn, tl, dt, cl)

@@ -163,10 +163,17 @@ struct ElementOp {
   __device__ void store(int c, const Regs& cur) const { op(cur, c); }
 };
 
+// Whether Op has a load() (a map op) or is written per element. C++17 (std::void_t), not a
+// requires-expression: torch 2.11, the GPU machine's, builds extensions with -std=c++17.
+template <typename Op, typename = void>
+struct HasLoad : std::false_type {};
+template <typename Op>
+struct HasLoad<Op, std::void_t<decltype(&Op::load)>> : std::true_type {};
+
 // g: the geometry in packs (packed_geo).
 template <typename Op>
 void launch_map(const Op& op, const Geo& g, bool cl) {
-  if constexpr (!requires { &Op::load; }) {
+  if constexpr (!HasLoad<Op>::value) {
     launch_map(ElementOp<Op>{op}, g, cl);
   } else {
     if (g.M == 0 || g.C == 0) return;

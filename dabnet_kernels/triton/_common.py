@@ -190,12 +190,15 @@ CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4),
            triton.Config({"BLOCK": 4096}, num_warps=16)]
 
 
-def autotuned(key, configs=CONFIGS):
+def autotuned(key, configs=CONFIGS, prune=None):
     """triton.autotune over configs keyed on `key` (+ tensor dtypes); the first config only
     when AUTOTUNE is off (the autotuner then runs no benchmark). Keys name every launch argument
     the best tile depends on: N (grid size: a small batch wants smaller tiles), C, H, W, the
-    dilation d where there is one (how far the taps reach, so what hits cache) and the layout."""
-    return triton.autotune(configs=configs if AUTOTUNE else configs[:1], key=key)
+    dilation d where there is one (how far the taps reach, so what hits cache) and the layout.
+    prune(configs, named_args): the configs worth timing for these arguments."""
+    by = {"early_config_prune": lambda cfgs, named_args, **kw: prune(cfgs, named_args)}
+    return triton.autotune(configs=configs if AUTOTUNE else configs[:1], key=key,
+                           prune_configs_by=by if prune else None)
 
 
 def tile_grid(N, C, H, W):
