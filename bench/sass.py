@@ -977,6 +977,9 @@ def _triton_variants(kind, obj, args, kwargs):
         heur.update(getattr(fn, "values", {}) or {})
         fn = fn.fn
     names = fn.arg_names
+    prune = getattr(obj, "early_config_prune", None) if kind == "autotune" else None
+    if prune:  # the configs the autotuner would time for these arguments
+        configs = prune(configs, dict(zip(names, args)))
     for cfg in configs:
         kw = dict(kwargs)
         if cfg is not None:
