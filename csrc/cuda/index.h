@@ -213,6 +213,12 @@ struct alignas(2 * sizeof(E)) NeckPair {
   E v[2];
 };
 
+// A pair of x's values in the accumulation type T (dab_neck.cu overloads it for bfloat16).
+template <typename T, typename S>
+DABNET_HD NeckPair<T> widen(const NeckPair<S>& p) {
+  return {{T(p.v[0]), T(p.v[1])}};
+}
+
 // Eval neck in shared memory, streaming rows. A block owns CT channels x TW columns of one image
 // over a segment of rows, and walks down it TR output rows per step. Each staged input row has
 // TW + 2D columns (a halo of D each side) x CT channels, element f = col * CT + ct (channel
@@ -355,14 +361,16 @@ struct NeckRing {
     const RP* x = reinterpret_cast<const RP*>(ring) + ((k * TR) % kRows + D) * kBlock + t;
     const RP *up = x - d * kBlock, *down = x + d * kBlock;
     NeckPair<T>* m = reinterpret_cast<NeckPair<T>*>(mid) + t;
-    RP x0 = x[-kBlock], x1 = x[0];
+    // each ring value converted once, when read (rows h-1, h, h+1 slide as T)
+    NeckPair<T> x0 = widen<T>(x[-kBlock]), x1 = widen<T>(x[0]);
     DABNET_UNROLL_ALL
     for (int i = 0; i < TR; ++i) {
-      const RP x2 = x[(i + 1) * kBlock], u = up[i * kBlock], w = down[i * kBlock];
+      const NeckPair<T> x2 = widen<T>(x[(i + 1) * kBlock]), u = widen<T>(up[i * kBlock]),
+                        w = widen<T>(down[i * kBlock]);
       NeckPair<T> a, b;
       for (int v = 0; v < 2; ++v) {
-        a.v[v] = neck_conv(p[v], 0, T(x0.v[v]), T(x1.v[v]), T(x2.v[v]));
-        b.v[v] = neck_conv(p[v], 2, T(u.v[v]), T(x1.v[v]), T(w.v[v]));
+        a.v[v] = neck_conv(p[v], 0, x0.v[v], x1.v[v], x2.v[v]);
+        b.v[v] = neck_conv(p[v], 2, u.v[v], x1.v[v], w.v[v]);
       }
       m[i * kBlock] = a;
       m[kMid / 2 + i * kBlock] = b;
