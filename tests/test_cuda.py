@@ -163,7 +163,8 @@ def _code_without_comments(text: str) -> str:
 def test_sources_use_no_cxx20_only_syntax():
     import re
 
-    files = sorted(p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cuh", ".cu", ".cpp"))
+    files = sorted(p for p in (ROOT / "csrc").rglob("*")
+                   if p.suffix in (".h", ".cuh", ".cu", ".cpp"))
     assert len(files) > 10
     found = []
     for f in files:

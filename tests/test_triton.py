@@ -517,21 +517,15 @@ def test_kernels_compile_for_sm90_with_the_real_compiler():
 def test_neck_autotuner_leaves_the_register_cap_out_for_float64():
     """float64 values take two registers each: the neck's 128-register config spilled them under
     triton 3.6, so the autotuner never times it for float64 (compile_check skips it too)."""
-    from dabnet_kernels.triton import dab_neck as dn
+    from dabnet_kernels.triton import compile_check, dab_neck as dn
 
-    capped = [c for c in dn.CONFIGS if compile_check_options(c).get("maxnreg")]
+    capped = [c for c in dn.CONFIGS if compile_check.config_options(c).get("maxnreg")]
     assert len(capped) == 1
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         assert dn._prune(dn.CONFIGS, {"x_ptr": torch.empty(1, dtype=dtype)}) == dn.CONFIGS
     kept = dn._prune(dn.CONFIGS, {"x_ptr": torch.empty(1, dtype=torch.float64)})
     assert kept == [c for c in dn.CONFIGS if c is not capped[0]] and kept
     assert dn._dab_neck_kernel.early_config_prune is not None  # wired into the autotuner
-
-
-def compile_check_options(cfg):
-    from dabnet_kernels.triton import compile_check
-
-    return compile_check.config_options(cfg)
 
 
 def test_compile_check_fails_on_spills_only_where_a_config_runs_untimed(monkeypatch):

@@ -21,7 +21,7 @@ namespace cuda {
 // ring pair, the low value is word << 16 and the high one word & 0xffff0000, one instruction
 // each, where converting value by value took two (sm_90, channels_last D = 16: 200 of the step's
 // 1698 instructions for 100 values).
-template <typename T>
+template <typename T, std::enable_if_t<std::is_same_v<T, float>, int> = 0>
 DABNET_HD NeckPair<float> widen(const NeckPair<c10::BFloat16>& p) {
   uint32_t word;
   memcpy(&word, &p, sizeof(word));

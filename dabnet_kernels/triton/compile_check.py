@@ -63,8 +63,8 @@ def _kernels(cm, bn, dw, dn, tl, dt, cl):
         (bn._bwd_sums_kernel, dict(x_ptr=P, g_ptr=P, prm_ptr=A, part_ptr=A, M=i, CHUNK=i, **dims),
          red, 4, {}, False),
         *[(dw._grad_kernel, dict(g_ptr=P, x_ptr=P, prm_ptr=A, gx_ptr=P, part_ptr=A, M=i, d=i,
-                                 CHUNK=i, **dims), dict(red, AXIS=axis, GX=gx, BC=gbc, BP=gbp), 4, {},
-           False)
+                                 CHUNK=i, **dims),
+           dict(red, AXIS=axis, GX=gx, BC=gbc, BP=gbp), 4, {}, False)
           for axis, gx in ((0, True), (1, False))],
         *[(cm.finish_kernel, dict(part_ptr=A, out_ptr="*fp64", S=i, C=i),
            dict(STATS=stats, BC=bc, BP=bp), 4, {}, False)
@@ -167,7 +167,8 @@ def check(arch: int, dtypes, layouts, verbose=True, spilled=None) -> int:
                 use = _usage(k)
                 what = (f"{fn.__name__:20s} {dt} {'NHWC' if cl else 'NCHW'} BLOCK "
                         f"{consts.get('BLOCK', consts.get('BP', '-'))!s:5s} warps {warps:2d}")
-                spill = f"{what}: spills ({use.get('STACK')} B of stack, {use.get('REG')} registers)"
+                spill = (f"{what}: spills ({use.get('STACK')} B of stack, "
+                         f"{use.get('REG')} registers)")
                 if use.get("STACK", "0") != "0":
                     if not timed:
                         raise RuntimeError(spill)
