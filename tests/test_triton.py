@@ -505,13 +505,18 @@ def test_kernels_compile_for_sm90_with_the_real_compiler():
                        text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # every kernel of its list, in every autotune config (the count follows the config lists)
+    listed = sum(len(compile_check_kernels("fp32", cl)) for cl in (0, 1))
+    assert listed >= 40 and f"{listed} kernels compiled for sm_90" in r.stdout
+
+
+def compile_check_kernels(dt, cl):
+    """compile_check's list of (kernel, types, constexprs, warps, options, timed) for dt, cl."""
     import triton.language as tl
 
     from dabnet_kernels.triton import _common as cm, bn_prelu as bn, compile_check
     from dabnet_kernels.triton import dab_neck as dn, dwconv3 as dw
 
-    listed = sum(len(compile_check._kernels(cm, bn, dw, dn, tl, "fp32", cl)) for cl in (0, 1))
-    assert listed >= 40 and f"{listed} kernels compiled for sm_90" in r.stdout
+    return compile_check._kernels(cm, bn, dw, dn, tl, dt, cl)
 
 
 def test_neck_autotuner_leaves_the_register_cap_out_for_float64():
@@ -548,12 +553,3 @@ def test_compile_check_fails_on_spills_only_where_a_config_runs_untimed(monkeypa
     monkeypatch.setattr(compile_check, "_kernels", lambda *a: untimed[:1])
     with pytest.raises(RuntimeError, match="spills"):
         compile_check.check(90, ["fp32"], [False], verbose=False, spilled=[])
-
-
-def compile_check_kernels(dt, cl):
-    import triton.language as tl
-
-    from dabnet_kernels.triton import _common as cm, bn_prelu as bn, compile_check
-    from dabnet_kernels.triton import dab_neck as dn, dwconv3 as dw
-
-    return compile_check._kernels(cm, bn, dw, dn, tl, dt, cl)

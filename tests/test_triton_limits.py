@@ -217,7 +217,8 @@ def test_autotune_keys_name_batch_and_dilation(name):
 def test_tile_configs_fit_registers():
     """At most 4 neck outputs and 16 stencil outputs per thread: the sm_90 compile_check measured
     120-170 registers at 4 neck outputs per thread and 234-255, with spills, at 8; a stencil at 16
-    per thread took up to 168 in 16-bit and fp32 types (185 in fp64), without spills."""
+    per thread took up to 168 in 16-bit and fp32 types (185 in fp64), without spills under
+    triton 3.8."""
     from dabnet_kernels.triton import dab_neck as dn
 
     for configs, most in ((dn.CONFIGS, 4), (cm.CONFIGS, 16)):

@@ -180,9 +180,10 @@ TILE = {"BC": lambda a: _tile(a)[0], "BP": lambda a: _tile(a)[1], "BW": lambda a
 
 # Small on purpose: every config is compiled and timed on the first call of a shape. 8 elements
 # per thread, or 16 on 4 warps: two 128-bit loads per tap for 16-bit types, and in channels_last
-# each thread's channel parameters serve two pixels. On sm_90 (compile_check) none spills; at 16
-# per thread the stencil takes 71-168 registers (fp64: 185) and bn_prelu's grad_x 91-128, so
-# the autotuner drops it where occupancy suffers. The static model (bench.sass) picks it for
+# each thread's channel parameters serve two pixels. On sm_90 (compile_check, triton 3.8) none
+# spills; at 16 per thread the stencil takes 71-168 registers (fp64: 185) and bn_prelu's grad_x
+# 91-128, so the autotuner drops it where occupancy suffers (triton 3.6's grad_x spills 40 bytes
+# there in fp16 NCHW: docs/building.md). The static model (bench.sass) picks it for
 # most 16-bit stencils: dwconv3_bn_prelu eval, bf16 channels_last, 58% -> 95% of copy bandwidth.
 CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4),
            triton.Config({"BLOCK": 2048}, num_warps=4),
