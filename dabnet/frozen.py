@@ -39,10 +39,43 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float64, torch.float16)
 _NECK = ("dconv3x1", "dconv1x3", "ddconv3x1", "ddconv1x3")
 
 
-class _Conv(NamedTuple):
-    weight: Tensor
-    stride: int
-    padding: int
+class _Conv:
+    """A dense convolution of the frozen model. In channels_last fp32 / bf16, where oneDNN runs
+    it, the weight is reordered once per input shape into oneDNN's blocked layout (as
+    torch.compile's freezing does) and the convolution called on that; F.conv2d reorders the
+    weight on every call (2% of the fp32 convolutions' time at 256x512 on 2 cores, 4% in bf16;
+    bench/README.md). The same oneDNN kernel computes either way: the outputs are equal (but
+    for inputs one pixel wide, where F.conv2d takes another path: equal to rounding)."""
+
+    __slots__ = ("weight", "stride", "padding", "packed")
+    SHAPES = 4  # packed weights kept per convolution, one per input shape (image size, batch)
+
+    def __init__(self, weight: Tensor, stride: int, channels_last: bool):
+        self.weight, self.stride, self.padding = weight, stride, weight.shape[-1] // 2
+        self.packed = {} if channels_last and _packable(weight.dtype) else None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.packed is None or not torch.backends.mkldnn.enabled:
+            return F.conv2d(x, self.weight, None, self.stride, self.padding)
+        pad, stride, key = [self.padding] * 2, [self.stride] * 2, tuple(x.shape)
+        w = self.packed.get(key)
+        if w is None:
+            if len(self.packed) >= self.SHAPES:  # bounded: a server seeing many image sizes
+                self.packed.clear()
+            w = self.packed[key] = torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight, pad, stride, [1, 1], 1, list(key))
+        return torch.ops.mkldnn._convolution_pointwise(x, w, None, pad, stride, [1, 1], 1,
+                                                       "none", [], "")
+
+
+def _packable(dtype: torch.dtype) -> bool:
+    """Whether _Conv runs oneDNN on packed weights in this dtype (channels_last only: for NCHW
+    inputs oneDNN returns its own layout): fp32, or bf16 where oneDNN has bf16 kernels."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float32
 
 
 class _Affine(NamedTuple):  # a folded eval BN-PReLU: PReLU(x * scale + shift)
@@ -80,7 +113,7 @@ class FrozenDABNet:
 
         def conv(prefix, stride=1):
             w = sd[prefix + ".weight"].detach().to(dtype).clone(memory_format=self.memory_format)
-            return _Conv(w, stride, w.shape[-1] // 2)
+            return _Conv(w, stride, channels_last)
 
         def bnp(prefix):  # prefix.bn and prefix.acti, as dabnet.model.BNPReLU names them
             g = lambda n: sd[f"{prefix}.bn.{n}"].detach()  # noqa: E731
@@ -141,7 +174,7 @@ class FrozenDABNet:
         inj3 = ops.avg_pool3x3s2(inj2)
         y = x
         for i, (c, a) in enumerate(self.init):
-            y = _conv(y, c)
+            y = c(y)
             if i + 1 < len(self.init):
                 D.affine_prelu_(y, *a)
         # the last init conv's BN-PReLU is applied on the way into the concatenation (pre0)
@@ -149,14 +182,13 @@ class FrozenDABNet:
         b1_out, r1 = self._block(b1_in, self.blocks[0])
         b2_in = self._down(D.cat_bn_prelu([b1_out, b1_in, inj2], *self.bn_prelu[1], r1), 1)
         b2_out, r2 = self._block(b2_in, self.blocks[1])
-        out = _conv(D.cat_bn_prelu([b2_out, b2_in, inj3], *self.bn_prelu[2], r2),
-                    self.classifier)
+        out = self.classifier(D.cat_bn_prelu([b2_out, b2_in, inj3], *self.bn_prelu[2], r2))
         size = tuple(x.shape[2:])
         return ops.upsample_argmax(out, size) if labels else ops.upsample_bilinear(out, size)
 
     def _down(self, x, i):
         c, a, widen = self.down[i]
-        y = _conv(x, c)
+        y = c(x)
         if widen:  # [conv, 2x2 max-pool of the input], the pool taken on the way in
             return torch.ops.dabnet.cat_bn_prelu([y, x], *a, None, None, True)
         torch.ops.dabnet.affine_prelu_(y, *a)
@@ -174,17 +206,13 @@ class FrozenDABNet:
         D = torch.ops.dabnet
         z = D.cat_bn_prelu([x], *mods[0].bn_relu_1)
         for i, m in enumerate(mods):
-            y = _conv(z, m.conv3x3)
+            y = m.conv3x3(z)
             D.affine_prelu_(y, *m.conv3x3_bn)
-            y = _conv(D.dab_neck(y, *m.neck), m.conv1x1)
+            y = m.conv1x1(D.dab_neck(y, *m.neck))
             if i + 1 == len(mods):
                 return y, x
             z = D.add_affine_prelu_(y, x, *mods[i + 1].bn_relu_1)
             x = y
-
-
-def _conv(x, c: _Conv):
-    return F.conv2d(x, c.weight, None, c.stride, c.padding)
 
 
 def freeze(model, dtype: torch.dtype = torch.float32, channels_last: bool = True) -> FrozenDABNet:

@@ -95,6 +95,61 @@ def test_runs_under_inference_mode_and_leaves_no_graph():
         torch.testing.assert_close(frozen(x.detach()), out)
 
 
+def _convs(frozen):
+    return ([c for c, _ in frozen.init] + [c for c, _, _ in frozen.down]
+            + [conv for blk in frozen.blocks for m in blk for conv in (m.conv3x3, m.conv1x1)]
+            + [frozen.classifier])
+
+
+_PACKED_DTYPES = [torch.float32] + (
+    [torch.bfloat16] if torch.backends.mkldnn.is_available()
+    and torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+@pytest.mark.parametrize("dtype", _PACKED_DTYPES)
+def test_packed_convolutions_equal_conv2d(dtype):
+    """Each dense convolution on its once-reordered weight gives F.conv2d's output bit for bit,
+    in the layout the next op expects, for two input shapes (one packed weight each)."""
+    frozen = dabnet.freeze(_model(block_1=1, block_2=2), dtype)
+    convs = _convs(frozen)
+    assert len(convs) == 3 + 2 + 2 * 3 + 1
+    g = torch.Generator().manual_seed(2)
+    for c in convs:
+        for hw in ((12, 20), (9, 7)):
+            x = torch.randn(2, c.weight.shape[1], *hw, generator=g).to(dtype)
+            x = x.contiguous(memory_format=torch.channels_last)
+            out = c(x)
+            ref = torch.nn.functional.conv2d(x, c.weight, None, c.stride, c.padding)
+            assert torch.equal(out, ref), (c.weight.shape, hw)
+            assert out.is_contiguous(memory_format=torch.channels_last)
+        assert len(c.packed) == 2
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+def test_packed_weights_are_bounded_and_optional():
+    frozen = dabnet.freeze(_model(block_1=1, block_2=1))
+    c = frozen.classifier
+    for w in range(1, c.SHAPES + 3):  # more image sizes than it keeps packed weights for
+        x = torch.rand(1, c.weight.shape[1], 4, w).contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(c(x), torch.nn.functional.conv2d(x, c.weight))
+        assert 1 <= len(c.packed) <= c.SHAPES
+    x = _image(16, 16)
+    out = frozen(x)
+    torch.backends.mkldnn.enabled = False  # the user turned oneDNN off: F.conv2d
+    try:
+        c.packed.clear()
+        torch.testing.assert_close(frozen(x), out, rtol=1e-5, atol=1e-5)
+        assert not c.packed
+    finally:
+        torch.backends.mkldnn.enabled = True
+    # NCHW (kept for comparison) and float64 never pack: oneDNN has no such kernels here
+    assert all(c.packed is None for c in _convs(dabnet.freeze(_model(block_1=1, block_2=1),
+                                                              channels_last=False)))
+    assert all(c.packed is None for c in _convs(dabnet.freeze(_model(block_1=1, block_2=1),
+                                                              torch.float64)))
+
+
 @pytest.mark.parametrize("bad,exc,msg", [
     (lambda: _image(16, 16, dtype=torch.float64), ValueError, "float32 on CPU"),
     (lambda: torch.rand(1, 4, 16, 16), ValueError, r"\(N, 3, H, W\)"),
