@@ -135,8 +135,8 @@ def _callable(model, x, how, device):
         frozen = freeze(model, x.dtype, channels_last=not x.is_contiguous())
         fn = lambda: frozen(x)  # noqa: E731
         return fn, fn(), None
-    if how == "floor":
-        return floor_fn(dense_convs(model, x)), None, None
+    if how in FLOOR_KEYS:
+        return floor_fn(dense_convs(model, x), packed=how == "floor-packed"), None, None
     if how == "cudagraph":
         fn, y = _cuda_graph(model, x)
         fn()
@@ -234,17 +234,27 @@ BASELINES_FP32 = ("eager", "eager-cl", "compile", "compile-cl")  # plain PyTorch
 
 def floor_variants(device: str):
     """The dense convolutions alone (dense_convs: what no fusion of the other ops can go below),
-    as variants of the interleaved rounds, fp32 and bf16, in the faster layout of each device."""
+    as variants of the interleaved rounds, fp32 and bf16, in the faster layout of each device:
+    through F.conv2d as the models call them; on CPU also on weights reordered once into
+    oneDNN's layout, as the frozen model calls them (its convolutions' own floor)."""
     layout = "nchw" if device == "cuda" else "cl"
     sfx = "" if device == "cuda" else "-cl"
-    return [(f"floor{sfx}", False, layout, "floor", "fp32"),
-            (f"floor{sfx}-bf16", False, layout, "floor", "bf16")]
+    v = [(f"floor{sfx}", False, layout, "floor", "fp32"),
+         (f"floor{sfx}-bf16", False, layout, "floor", "bf16")]
+    if device != "cuda":
+        v += [("floor-cl-packed", False, layout, "floor-packed", "fp32"),
+              ("floor-cl-packed-bf16", False, layout, "floor-packed", "bf16")]
+    return v
+
+
+FLOOR_KEYS = {"floor": "over_floor", "floor-packed": "over_packed_floor"}  # how -> ratio's key
 
 
 # The variants of issue 17's targets: the fp32 plain baselines, the fused and frozen models in
 # fp32 and bf16, and the floors (bench.run --only interleaved).
 TARGET_VARIANTS = ("eager", "eager-cl", "compile", "compile-cl", "eager-cl-bf16", "fused-cl",
-                   "fused-cl-bf16", "frozen-cl", "frozen-cl-bf16", "floor-cl", "floor-cl-bf16")
+                   "fused-cl-bf16", "frozen-cl", "frozen-cl-bf16", "floor-cl", "floor-cl-bf16",
+                   "floor-cl-packed", "floor-cl-packed-bf16")
 
 
 def bench_interleaved(device: str, res, budget: Budget, with_compile=True, progress=True,
@@ -316,12 +326,16 @@ def bench_interleaved(device: str, res, budget: Budget, with_compile=True, progr
         for n in names:
             out[n]["baseline"] = best
             out[n]["speedup_vs_baseline"] = paired_speedup(times[best], times[n])
-    floors = {dt: name for name, _, _, how, dt in variants if how == "floor" and name in times}
+    floors = {(how, dt): name for name, _, _, how, dt in variants
+              if how in FLOOR_KEYS and name in times}
     for n in names:
-        f = floors.get(out[n]["dtype"])
-        if f and f != n:
-            out[n]["floor"] = f
-            out[n]["over_floor"] = paired_speedup(times[n], times[f])  # median of n's / floor's
+        if out[n]["how"] in FLOOR_KEYS:
+            continue
+        for how, key in FLOOR_KEYS.items():
+            f = floors.get((how, out[n]["dtype"]))
+            if f:  # the median over rounds of n's time / the floor's
+                out[n]["floor" if how == "floor" else "packed_floor"] = f
+                out[n][key] = paired_speedup(times[n], times[f])
     return list(out.values())
 
 
@@ -345,13 +359,26 @@ def dense_convs(model, x) -> list:
     return seen
 
 
-def floor_fn(seen):
+def floor_fn(seen, packed=False):
     """Runs the (conv, input) pairs of dense_convs back to back, through F.conv2d as the models
     call it, without nn.Module's call overhead: the floor, in the conv-floor table and in the
-    interleaved rounds alike."""
-    convs = [(functools.partial(F.conv2d, weight=m.weight, bias=m.bias, stride=m.stride,
-                                padding=m.padding, dilation=m.dilation, groups=m.groups), inp)
-             for m, inp in seen]
+    interleaved rounds alike. packed: as the frozen model calls them instead (dabnet.frozen's
+    _Conv: the weight reordered into oneDNN's layout once, not on every call)."""
+    if packed:
+        from dabnet.frozen import _Conv
+
+        for m, _ in seen:
+            if (m.bias is not None or m.groups != 1 or m.dilation != (1, 1)
+                    or m.padding != (m.kernel_size[0] // 2,) * 2 or len(set(m.stride)) != 1):
+                raise ValueError(f"the packed floor runs the frozen model's convolutions; {m} "
+                                 f"is not one")
+        convs = [(_Conv(m.weight.detach(), m.stride[0],
+                        inp.is_contiguous(memory_format=torch.channels_last)), inp)
+                 for m, inp in seen]
+    else:
+        convs = [(functools.partial(F.conv2d, weight=m.weight, bias=m.bias, stride=m.stride,
+                                    padding=m.padding, dilation=m.dilation, groups=m.groups), inp)
+                 for m, inp in seen]
 
     def fn():
         with torch.no_grad():

@@ -250,9 +250,12 @@ def model_tables(res) -> str:
     for il in _by_res(model.get("interleaved", [])):
         r0 = il[0]
         floor = any("over_floor" in r for r in il)
+        packed = any("over_packed_floor" in r for r in il)
         rows = [[_variant(r), r.get("dtype", "fp32"), _ms(r), f"{r['min_ms']:.3g}",
                  _x(r.get("speedup_vs_baseline"))]
-                + ([_x(r.get("over_floor"))] if floor else []) for r in il if r.get("median_ms")]
+                + ([_x(r.get("over_floor"))] if floor else [])
+                + ([_x(r.get("over_packed_floor"))] if packed else [])
+                for r in il if r.get("median_ms")]
         skipped = [f"{r['variant']} ({r['error']})" for r in il if r.get("error")]
         out.append(
             f"DABNet inference at {r0['res'][0]}x{r0['res'][1]}, batch 1, interleaved: "
@@ -264,10 +267,12 @@ def model_tables(res) -> str:
             + ("; over floor: the median over rounds of the variant's time over the "
                "dense-convolution floor of its dtype (floor rows: the model's dense 3x3 and 1x1 "
                "convolutions alone, on a forward's activations)" if floor else "")
+            + (f"; over packed floor: the same over {PACKED_FLOOR_WORDS}" if packed else "")
             + (f"; not run: {', '.join(skipped)}" if skipped else "") + ":\n\n"
             + _table(["variant", "dtype", "ms (IQR)", "min ms",
                       f"vs {r0.get('baseline', 'baseline')}"]
-                     + (["over floor"] if floor else []), rows))
+                     + (["over floor"] if floor else [])
+                     + (["over packed floor"] if packed else []), rows))
     tr = model.get("train", [])
     if tr:
         rows = [[f"{r['batch']}x3x{r['res'][0]}x{r['res'][1]}", _variant(r), _calls(r), _ms(r),
@@ -318,7 +323,13 @@ VARIANT_WORDS = {
     "frozen-cl-bf16": "`dabnet.freeze`, channels_last, bfloat16",
     "floor-cl": "the dense convolutions alone, channels_last",
     "floor-cl-bf16": "the dense convolutions alone, channels_last, bfloat16",
+    "floor-cl-packed": "the same on weights reordered once, as `dabnet.freeze` runs them",
+    "floor-cl-packed-bf16": "the same, bfloat16",
 }
+
+PACKED_FLOOR_WORDS = ("the packed floor of its dtype (`floor-cl-packed*`: the same convolutions "
+                      "on weights reordered into oneDNN's layout once, as the frozen model runs "
+                      "them; F.conv2d reorders them on every call)")
 
 
 def _short_machine(res) -> str:
@@ -420,18 +431,22 @@ def floor_summary(res, only_res=SUMMARY_RES) -> str:
     for il in groups:
         il = [r for r in il if r.get("median_ms")]
         hw, base = il[0]["res"], il[0].get("baseline", "baseline")
+        packed = any("over_packed_floor" in r for r in il)
         rows = [[f"`{r['variant']}`", VARIANT_WORDS.get(r["variant"], "-"), r["dtype"], _ms(r),
-                 _x(r.get("speedup_vs_baseline")), _x(r.get("over_floor"))] for r in il]
+                 _x(r.get("speedup_vs_baseline")), _x(r.get("over_floor"))]
+                + ([_x(r.get("over_packed_floor"))] if packed else []) for r in il]
         parts.append(f"At {hw[0]}x{hw[1]} ({il[0]['rounds']} rounds):\n\n" + _table(
-            ["variant", "model", "dtype", "ms, median (IQR)", f"vs {base}", "over its floor"],
-            rows))
+            ["variant", "model", "dtype", "ms, median (IQR)", f"vs {base}", "over its floor"]
+            + (["over packed floor"] if packed else []), rows))
     text = (f"DABNet inference against its floor, batch 1, on {_short_machine(res)}: each "
             f"variant and the dense convolutions alone (`floor-*`: the model's 3x3 and 1x1 "
             f"convolutions on a forward's activations, what fusing the other ops cannot go "
             f"below) timed in the same interleaved rounds; vs: the median over rounds of the "
             f"fastest plain-PyTorch fp32 variant's time over the variant's; over its floor: the "
-            f"median over rounds of the variant's time over the floor of its dtype.\n\n"
-            + "\n\n".join(parts))
+            f"median over rounds of the variant's time over the floor of its dtype"
+            + (f"; over packed floor: the same over {PACKED_FLOOR_WORDS}" if any(
+                "over_packed_floor" in r for g in groups for r in g) else "")
+            + ".\n\n" + "\n\n".join(parts))
     if others:
         text += (f"\n\nThe same rows at {' and '.join(others)}: "
                  f"[bench/README.md](bench/README.md).")

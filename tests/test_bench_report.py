@@ -3,6 +3,7 @@ import copy
 import json
 
 import pytest
+import torch
 
 from bench import report
 
@@ -154,13 +155,16 @@ def test_interleaved_bench_times_every_variant_in_rounds_and_renders():
     # Each variant's time over the floor of its dtype, a row of the same rounds. (Not asserted
     # above 1: at this size and round count it is timing noise, and a loaded CI machine once
     # gave 0.93 for the frozen bf16 model.)
+    # And over the packed floor: the same convolutions as the frozen model runs them.
     for name, r in by.items():
         if name.startswith("floor"):
-            assert "over_floor" not in r
+            assert "over_floor" not in r and "over_packed_floor" not in r
         else:
-            assert r["floor"] == ("floor-cl-bf16" if r["dtype"] == "bf16" else "floor-cl")
-            assert r["over_floor"] > 0, (name, r["over_floor"])
-    assert "over floor" in text
+            bf16 = "-bf16" if r["dtype"] == "bf16" else ""
+            assert r["floor"] == f"floor-cl{bf16}"
+            assert r["packed_floor"] == f"floor-cl-packed{bf16}"
+            assert r["over_floor"] > 0 and r["over_packed_floor"] > 0, name
+    assert "over floor" in text and "over packed floor" in text
     assert all(r["order"] == "shuffled" for r in recs) and "a shuffled order" in text
 
 
@@ -333,3 +337,18 @@ def test_git_commit_marks_uncommitted_changes_to_tracked_files(tmp_path):
     assert machine.git_commit(str(tmp_path)) == head
     (tmp_path / "k.py").write_text("a = 2\n")
     assert machine.git_commit(str(tmp_path)) == head + "-dirty"
+
+
+def test_packed_floor_runs_only_the_frozen_models_convolutions():
+    """The packed floor times convolutions as dabnet.freeze runs them (no bias, no groups or
+    dilation, 'same' padding); another convolution is refused by name, not timed as something
+    else."""
+    from bench.model_bench import floor_fn
+
+    x = torch.rand(1, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    ok = torch.nn.Conv2d(8, 4, 3, padding=1, bias=False)
+    floor_fn([(ok, x)], packed=True)()
+    for bad in (torch.nn.Conv2d(8, 4, 3, padding=1), torch.nn.Conv2d(8, 4, 3, bias=False),
+                torch.nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)):
+        with pytest.raises(ValueError, match="packed floor"):
+            floor_fn([(bad, x)], packed=True)
