@@ -8,6 +8,8 @@ parameters folded once, without the module tree.
 
 What it saves over ``DABNet(fused=True)`` in eval (bench/README.md has the measurements):
 - the per-forward Python of ~100 module calls, argument checks and BatchNorm folds;
+- the reorder of each dense convolution's weight into oneDNN's layout, which F.conv2d does on
+  every call: done once per input shape (channels_last fp32 and bf16; see _Conv);
 - a memory pass per BN-PReLU that follows a convolution: it is applied in place on the conv's
   fresh output (``affine_prelu_``), whose cache lines the read has just brought in, where a new
   output also costs a read for ownership;
