@@ -96,7 +96,8 @@ def _avx2_sources(kernels):
 
 
 def _extension():
-    once = ["csrc/cpu/isa.cpp", "csrc/cpu/alloc.cpp"]  # not kernels: one build for every ISA
+    # not kernels: one build for every ISA (frozen.cpp calls kernels through the dispatcher)
+    once = ["csrc/cpu/isa.cpp", "csrc/cpu/alloc.cpp", "csrc/cpu/frozen.cpp"]
     kernels = sorted(f for f in glob.glob("csrc/cpu/*.cpp") if f not in once)
     sources = ["csrc/ops.cpp", "csrc/autograd.cpp"] + once + kernels
     # -fopenmp: ATen's at::parallel_for is an inline `#pragma omp parallel` when PyTorch is built

@@ -70,6 +70,10 @@ TORCH_LIBRARY(dabnet, m) {
   // F.avg_pool2d(x, 3, stride=2, padding=1), padding counted, floor: DABNet's input-injection pool
   // (CPU; ops.avg_pool3x3s2 routes other devices and gradients to ATen).
   m.def("avg_pool3x3s2(Tensor x) -> Tensor");
+  // The frozen DABNet's inference forward (dabnet/frozen.py, CPU): the ops above in DABNet's
+  // order on its folded parameters; logits, or with labels upsample_argmax's labels. params and
+  // plan: see csrc/cpu/frozen.cpp.
+  m.def("frozen_forward(Tensor x, Tensor[] params, int[] plan, bool labels) -> Tensor");
   // The instruction set the CPU kernels were picked for at load time: "avx2", "avx2+avx512bf16"
   // (bf16 outputs stored through AVX512_BF16, as set_cpu_bf16_store leaves it now) or "base".
   m.def("cpu_isa() -> str", &dabnet::cpu::isa_name);

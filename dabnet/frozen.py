@@ -7,7 +7,9 @@ parameters folded once, without the module tree.
     labels = frozen.predict(images)               # as model.predict(images)
 
 What it saves over ``DABNet(fused=True)`` in eval (bench/README.md has the measurements):
-- the per-forward Python of ~100 module calls, argument checks and BatchNorm folds;
+- the per-forward Python of ~100 module calls, argument checks and BatchNorm folds; and from
+  the second call at an input shape on, the Python between the ops: the sequence runs from C++
+  (dabnet::frozen_forward, csrc/cpu/frozen.cpp), 2-4% of a forward at 256x512 on 2 cores;
 - the reorder of each dense convolution's weight into oneDNN's layout, which F.conv2d does on
   every call: done once per input shape (channels_last fp32 and bf16; see _Conv);
 - a memory pass per BN-PReLU that follows a convolution: it is applied in place on the conv's
@@ -49,15 +51,17 @@ class _Conv:
     bench/README.md). The same oneDNN kernel computes either way: the outputs are equal (but
     for inputs one pixel wide, where F.conv2d takes another path: equal to rounding)."""
 
-    __slots__ = ("weight", "stride", "padding", "packed")
+    __slots__ = ("weight", "stride", "padding", "packed", "used")
     SHAPES = 4  # packed weights kept per convolution, one per input shape (image size, batch)
 
     def __init__(self, weight: Tensor, stride: int, channels_last: bool):
         self.weight, self.stride, self.padding = weight, stride, weight.shape[-1] // 2
         self.packed = {} if channels_last and _packable(weight.dtype) else None
+        self.used = weight  # the weight tensor the last call ran on (packed or not)
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.packed is None or not torch.backends.mkldnn.enabled:
+            self.used = self.weight
             return F.conv2d(x, self.weight, None, self.stride, self.padding)
         pad, stride, key = [self.padding] * 2, [self.stride] * 2, tuple(x.shape)
         w = self.packed.get(key)
@@ -66,6 +70,7 @@ class _Conv:
                 self.packed.clear()
             w = self.packed[key] = torch.ops.mkldnn._reorder_convolution_weight(
                 self.weight, pad, stride, [1, 1], 1, list(key))
+        self.used = w
         return torch.ops.mkldnn._convolution_pointwise(x, w, None, pad, stride, [1, 1], 1,
                                                        "none", [], "")
 
@@ -148,6 +153,7 @@ class FrozenDABNet:
             [dab(f"{b}.{name}", m.dilation) for name, m in getattr(model, b).named_children()]
             for b in ("DAB_Block_1", "DAB_Block_2")]
         self.classifier = conv("classifier.0.conv")
+        self._plans = {}  # (input shape, oneDNN on) -> dabnet::frozen_forward's (params, plan)
 
     # ------------------------------------------------------------------------------- forward
     def __call__(self, x: Tensor) -> Tensor:
@@ -168,6 +174,39 @@ class FrozenDABNet:
                                                     labels), x)
 
     def _forward(self, x, labels):
+        """The first forward at an input shape runs _forward_py (which packs the convolutions'
+        weights for that shape) and records the tensors it ran on; later ones at that shape run
+        the same calls from C++ (dabnet::frozen_forward, csrc/cpu/frozen.cpp): equal outputs,
+        without the interpreter between the ops."""
+        key = (tuple(x.shape), torch.backends.mkldnn.enabled)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return torch.ops.dabnet.frozen_forward(x, plan[0], plan[1], labels)
+        out = self._forward_py(x, labels)
+        if len(self._plans) >= _Conv.SHAPES:
+            self._plans.clear()
+        self._plans[key] = self._plan()
+        return out
+
+    def _plan(self):
+        """(params, plan) of dabnet::frozen_forward for the weights the last _forward_py ran on
+        (the order is csrc/cpu/frozen.cpp's)."""
+        ts = []
+        for c, a in self.init:
+            ts += [c.used, *a]
+        for a in self.bn_prelu:
+            ts += list(a)
+        for c, a, _ in self.down:
+            ts += [c.used, *a]
+        for m in self.blocks[0] + self.blocks[1]:
+            ts += [*m.bn_relu_1, m.conv3x3.used, *m.conv3x3_bn, *m.neck[:-1], m.conv1x1.used]
+        ts.append(self.classifier.used)
+        plan = ([len(self.init), len(self.blocks[0]), len(self.blocks[1])]
+                + [int(w) for _, _, w in self.down] + [c.stride for c, _ in self.init]
+                + [m.neck[-1] for m in self.blocks[0] + self.blocks[1]])
+        return ts, plan
+
+    def _forward_py(self, x, labels):
         from dabnet_kernels import ops
 
         D = torch.ops.dabnet

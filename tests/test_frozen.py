@@ -150,6 +150,45 @@ def test_packed_weights_are_bounded_and_optional():
                                                               torch.float64)))
 
 
+@pytest.mark.parametrize("dtype,channels_last,blocks", [
+    (torch.float32, True, (2, 3)), (torch.bfloat16, True, (1, 2)), (torch.float32, False, (1, 1)),
+    (torch.float64, True, (0, 1)), (torch.float32, True, (1, 0)),
+])
+def test_the_cpp_forward_equals_the_python_forward(dtype, channels_last, blocks):
+    """From the second call at an input shape on, the forward runs from C++
+    (dabnet::frozen_forward): bit for bit the Python sequence's output, logits and labels, packed
+    convolutions (channels_last fp32/bf16) or not (NCHW, float64), blocks of any length."""
+    m = _model(classes=5, block_1=blocks[0], block_2=blocks[1]).to(dtype)
+    frozen = dabnet.freeze(m, dtype, channels_last=channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for hw in ((32, 48), (24, 40)):
+        x = _image(*hw, n=2, dtype=dtype)
+        first = frozen(x)
+        key = ((2, 3) + hw, torch.backends.mkldnn.enabled)
+        assert key in frozen._plans  # the first call ran the Python sequence and kept its plan
+        xc = x.contiguous(memory_format=fmt)
+        ref = frozen._forward_py(xc, False)
+        assert torch.equal(frozen(x), ref) and torch.equal(first, ref)
+        assert torch.equal(frozen.predict(x), frozen._forward_py(xc, True))
+
+
+def test_the_cpp_forward_names_a_wrong_plan():
+    frozen = dabnet.freeze(_model(block_1=1, block_2=1))
+    x = _image(16, 16).contiguous(memory_format=torch.channels_last)
+    frozen(x)
+    ts, plan = frozen._plans[(tuple(x.shape), torch.backends.mkldnn.enabled)]
+    F = torch.ops.dabnet.frozen_forward
+    torch.testing.assert_close(F(x, ts, plan, False), frozen._forward_py(x, False), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="expects 58 tensors for this plan, got 57"):
+        F(x, ts[:-1], plan, False)
+    with pytest.raises(RuntimeError, match="plan has 9 entries, expected 10"):
+        F(x, ts, plan[:-1], False)
+    with pytest.raises(RuntimeError, match="0 initial convs"):
+        F(x, ts, [0] + plan[1:], False)
+    with pytest.raises(RuntimeError, match="CPU tensor"):
+        F(x[0], ts, plan, False)
+
+
 @pytest.mark.parametrize("bad,exc,msg", [
     (lambda: _image(16, 16, dtype=torch.float64), ValueError, "float32 on CPU"),
     (lambda: torch.rand(1, 4, 16, 16), ValueError, r"\(N, 3, H, W\)"),
