@@ -177,7 +177,12 @@ class FrozenDABNet:
         """The first forward at an input shape runs _forward_py (which packs the convolutions'
         weights for that shape) and records the tensors it ran on; later ones at that shape run
         the same calls from C++ (dabnet::frozen_forward, csrc/cpu/frozen.cpp): equal outputs,
-        without the interpreter between the ops."""
+        without the interpreter between the ops. Under another dabnet backend than the compiled
+        kernels' (dabnet_kernels.set_backend: its pools and upsampling), always _forward_py."""
+        from dabnet_kernels.backend import ops_for
+
+        if ops_for(x) is not torch.ops.dabnet:
+            return self._forward_py(x, labels)
         key = (tuple(x.shape), torch.backends.mkldnn.enabled)
         plan = self._plans.get(key)
         if plan is not None:

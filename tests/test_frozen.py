@@ -172,6 +172,22 @@ def test_the_cpp_forward_equals_the_python_forward(dtype, channels_last, blocks)
         assert torch.equal(frozen.predict(x), frozen._forward_py(xc, True))
 
 
+def test_another_backend_keeps_the_python_forward():
+    """dabnet_kernels' reference backend changes the frozen model's pools and upsampling (the
+    Python sequence routes them through dabnet_kernels.ops): every call then runs that sequence,
+    so the first and later calls agree bit for bit; none runs the compiled kernels' C++ plan."""
+    import dabnet_kernels
+
+    frozen = dabnet.freeze(_model(block_1=1, block_2=1))
+    x = _image(24, 40)
+    with dabnet_kernels.backend.use_backend("reference"):
+        first = frozen(x)
+        assert not frozen._plans
+        assert torch.equal(frozen(x), first) and not frozen._plans
+    torch.testing.assert_close(frozen(x), first)  # the compiled kernels: equal to rounding
+    assert frozen._plans
+
+
 def test_the_cpp_forward_names_a_wrong_plan():
     frozen = dabnet.freeze(_model(block_1=1, block_2=1))
     x = _image(16, 16).contiguous(memory_format=torch.channels_last)
