@@ -363,16 +363,16 @@ def floor_fn(seen, packed=False):
     """Runs the (conv, input) pairs of dense_convs back to back, through F.conv2d as the models
     call it, without nn.Module's call overhead: the floor, in the conv-floor table and in the
     interleaved rounds alike. packed: as the frozen model calls them instead (dabnet.frozen's
-    _Conv: the weight reordered into oneDNN's layout once, not on every call)."""
+    FrozenConv: the weight reordered into oneDNN's layout once, not on every call)."""
     if packed:
-        from dabnet.frozen import _Conv
+        from dabnet.frozen import FrozenConv
 
         for m, _ in seen:
             if (m.bias is not None or m.groups != 1 or m.dilation != (1, 1)
                     or m.padding != (m.kernel_size[0] // 2,) * 2 or len(set(m.stride)) != 1):
                 raise ValueError(f"the packed floor runs the frozen model's convolutions; {m} "
                                  f"is not one")
-        convs = [(_Conv(m.weight.detach(), m.stride[0],
+        convs = [(FrozenConv(m.weight.detach(), m.stride[0],
                         inp.is_contiguous(memory_format=torch.channels_last)), inp)
                  for m, inp in seen]
     else:

@@ -11,7 +11,7 @@ What it saves over ``DABNet(fused=True)`` in eval (bench/README.md has the measu
   the second call at an input shape on, the Python between the ops: the sequence runs from C++
   (dabnet::frozen_forward, csrc/cpu/frozen.cpp), 2-4% of a forward at 256x512 on 2 cores;
 - the reorder of each dense convolution's weight into oneDNN's layout, which F.conv2d does on
-  every call: done once per input shape (channels_last fp32 and bf16; see _Conv);
+  every call: done once per input shape (channels_last fp32 and bf16; see FrozenConv);
 - a memory pass per BN-PReLU that follows a convolution: it is applied in place on the conv's
   fresh output (``affine_prelu_``), whose cache lines the read has just brought in, where a new
   output also costs a read for ownership;
@@ -43,7 +43,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float64, torch.float16)
 _NECK = ("dconv3x1", "dconv1x3", "ddconv3x1", "ddconv1x3")
 
 
-class _Conv:
+class FrozenConv:
     """A dense convolution of the frozen model. In channels_last fp32 / bf16, where oneDNN runs
     it, the weight is reordered once per input shape into oneDNN's blocked layout (as
     torch.compile's freezing does) and the convolution called on that; F.conv2d reorders the
@@ -76,8 +76,8 @@ class _Conv:
 
 
 def _packable(dtype: torch.dtype) -> bool:
-    """Whether _Conv runs oneDNN on packed weights in this dtype (channels_last only: for NCHW
-    inputs oneDNN returns its own layout): fp32, or bf16 where oneDNN has bf16 kernels."""
+    """Whether FrozenConv runs oneDNN on packed weights in this dtype (channels_last only: for
+    NCHW inputs oneDNN returns its own layout): fp32, or bf16 where oneDNN has bf16 kernels."""
     if not torch.backends.mkldnn.is_available():
         return False
     if dtype == torch.bfloat16:
@@ -93,10 +93,10 @@ class _Affine(NamedTuple):  # a folded eval BN-PReLU: PReLU(x * scale + shift)
 
 class _DAB(NamedTuple):
     bn_relu_1: _Affine
-    conv3x3: _Conv
+    conv3x3: FrozenConv
     conv3x3_bn: _Affine
     neck: tuple  # the arguments of torch.ops.dabnet.dab_neck after x, dilation last
-    conv1x1: _Conv
+    conv1x1: FrozenConv
 
 
 class FrozenDABNet:
@@ -120,7 +120,7 @@ class FrozenDABNet:
 
         def conv(prefix, stride=1):
             w = sd[prefix + ".weight"].detach().to(dtype).clone(memory_format=self.memory_format)
-            return _Conv(w, stride, channels_last)
+            return FrozenConv(w, stride, channels_last)
 
         def bnp(prefix):  # prefix.bn and prefix.acti, as dabnet.model.BNPReLU names them
             g = lambda n: sd[f"{prefix}.bn.{n}"].detach()  # noqa: E731
@@ -188,7 +188,7 @@ class FrozenDABNet:
         if plan is not None:
             return torch.ops.dabnet.frozen_forward(x, plan[0], plan[1], labels)
         out = self._forward_py(x, labels)
-        if len(self._plans) >= _Conv.SHAPES:
+        if len(self._plans) >= FrozenConv.SHAPES:
             self._plans.clear()
         self._plans[key] = self._plan()
         return out
