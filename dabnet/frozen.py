@@ -31,7 +31,7 @@ remove the Python cost (bench/README.md).
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -51,17 +51,19 @@ class FrozenConv:
     bench/README.md). The same oneDNN kernel computes either way: the outputs are equal (but
     for inputs one pixel wide, where F.conv2d takes another path: equal to rounding)."""
 
-    __slots__ = ("weight", "stride", "padding", "packed", "used")
+    __slots__ = ("weight", "stride", "padding", "packed")
     SHAPES = 4  # packed weights kept per convolution, one per input shape (image size, batch)
 
     def __init__(self, weight: Tensor, stride: int, channels_last: bool):
         self.weight, self.stride, self.padding = weight, stride, weight.shape[-1] // 2
         self.packed = {} if channels_last and _packable(weight.dtype) else None
-        self.used = weight  # the weight tensor the last call ran on (packed or not)
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, ran: Optional[dict] = None) -> Tensor:
+        """The convolution of x; ran[self] = the weight tensor it ran on (packed or not), where
+        ran is given."""
         if self.packed is None or not torch.backends.mkldnn.enabled:
-            self.used = self.weight
+            if ran is not None:
+                ran[self] = self.weight
             return F.conv2d(x, self.weight, None, self.stride, self.padding)
         pad, stride, key = [self.padding] * 2, [self.stride] * 2, tuple(x.shape)
         w = self.packed.get(key)
@@ -70,7 +72,8 @@ class FrozenConv:
                 self.packed.clear()
             w = self.packed[key] = torch.ops.mkldnn._reorder_convolution_weight(
                 self.weight, pad, stride, [1, 1], 1, list(key))
-        self.used = w
+        if ran is not None:
+            ran[self] = w
         return torch.ops.mkldnn._convolution_pointwise(x, w, None, pad, stride, [1, 1], 1,
                                                        "none", [], "")
 
@@ -187,31 +190,32 @@ class FrozenDABNet:
         plan = self._plans.get(key)
         if plan is not None:
             return torch.ops.dabnet.frozen_forward(x, plan[0], plan[1], labels)
-        out = self._forward_py(x, labels)
+        ran = {}  # this call's own record (not state on the convs: calls may run concurrently)
+        out = self._forward_py(x, labels, ran)
         if len(self._plans) >= FrozenConv.SHAPES:
             self._plans.clear()
-        self._plans[key] = self._plan()
+        self._plans[key] = self._plan(ran)
         return out
 
-    def _plan(self):
-        """(params, plan) of dabnet::frozen_forward for the weights the last _forward_py ran on
-        (the order is csrc/cpu/frozen.cpp's)."""
+    def _plan(self, ran):
+        """(params, plan) of dabnet::frozen_forward, on the weights a _forward_py ran on (ran:
+        FrozenConv -> weight; the order is csrc/cpu/frozen.cpp's)."""
         ts = []
         for c, a in self.init:
-            ts += [c.used, *a]
+            ts += [ran[c], *a]
         for a in self.bn_prelu:
             ts += list(a)
         for c, a, _ in self.down:
-            ts += [c.used, *a]
+            ts += [ran[c], *a]
         for m in self.blocks[0] + self.blocks[1]:
-            ts += [*m.bn_relu_1, m.conv3x3.used, *m.conv3x3_bn, *m.neck[:-1], m.conv1x1.used]
-        ts.append(self.classifier.used)
+            ts += [*m.bn_relu_1, ran[m.conv3x3], *m.conv3x3_bn, *m.neck[:-1], ran[m.conv1x1]]
+        ts.append(ran[self.classifier])
         plan = ([len(self.init), len(self.blocks[0]), len(self.blocks[1])]
                 + [int(w) for _, _, w in self.down] + [c.stride for c, _ in self.init]
                 + [m.neck[-1] for m in self.blocks[0] + self.blocks[1]])
         return ts, plan
 
-    def _forward_py(self, x, labels):
+    def _forward_py(self, x, labels, ran=None):
         from dabnet_kernels import ops
 
         D = torch.ops.dabnet
@@ -220,28 +224,28 @@ class FrozenDABNet:
         inj3 = ops.avg_pool3x3s2(inj2)
         y = x
         for i, (c, a) in enumerate(self.init):
-            y = c(y)
+            y = c(y, ran)
             if i + 1 < len(self.init):
                 D.affine_prelu_(y, *a)
         # the last init conv's BN-PReLU is applied on the way into the concatenation (pre0)
-        b1_in = self._down(D.cat_bn_prelu([y, inj1], *self.bn_prelu[0], None, list(a)), 0)
-        b1_out, r1 = self._block(b1_in, self.blocks[0])
-        b2_in = self._down(D.cat_bn_prelu([b1_out, b1_in, inj2], *self.bn_prelu[1], r1), 1)
-        b2_out, r2 = self._block(b2_in, self.blocks[1])
-        out = self.classifier(D.cat_bn_prelu([b2_out, b2_in, inj3], *self.bn_prelu[2], r2))
+        b1_in = self._down(D.cat_bn_prelu([y, inj1], *self.bn_prelu[0], None, list(a)), 0, ran)
+        b1_out, r1 = self._block(b1_in, self.blocks[0], ran)
+        b2_in = self._down(D.cat_bn_prelu([b1_out, b1_in, inj2], *self.bn_prelu[1], r1), 1, ran)
+        b2_out, r2 = self._block(b2_in, self.blocks[1], ran)
+        out = self.classifier(D.cat_bn_prelu([b2_out, b2_in, inj3], *self.bn_prelu[2], r2), ran)
         size = tuple(x.shape[2:])
         return ops.upsample_argmax(out, size) if labels else ops.upsample_bilinear(out, size)
 
-    def _down(self, x, i):
+    def _down(self, x, i, ran=None):
         c, a, widen = self.down[i]
-        y = c(x)
+        y = c(x, ran)
         if widen:  # [conv, 2x2 max-pool of the input], the pool taken on the way in
             return torch.ops.dabnet.cat_bn_prelu([y, x], *a, None, None, True)
         torch.ops.dabnet.affine_prelu_(y, *a)
         return y
 
     @staticmethod
-    def _block(x, mods: List[_DAB]):
+    def _block(x, mods: List[_DAB], ran=None):
         """The DAB modules in sequence: (y, r), the last module's output before its residual
         add and the residual (y + r is the block's output), or (x, None) for no modules. Each
         other module's residual sum is formed together with the next module's first BN-PReLU
@@ -252,9 +256,9 @@ class FrozenDABNet:
         D = torch.ops.dabnet
         z = D.cat_bn_prelu([x], *mods[0].bn_relu_1)
         for i, m in enumerate(mods):
-            y = m.conv3x3(z)
+            y = m.conv3x3(z, ran)
             D.affine_prelu_(y, *m.conv3x3_bn)
-            y = m.conv1x1(D.dab_neck(y, *m.neck))
+            y = m.conv1x1(D.dab_neck(y, *m.neck), ran)
             if i + 1 == len(mods):
                 return y, x
             z = D.add_affine_prelu_(y, x, *mods[i + 1].bn_relu_1)

@@ -188,6 +188,24 @@ def test_another_backend_keeps_the_python_forward():
     assert frozen._plans
 
 
+def test_a_plan_holds_the_weights_of_its_own_call():
+    """A first call records the weights it ran on in its own dict, so another shape's first call
+    in between (another thread) cannot put its packed weights into this shape's plan."""
+    frozen = dabnet.freeze(_model(block_1=1, block_2=1))
+    fmt = torch.channels_last
+    xa = _image(24, 40).contiguous(memory_format=fmt)
+    xb = _image(32, 16).contiguous(memory_format=fmt)
+    ran = {}
+    frozen._forward_py(xa, False, ran)
+    frozen._forward_py(xb, False, {})
+    ts, plan = frozen._plan(ran)
+    conv0 = frozen.init[0][0]
+    if conv0.packed is not None:
+        assert ts[0] is conv0.packed[tuple(xa.shape)] is not conv0.packed[tuple(xb.shape)]
+    out = torch.ops.dabnet.frozen_forward(xa, ts, plan, False)
+    assert torch.equal(out, frozen._forward_py(xa, False))
+
+
 def test_the_cpp_forward_names_a_wrong_plan():
     frozen = dabnet.freeze(_model(block_1=1, block_2=1))
     x = _image(16, 16).contiguous(memory_format=torch.channels_last)
